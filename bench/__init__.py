@@ -1,0 +1,1 @@
+"""Benchmarks for paged_kv: a shared timing and results harness plus one script per figure."""

@@ -1,0 +1,105 @@
+// Errors that kernels detect in their inputs (torch-free).
+//
+// A kernel never dereferences a bad page-table entry or index. It skips the work item and
+// records the first error it meets in an OpError; the host turns that into a clear message.
+// CPU kernels fill the same record, so CPU and CUDA report identical messages.
+#pragma once
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "core/pte.h"
+
+namespace paged_kv {
+
+enum class OpErrorCode : int32_t {
+  kNone = 0,
+  kSequenceOutOfRange = 1,  // sequence index outside the page table's rows
+  kPositionOutOfRange = 2,  // token position negative or past the page table's columns
+  kPageOutOfRange = 3,      // logical page index negative or past the page table's columns
+  kPageNotReadable = 4,     // PTE names a tier this op cannot reach (host, disk, unmapped)
+  kFrameOutOfRange = 5,     // tier-0 PTE names a frame outside the pool
+};
+
+// Which op recorded an error.
+enum class OpId : int32_t { kAppendKv = 1, kGatherKv = 2 };
+
+inline const char* op_name(int32_t op) {
+  switch (static_cast<OpId>(op)) {
+    case OpId::kAppendKv: return "paged_kv.append_kv";
+    case OpId::kGatherKv: return "paged_kv.gather_kv";
+    default: return "paged_kv";
+  }
+}
+
+inline const char* op_item_name(int32_t op) {
+  return static_cast<OpId>(op) == OpId::kGatherKv ? "requested page" : "token";
+}
+
+// A self-contained record (int32 words only), so CUDA code can fill it with plain stores after
+// winning an atomicCAS on `code`, and the host can describe it long after the launch.
+struct OpError {
+  int32_t code;           // OpErrorCode; only the first error recorded is kept
+  int32_t op;             // OpId
+  int32_t item;           // which input item (token or requested page) failed
+  int32_t sequence;       // page-table row
+  int32_t value;          // the position or logical page that failed
+  int32_t pte;            // the PTE read, or -1 when none was read
+  int32_t num_frames;     // the geometry the op ran with, for the message
+  int32_t max_sequences;
+  int32_t max_pages;
+  int32_t page_size;
+};
+constexpr int kOpErrorWords = sizeof(OpError) / sizeof(int32_t);
+
+// "page 3 of sequence 1", or for a token "position 800 of sequence 1 (page 3)".
+inline std::string page_words(const OpError& e) {
+  std::ostringstream m;
+  if (static_cast<OpId>(e.op) == OpId::kAppendKv) {
+    m << "position " << e.value << " of sequence " << e.sequence << " (page "
+      << (e.page_size > 0 ? e.value / e.page_size : 0) << ")";
+  } else {
+    m << "page " << e.value << " of sequence " << e.sequence;
+  }
+  return m.str();
+}
+
+inline std::string describe_op_error(const OpError& e) {
+  std::ostringstream m;
+  m << op_name(e.op) << ": " << op_item_name(e.op) << " " << e.item << ": ";
+  switch (static_cast<OpErrorCode>(e.code)) {
+    case OpErrorCode::kNone:
+      m << "no error";
+      break;
+    case OpErrorCode::kSequenceOutOfRange:
+      m << "sequence index " << e.sequence << " is outside the page table's " << e.max_sequences
+        << " rows";
+      break;
+    case OpErrorCode::kPositionOutOfRange:
+      m << "position " << e.value << " of sequence " << e.sequence << " is outside [0, "
+        << static_cast<int64_t>(e.max_pages) * e.page_size << ") (the page table has "
+        << e.max_pages << " pages of " << e.page_size << " tokens per sequence)";
+      break;
+    case OpErrorCode::kPageOutOfRange:
+      m << "logical page " << e.value << " of sequence " << e.sequence
+        << " is outside the page table's " << e.max_pages << " columns";
+      break;
+    case OpErrorCode::kPageNotReadable: {
+      Tier tier = pte_tier(e.pte);
+      m << page_words(e) << " has PTE " << e.pte << " (" << tier_name(tier);
+      if (tier != Tier::kUnmapped) m << " " << pte_index(e.pte);
+      m << "), which this op cannot read: it reads tier-0 GPU frames only";
+      break;
+    }
+    case OpErrorCode::kFrameOutOfRange:
+      m << page_words(e) << " maps to GPU frame " << pte_index(e.pte) << ", outside the pool's "
+        << e.num_frames << " frames";
+      break;
+    default:
+      m << "unknown error code " << e.code;
+  }
+  return m.str();
+}
+
+}  // namespace paged_kv

@@ -1,0 +1,129 @@
+// CPU kernels of append_kv and gather_kv: the reference semantics for the CUDA twins.
+//
+// Inputs are validated in full before anything is written, so a bad token leaves the pool
+// untouched.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include <cstring>
+
+#include "core/op_error.h"
+#include "kv_copy_args.h"
+
+namespace paged_kv {
+namespace {
+
+[[noreturn]] void raise_op_error(OpErrorCode code, OpId op, int64_t item, int64_t sequence,
+                                 int64_t value, int32_t pte, const PageGeometry& g,
+                                 const PageTableView& table) {
+  OpError e{static_cast<int32_t>(code), static_cast<int32_t>(op),
+            static_cast<int32_t>(item),   static_cast<int32_t>(sequence),
+            static_cast<int32_t>(value),  pte,
+            static_cast<int32_t>(g.num_frames), static_cast<int32_t>(table.max_sequences),
+            static_cast<int32_t>(table.max_pages), static_cast<int32_t>(g.page_size)};
+  TORCH_CHECK(false, describe_op_error(e));
+}
+
+void append_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& pool,
+                   const at::Tensor& page_table, const at::Tensor& sequences,
+                   const at::Tensor& positions, int64_t layer) {
+  constexpr const char* op = "paged_kv.append_kv";
+  const PageGeometry g = check_pool(op, pool);
+  const PageTableView table = check_page_table(op, page_table, pool);
+  check_token_rows(op, "key", key, pool, g);
+  check_token_rows(op, "value", value, pool, g);
+  TORCH_CHECK(key.size(0) == value.size(0), op, ": key has ", key.size(0),
+              " tokens but value has ", value.size(0));
+  const int64_t num_tokens = key.size(0);
+  check_index_vector(op, "sequences", sequences, num_tokens, pool);
+  check_index_vector(op, "positions", positions, num_tokens, pool);
+  check_layer(op, layer, g);
+
+  const int32_t* seq = sequences.data_ptr<int32_t>();
+  const int32_t* pos = positions.data_ptr<int32_t>();
+  std::vector<int64_t> frames(num_tokens);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    int32_t pte = -1;
+    const OpErrorCode code =
+        lookup_token_frame(table, seq[t], pos[t], g.page_size, g.num_frames, &frames[t], &pte);
+    if (code != OpErrorCode::kNone) {
+      raise_op_error(code, OpId::kAppendKv, t, seq[t], pos[t], pte, g, table);
+    }
+  }
+
+  const int64_t elem = pool.element_size();
+  const int64_t row_bytes = g.head_dim * elem;
+  char* pool_bytes = static_cast<char*>(pool.data_ptr());
+  const at::Tensor* sources[2] = {&key, &value};
+  at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int kv = 0; kv < 2; ++kv) {
+        const at::Tensor& src = *sources[kv];
+        const char* src_bytes = static_cast<const char*>(src.data_ptr());
+        for (int64_t h = 0; h < g.num_kv_heads; ++h) {
+          std::memcpy(pool_bytes + g.row_offset(frames[t], layer, kv, h, pos[t] % g.page_size) * elem,
+                      src_bytes + (t * src.stride(0) + h * src.stride(1)) * elem, row_bytes);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_kv_cpu(const at::Tensor& pool,
+                                                 const at::Tensor& page_table, int64_t sequence,
+                                                 const at::Tensor& pages, int64_t layer) {
+  constexpr const char* op = "paged_kv.gather_kv";
+  const PageGeometry g = check_pool(op, pool);
+  const PageTableView table = check_page_table(op, page_table, pool);
+  check_index_vector(op, "pages", pages, -1, pool);
+  check_layer(op, layer, g);
+  TORCH_CHECK(sequence >= 0 && sequence < table.max_sequences, op, ": sequence must be in [0, ",
+              table.max_sequences, "), got ", sequence);
+
+  const int64_t num_pages = pages.size(0);
+  const int32_t* page = pages.data_ptr<int32_t>();
+  std::vector<int64_t> frames(num_pages);
+  for (int64_t i = 0; i < num_pages; ++i) {
+    int32_t pte = -1;
+    const OpErrorCode code =
+        lookup_gpu_frame(table, sequence, page[i], g.num_frames, &frames[i], &pte);
+    if (code != OpErrorCode::kNone) {
+      raise_op_error(code, OpId::kGatherKv, i, sequence, page[i], pte, g, table);
+    }
+  }
+
+  auto key_out = at::empty({num_pages * g.page_size, g.num_kv_heads, g.head_dim}, pool.options());
+  auto value_out = at::empty_like(key_out);
+  const int64_t elem = pool.element_size();
+  const int64_t row_bytes = g.head_dim * elem;
+  const char* pool_bytes = static_cast<const char*>(pool.data_ptr());
+  char* outs[2] = {static_cast<char*>(key_out.data_ptr()),
+                   static_cast<char*>(value_out.data_ptr())};
+  at::parallel_for(0, num_pages, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int kv = 0; kv < 2; ++kv) {
+        for (int64_t tok = 0; tok < g.page_size; ++tok) {
+          for (int64_t h = 0; h < g.num_kv_heads; ++h) {
+            std::memcpy(outs[kv] + ((i * g.page_size + tok) * g.num_kv_heads + h) * row_bytes,
+                        pool_bytes + g.row_offset(frames[i], layer, kv, h, tok) * elem,
+                        row_bytes);
+          }
+        }
+      }
+    }
+  });
+  return {key_out, value_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(paged_kv, CPU, m) {
+  m.impl("append_kv", &append_kv_cpu);
+  m.impl("gather_kv", &gather_kv_cpu);
+}
+
+}  // namespace paged_kv

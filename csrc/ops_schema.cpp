@@ -1,0 +1,21 @@
+// Every schema of the paged_kv ops, in one place. Kernels register per backend beside their
+// code (cpu/, cuda/); fake kernels live in paged_kv/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(paged_kv, m) {
+  // Writes K and V of a batch of tokens into `layer` of their pages, in place.
+  //   key, value: [num_tokens, num_kv_heads, head_dim] (head_dim contiguous)
+  //   pool:       [num_frames, num_layers, 2, num_kv_heads, page_size, head_dim]
+  //   page_table: int32 [max_sequences, max_pages]
+  //   sequences:  int32 [num_tokens], page-table row of each token
+  //   positions:  int32 [num_tokens], position of each token in its sequence
+  m.def(
+      "append_kv(Tensor key, Tensor value, Tensor(a!) pool, Tensor page_table, "
+      "Tensor sequences, Tensor positions, int layer) -> ()");
+  // Reads whole logical pages of one sequence out of `layer` into contiguous K and V.
+  //   pages: int32 [num_pages] logical page indices (any subset, any order)
+  //   returns key, value: [num_pages * page_size, num_kv_heads, head_dim]
+  m.def(
+      "gather_kv(Tensor pool, Tensor page_table, int sequence, Tensor pages, int layer) "
+      "-> (Tensor, Tensor)");
+}

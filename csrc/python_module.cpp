@@ -1,0 +1,40 @@
+// The pybind11 module paged_kv._C: build facts and error-check controls. Loading it also loads
+// the op registrations compiled into the same library.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#ifdef PKV_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "cuda/op_error_buffer.h"
+#endif
+
+#ifndef PKV_CUDA_ARCH_LIST
+#define PKV_CUDA_ARCH_LIST ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "paged_kv compiled library";
+  m.def("build_info", []() {
+    py::dict info;
+#ifdef PKV_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_runtime_compiled"] = CUDART_VERSION;
+    info["cuda_arch_list"] = std::string(PKV_CUDA_ARCH_LIST);
+#else
+    info["cuda"] = false;
+    info["cuda_runtime_compiled"] = py::none();
+    info["cuda_arch_list"] = std::string();
+#endif
+    return info;
+  });
+#ifdef PKV_WITH_CUDA
+  m.def("check_errors", &paged_kv::cuda::check_errors, py::arg("device"),
+        "Synchronise the device and raise any bad input a paged_kv kernel recorded on it.");
+  m.def("set_sync_checks", &paged_kv::cuda::set_sync_checks, py::arg("enabled"));
+  m.def("sync_checks", &paged_kv::cuda::sync_checks);
+#endif
+}

@@ -1,0 +1,32 @@
+"""paged_kv: demand-paged virtual memory for the transformer KV cache.
+
+The ops live in torch.ops.paged_kv (typed wrappers in paged_kv.ops). If the compiled library is
+missing, importing paged_kv still works; `paged_kv.LIBRARY_ERROR` says why and the ops raise it.
+"""
+
+from paged_kv import ops, pte, reference
+from paged_kv._library import LOAD_ERROR as LIBRARY_ERROR
+from paged_kv._library import build_info
+from paged_kv.ops import append_kv, check_errors, deferred_checks, gather_kv, set_sync_checks
+from paged_kv.pte import PAGE_SIZES, UNMAPPED, Tier, make_pte, new_page_table, new_pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LIBRARY_ERROR",
+    "PAGE_SIZES",
+    "Tier",
+    "UNMAPPED",
+    "append_kv",
+    "build_info",
+    "check_errors",
+    "deferred_checks",
+    "gather_kv",
+    "make_pte",
+    "new_page_table",
+    "new_pool",
+    "ops",
+    "pte",
+    "reference",
+    "set_sync_checks",
+]
