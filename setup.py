@@ -60,8 +60,15 @@ def _cuda_wanted():
 
 
 def _arch_list():
-    """Hopper plus whatever TORCH_CUDA_ARCH_LIST asks for, set explicitly so no GPU is probed."""
+    """Hopper plus whatever TORCH_CUDA_ARCH_LIST asks for (or, when it is unset, the visible
+    GPU's own architecture), set explicitly so torch never probes for a GPU."""
+    import torch
+
     arches = list(DEFAULT_ARCHES)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if f"{major}.{minor}" not in arches:
+            arches.append(f"{major}.{minor}")
     for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";").split(";"):
         if a and a not in arches:
             arches.append(a)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU check: build against the installed torch, run the tests on the GPU, run the CUDA tests
+# again under compute-sanitizer memcheck, run the benchmarks; logs and JSON go to OUTDIR.
+#   usage: scripts/gpu_check.sh OUTDIR [bench ...]   (default benches: ceilings)
+# Runs with the machine's own python3 (no virtual environment), as on the GPU test machine.
+set -uo pipefail
+OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [bench ...]}"
+shift
+BENCHES=("${@:-ceilings}")
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$OUT"
+cd "$ROOT"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+status=0
+step() {  # step NAME COMMAND...: runs COMMAND, logs to OUT/NAME.log, records a failure
+  local name="$1"; shift
+  local t0=$SECONDS
+  echo "== $name: $*"
+  if "$@" >"$OUT/$name.log" 2>&1; then
+    echo "   ok ($((SECONDS - t0)) s)"
+  else
+    echo "   FAILED ($((SECONDS - t0)) s), last lines of $OUT/$name.log:"; tail -n 25 "$OUT/$name.log"; status=1
+  fi
+  grep -E "passed|failed|error" "$OUT/$name.log" | tail -n 2 | sed 's/^/   /'
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+step build python3 -m pip install -v --no-build-isolation -e .
+step info python3 -m paged_kv info
+step tests python3 -m pytest tests -q -x
+# memcheck over every CUDA-parametrised test and the CUDA-only ones (torch.compile excluded:
+# its compiler subprocesses make the run long and add no kernel of ours).
+step memcheck compute-sanitizer --tool memcheck --error-exitcode 7 --target-processes all \
+  python3 -m pytest tests -q -k "cuda and not compiled and not bench" -p no:cacheprovider
+for b in "${BENCHES[@]}"; do
+  step "bench_$b" python3 "bench/$b.py" --out "$OUT"
+done
+step demo python3 -m paged_kv demo
+exit $status

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+import paged_kv
+
+if paged_kv.LIBRARY_ERROR:
+    raise RuntimeError(paged_kv.LIBRARY_ERROR)
+
+HAS_CUDA = torch.cuda.is_available() and paged_kv.build_info()["cuda"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build"))]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+PAGE_SIZES = list(paged_kv.PAGE_SIZES)
+SEEDS = [0, 1]
+
+
+def poisoned_pool(num_frames, num_layers, num_kv_heads, page_size, head_dim, dtype, device):
+    """A pool filled with NaN, so any read of memory nothing wrote shows up in the result."""
+    pool = paged_kv.new_pool(num_frames, num_layers, num_kv_heads, page_size, head_dim, dtype, device)
+    return pool.fill_(float("nan"))
+
+
+def random_page_table(max_sequences, pages_per_sequence, num_frames, generator, device):
+    """Maps pages_per_sequence[s] pages of each sequence to distinct random frames."""
+    assert sum(pages_per_sequence) <= num_frames
+    table = paged_kv.new_page_table(max_sequences, max(max(pages_per_sequence), 1))
+    frames = torch.randperm(num_frames, generator=generator).tolist()
+    for s, n in enumerate(pages_per_sequence):
+        for p in range(n):
+            table[s, p] = paged_kv.make_pte(paged_kv.Tier.GPU, frames.pop())
+    return table.to(device)
+
+
+def same_bits(a, b):
+    """Bitwise equality (NaN payloads included) of two tensors of one dtype."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(as_int), b.view(as_int))
