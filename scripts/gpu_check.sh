@@ -11,6 +11,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$OUT"
 cd "$ROOT"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+# A compiler wrapper that links libstdc++ statically gives the extension a second C++ runtime
+# beside torch's, and iostreams (every TORCH_CHECK message) then crash in the locale code. Build
+# with the system compiler, which links the shared libstdc++ that torch uses.
+if [ -x /usr/bin/g++ ] && [ -z "${PAGED_KV_KEEP_CXX:-}" ]; then
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
 status=0
 step() {  # step NAME COMMAND...: runs COMMAND, logs to OUT/NAME.log, records a failure
   local name="$1"; shift
@@ -26,6 +32,7 @@ step() {  # step NAME COMMAND...: runs COMMAND, logs to OUT/NAME.log, records a 
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 step build python3 -m pip install -v --no-build-isolation -e .
+if ldd paged_kv/_C*.so | grep -q libstdc++; then echo "   links the shared libstdc++"; else echo "   WARNING: libstdc++ is linked statically"; fi
 step info python3 -m paged_kv info
 step tests python3 -m pytest tests -q -x
 # memcheck over every CUDA-parametrised test and the CUDA-only ones (torch.compile excluded:
