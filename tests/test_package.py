@@ -1,0 +1,65 @@
+"""Package-level behaviour: import without the compiled library, the CLI, the README example."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+import paged_kv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code, *args):
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_import_without_library_says_why():
+    code = (
+        "import sys; sys.modules['paged_kv._C'] = None\n"  # makes `import paged_kv._C` fail
+        "import torch, paged_kv\n"
+        "print('ERROR:', paged_kv.LIBRARY_ERROR)\n"
+        "try:\n"
+        "    paged_kv.gather_kv(None, None, 0, None, 0)\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED:', e)\n"
+    )
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR: paged_kv's compiled library (paged_kv._C) could not be loaded: ModuleNotFoundError" in out.stdout
+    assert "RAISED: paged_kv's compiled library" in out.stdout
+    assert "pip install --no-build-isolation -e ." in out.stdout
+
+
+def test_info_command():
+    out = subprocess.run([sys.executable, "-m", "paged_kv", "info"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    build = paged_kv.build_info()
+    assert ("CUDA build" if build["cuda"] else "CPU-only build") in out.stdout
+    assert "cufile:" in out.stdout and f"torch: {torch.__version__}" in out.stdout
+
+
+def test_demo_command_small():
+    out = subprocess.run(
+        [sys.executable, "-m", "paged_kv", "demo", "--context", "1000", "--steps", "2", "--page-size", "64", "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "every page read back bit-identical" in out.stdout
+
+
+def test_readme_example_on_cpu():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0].replace('"cuda"', '"cpu"')
+    out = _python(example)
+    assert out.returncode == 0, out.stderr
+
+
+def test_pte_encoding_round_trip():
+    for tier in paged_kv.Tier:
+        for index in (0, 1, 12345, paged_kv.pte.MAX_INDEX):
+            pte = paged_kv.make_pte(tier, index)
+            assert -(2**31) <= pte < 2**31
+            assert paged_kv.pte.pte_tier(pte) == tier and paged_kv.pte.pte_index(pte) == index
+    assert paged_kv.pte.pte_tier(paged_kv.UNMAPPED) == paged_kv.Tier.UNMAPPED
