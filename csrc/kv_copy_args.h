@@ -95,4 +95,48 @@ inline void check_layer(const char* op, int64_t layer, const PageGeometry& g) {
               "), got ", layer);
 }
 
+// All checks of append_kv; returns what the kernels need.
+struct AppendKvArgs {
+  PageGeometry geometry;
+  PageTableView table;
+  int64_t num_tokens;
+};
+
+inline AppendKvArgs check_append_kv_args(const at::Tensor& key, const at::Tensor& value,
+                                         const at::Tensor& pool, const at::Tensor& page_table,
+                                         const at::Tensor& sequences, const at::Tensor& positions,
+                                         int64_t layer) {
+  constexpr const char* op = "paged_kv.append_kv";
+  const PageGeometry g = check_pool(op, pool);
+  const PageTableView table = check_page_table(op, page_table, pool);
+  check_token_rows(op, "key", key, pool, g);
+  check_token_rows(op, "value", value, pool, g);
+  TORCH_CHECK(key.size(0) == value.size(0), op, ": key has ", key.size(0),
+              " tokens but value has ", value.size(0));
+  check_index_vector(op, "sequences", sequences, key.size(0), pool);
+  check_index_vector(op, "positions", positions, key.size(0), pool);
+  check_layer(op, layer, g);
+  return {g, table, key.size(0)};
+}
+
+// All checks of gather_kv; returns what the kernels need.
+struct GatherKvArgs {
+  PageGeometry geometry;
+  PageTableView table;
+  int64_t num_pages;
+};
+
+inline GatherKvArgs check_gather_kv_args(const at::Tensor& pool, const at::Tensor& page_table,
+                                         int64_t sequence, const at::Tensor& pages,
+                                         int64_t layer) {
+  constexpr const char* op = "paged_kv.gather_kv";
+  const PageGeometry g = check_pool(op, pool);
+  const PageTableView table = check_page_table(op, page_table, pool);
+  check_index_vector(op, "pages", pages, -1, pool);
+  check_layer(op, layer, g);
+  TORCH_CHECK(sequence >= 0 && sequence < table.max_sequences, op, ": sequence must be in [0, ",
+              table.max_sequences, "), got ", sequence);
+  return {g, table, pages.size(0)};
+}
+
 }  // namespace paged_kv

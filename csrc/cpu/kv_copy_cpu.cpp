@@ -31,17 +31,12 @@ namespace {
 void append_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& pool,
                    const at::Tensor& page_table, const at::Tensor& sequences,
                    const at::Tensor& positions, int64_t layer) {
-  constexpr const char* op = "paged_kv.append_kv";
-  const PageGeometry g = check_pool(op, pool);
-  const PageTableView table = check_page_table(op, page_table, pool);
-  check_token_rows(op, "key", key, pool, g);
-  check_token_rows(op, "value", value, pool, g);
-  TORCH_CHECK(key.size(0) == value.size(0), op, ": key has ", key.size(0),
-              " tokens but value has ", value.size(0));
-  const int64_t num_tokens = key.size(0);
-  check_index_vector(op, "sequences", sequences, num_tokens, pool);
-  check_index_vector(op, "positions", positions, num_tokens, pool);
-  check_layer(op, layer, g);
+  // Plain references, not structured bindings: C++17 lambdas cannot capture those.
+  const AppendKvArgs args =
+      check_append_kv_args(key, value, pool, page_table, sequences, positions, layer);
+  const PageGeometry& g = args.geometry;
+  const PageTableView& table = args.table;
+  const int64_t num_tokens = args.num_tokens;
 
   const int32_t* seq = sequences.data_ptr<int32_t>();
   const int32_t* pos = positions.data_ptr<int32_t>();
@@ -76,15 +71,11 @@ void append_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& p
 std::tuple<at::Tensor, at::Tensor> gather_kv_cpu(const at::Tensor& pool,
                                                  const at::Tensor& page_table, int64_t sequence,
                                                  const at::Tensor& pages, int64_t layer) {
-  constexpr const char* op = "paged_kv.gather_kv";
-  const PageGeometry g = check_pool(op, pool);
-  const PageTableView table = check_page_table(op, page_table, pool);
-  check_index_vector(op, "pages", pages, -1, pool);
-  check_layer(op, layer, g);
-  TORCH_CHECK(sequence >= 0 && sequence < table.max_sequences, op, ": sequence must be in [0, ",
-              table.max_sequences, "), got ", sequence);
+  const GatherKvArgs args = check_gather_kv_args(pool, page_table, sequence, pages, layer);
+  const PageGeometry& g = args.geometry;
+  const PageTableView& table = args.table;
+  const int64_t num_pages = args.num_pages;
 
-  const int64_t num_pages = pages.size(0);
   const int32_t* page = pages.data_ptr<int32_t>();
   std::vector<int64_t> frames(num_pages);
   for (int64_t i = 0; i < num_pages; ++i) {

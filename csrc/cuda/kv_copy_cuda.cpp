@@ -18,17 +18,12 @@ namespace {
 void append_kv_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& pool,
                     const at::Tensor& page_table, const at::Tensor& sequences,
                     const at::Tensor& positions, int64_t layer) {
-  constexpr const char* op = "paged_kv.append_kv";
-  const PageGeometry g = check_pool(op, pool);
-  const PageTableView table = check_page_table(op, page_table, pool);
-  check_token_rows(op, "key", key, pool, g);
-  check_token_rows(op, "value", value, pool, g);
-  TORCH_CHECK(key.size(0) == value.size(0), op, ": key has ", key.size(0),
-              " tokens but value has ", value.size(0));
-  const int64_t num_tokens = key.size(0);
-  check_index_vector(op, "sequences", sequences, num_tokens, pool);
-  check_index_vector(op, "positions", positions, num_tokens, pool);
-  check_layer(op, layer, g);
+  // Plain references, not structured bindings: C++17 lambdas cannot capture those.
+  const AppendKvArgs args =
+      check_append_kv_args(key, value, pool, page_table, sequences, positions, layer);
+  const PageGeometry& g = args.geometry;
+  const PageTableView& table = args.table;
+  const int64_t num_tokens = args.num_tokens;
 
   const c10::cuda::CUDAGuard guard(pool.device());
   const int device = pool.get_device();
@@ -45,16 +40,12 @@ void append_kv_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> gather_kv_cuda(const at::Tensor& pool,
                                                   const at::Tensor& page_table, int64_t sequence,
                                                   const at::Tensor& pages, int64_t layer) {
-  constexpr const char* op = "paged_kv.gather_kv";
-  const PageGeometry g = check_pool(op, pool);
-  const PageTableView table = check_page_table(op, page_table, pool);
-  check_index_vector(op, "pages", pages, -1, pool);
-  check_layer(op, layer, g);
-  TORCH_CHECK(sequence >= 0 && sequence < table.max_sequences, op, ": sequence must be in [0, ",
-              table.max_sequences, "), got ", sequence);
+  const GatherKvArgs args = check_gather_kv_args(pool, page_table, sequence, pages, layer);
+  const PageGeometry& g = args.geometry;
+  const PageTableView& table = args.table;
+  const int64_t num_pages = args.num_pages;
 
   const c10::cuda::CUDAGuard guard(pool.device());
-  const int64_t num_pages = pages.size(0);
   auto key_out = at::empty({num_pages * g.page_size, g.num_kv_heads, g.head_dim}, pool.options());
   auto value_out = at::empty_like(key_out);
   const int device = pool.get_device();
