@@ -18,4 +18,10 @@ TORCH_LIBRARY(paged_kv, m) {
   m.def(
       "gather_kv(Tensor pool, Tensor page_table, int sequence, Tensor pages, int layer) "
       "-> (Tensor, Tensor)");
+  // Merges S partial attention states over disjoint key sets into the exact state over their
+  // union, by log-sum-exp.
+  //   outputs: [S, N, H, D] float16, bfloat16 or float32 (N queries, H heads)
+  //   lses:    float32 [S, N, H], natural-log log-sum-exp of each partial (-inf: no keys)
+  //   returns output [N, H, D] (outputs' dtype) and lse float32 [N, H]
+  m.def("merge_states(Tensor outputs, Tensor lses) -> (Tensor, Tensor)");
 }

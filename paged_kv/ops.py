@@ -61,6 +61,23 @@ def gather_kv(
     return torch.ops.paged_kv.gather_kv.default(pool, page_table, sequence, pages, layer)
 
 
+def merge_states(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge S partial attention states over disjoint key sets into the exact state over their
+    union.
+
+    Args:
+        outputs: [S, N, H, D] partial outputs (float16, bfloat16 or float32), N queries, H heads.
+        lses: float32 [S, N, H], each partial's natural-log log-sum-exp; -inf marks a partial
+            with no keys (its output is ignored, NaN included).
+
+    Returns:
+        output [N, H, D] in outputs' dtype (accumulated in float32) and lse float32 [N, H]. A row
+        whose every partial is empty gets output 0 and lse -inf.
+    """
+    _library.require_library()
+    return torch.ops.paged_kv.merge_states.default(outputs, lses)
+
+
 if _LIB_LOADED:
 
     @torch.library.register_fake("paged_kv::append_kv")
@@ -71,6 +88,10 @@ if _LIB_LOADED:
     def _gather_kv_fake(pool, page_table, sequence, pages, layer):
         shape = (pages.shape[0] * pool.shape[4], pool.shape[3], pool.shape[5])
         return pool.new_empty(shape), pool.new_empty(shape)
+
+    @torch.library.register_fake("paged_kv::merge_states")
+    def _merge_states_fake(outputs, lses):
+        return outputs.new_empty(outputs.shape[1:]), lses.new_empty(lses.shape[1:])
 
 
 def _cuda_library():

@@ -67,3 +67,12 @@ def attention(query, key, value, scale: float | None = None, causal_offset: int 
     lse = torch.logsumexp(scores, dim=-1)  # [Hq, Q]
     out = torch.einsum("hqt,thd->qhd", torch.exp(scores - lse[..., None]), v)
     return out.to(query.dtype), lse.transpose(0, 1)
+
+
+def merge_states(outputs, lses):
+    """Reference of ops.merge_states in float64: ([N, H, D] in outputs' dtype, float32 [N, H])."""
+    lse = torch.logsumexp(lses.double(), dim=0)  # -inf where every partial is empty
+    weights = torch.exp(lses.double() - lse).nan_to_num(nan=0.0)  # -inf - -inf: empty rows
+    empty = torch.isneginf(lses)[..., None]
+    terms = torch.where(empty, 0.0, weights[..., None] * outputs.double())
+    return terms.sum(dim=0).to(outputs.dtype), lse.float()

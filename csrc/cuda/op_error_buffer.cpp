@@ -67,9 +67,13 @@ OpError* op_error_record(int device) {
   return static_cast<OpError*>(device_ptr);
 }
 
-void check_launch(int launch_status, int device, cudaStream_t stream) {
+void check_launch_status(int launch_status) {
   TORCH_CHECK(launch_status == cudaSuccess, "paged_kv: kernel launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(launch_status)));
+}
+
+void check_launch(int launch_status, int device, cudaStream_t stream) {
+  check_launch_status(launch_status);
   if (!g_sync_checks.load(std::memory_order_relaxed)) return;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   PKV_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));

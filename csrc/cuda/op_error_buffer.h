@@ -16,6 +16,9 @@ namespace paged_kv::cuda {
 // Device-visible pointer to `device`'s record; raises any error still pending there first.
 OpError* op_error_record(int device);
 
+// Raises a failed launch's error (for kernels that record no input errors).
+void check_launch_status(int launch_status);
+
 // After a launch: raises the launch error, and when checks are synchronous and `stream` is not
 // capturing, waits for the stream and raises any recorded input error.
 void check_launch(int launch_status, int device, cudaStream_t stream);
