@@ -5,7 +5,7 @@ import torch
 
 import paged_kv
 from paged_kv import reference
-from conftest import DEVICES, DTYPES, PAGE_SIZES, SEEDS, poisoned_pool, random_page_table, same_bits
+from conftest import DEVICES, DTYPES, HAS_CUDA, PAGE_SIZES, SEEDS, poisoned_pool, random_page_table, same_bits
 
 HEAD_DIMS = [64, 128, 40]
 
@@ -95,7 +95,7 @@ def test_empty_inputs(device):
     assert torch.isnan(pool).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 def test_cuda_pool_over_4gib_offsets():
     """Frames past 4 GiB of pool are addressed correctly (64-bit offsets)."""
     page_size, heads, d = 256, 8, 128
