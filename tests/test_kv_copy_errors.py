@@ -81,7 +81,6 @@ def test_append_bad_arguments(device):
         args.update(override)
         with pytest.raises(RuntimeError, match=message):
             paged_kv.append_kv(**args)
-    bad_page = paged_kv.new_pool(FRAMES, 1, HEADS, 16, DIM, device=device)
     bad_page = torch.empty(FRAMES, 1, 2, HEADS, 24, DIM, device=device)
     with pytest.raises(RuntimeError, match=r"page size \(pool dimension 4\) must be 16, 32, 64, 128 or 256, got 24"):
         paged_kv.append_kv(key, key, bad_page, table, seqs, pos, 0)
