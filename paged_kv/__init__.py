@@ -7,7 +7,7 @@ missing, importing paged_kv still works; `paged_kv.LIBRARY_ERROR` says why and t
 from paged_kv import ops, pte, reference
 from paged_kv._library import LOAD_ERROR as LIBRARY_ERROR
 from paged_kv._library import build_info
-from paged_kv.ops import append_kv, check_errors, deferred_checks, gather_kv, merge_states, set_sync_checks
+from paged_kv.ops import attention, append_kv, check_errors, deferred_checks, gather_kv, merge_states, set_sync_checks
 from paged_kv.pte import PAGE_SIZES, UNMAPPED, Tier, make_pte, new_page_table, new_pool
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "Tier",
     "UNMAPPED",
     "append_kv",
+    "attention",
     "build_info",
     "check_errors",
     "deferred_checks",

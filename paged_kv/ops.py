@@ -78,6 +78,106 @@ def merge_states(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tenso
     return torch.ops.paged_kv.merge_states.default(outputs, lses)
 
 
+def attention(
+    query: torch.Tensor,
+    pool: torch.Tensor,
+    page_table: torch.Tensor,
+    sequences: torch.Tensor,
+    query_starts: torch.Tensor,
+    kv_lens: torch.Tensor,
+    layer: int,
+    max_query_len: int,
+    *,
+    scale: float | None = None,
+    window: int = 0,
+    sinks: int = 0,
+    host_pool: torch.Tensor | None = None,
+    fault_queue: torch.Tensor | None = None,
+    fault_count: torch.Tensor | None = None,
+    telemetry: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Attention of a batch of query chunks over each sequence's K/V, read through the page table.
+
+    Sequence b of the batch has q_b = query_starts[b + 1] - query_starts[b] new queries (rows
+    query_starts[b] .. query_starts[b + 1] of `query`) and kv_lens[b] tokens of K/V in row
+    sequences[b] of the page table, the new tokens' K/V included (append them first). Its query i
+    sits at position kv_lens[b] - q_b + i and sees the keys at positions k with
+        k <= position                                   (causal)
+        and, when window > 0, k > position - window     (sliding window, Mistral style)
+                               or k < sinks             (sink tokens stay visible)
+    Decode is q_b = 1; prefill and extend are larger chunks, causal against the whole history.
+
+    Residency: a page whose PTE is tier 0 is read from its GPU frame; tier 1 is read from
+    `host_pool` directly (zero-copy) when it is given, else it is a fault; tiers 2 and 3 are
+    faults. A faulted page is skipped: its (page-table row, page) pair is appended to
+    `fault_queue` at index fault_count[0] (then incremented; the caller zeroes the count; a
+    count above the capacity means entries were dropped) and the result covers the other pages,
+    so it can be completed exactly with merge_states. Each needed page is listed once per call;
+    pages no query can see (outside every window) are never read and never fault. Without a
+    fault queue, a page that cannot be read is an error. The op never synchronises with the host.
+
+    Args:
+        query: [N, Hq, D] queries, the pool's dtype (CUDA: float16/bfloat16; CPU: also float32),
+            contiguous along D. Hq a multiple of the pool's KV heads (MHA, GQA, MQA); D 64, 128
+            or 256.
+        pool: [F, L, 2, H, P, D] GPU frame pool (or CPU pool for the CPU kernel).
+        page_table: int32 [max_sequences, max_pages].
+        sequences: int32 [B], page-table row of each batch entry.
+        query_starts: int32 [B + 1], nondecreasing, query_starts[0] = 0, query_starts[B] = N.
+        kv_lens: int32 [B], K/V tokens of each sequence, q_b <= kv_lens[b] <= max_pages * P.
+        layer: which layer of the pages to read.
+        max_query_len: an upper bound of every q_b (1 for decode); it sizes the launch.
+        scale: softmax scale, default 1 / sqrt(D).
+        window: sliding window in tokens, 0 for none. sinks: sink tokens (needs a window).
+        host_pool: pinned [S, L, 2, H, P, D] host slots, read zero-copy for tier-1 pages.
+        fault_queue: int32 [capacity, 2]; fault_count: int32 [1]; the pool's device.
+        telemetry: float32 [max_sequences, max_pages]; for each batch entry and page read in
+            this call, adds the softmax mass that the entry's newest query put on the page,
+            summed over query heads (so a layer adds at most Hq per entry; accumulate over
+            layers by passing the same tensor).
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        output [N, Hq, D] in query's dtype (float32 accumulation), and with return_lse the
+        natural-log LSE float32 [N, Hq]. A query that sees no readable key gets output 0 and
+        LSE -inf.
+    """
+    _library.require_library()
+    out, lse = torch.ops.paged_kv.attention.default(
+        query, pool, page_table, sequences, query_starts, kv_lens, layer, max_query_len,
+        scale, window, sinks, host_pool, fault_queue, fault_count, telemetry,
+    )
+    return (out, lse) if return_lse else out
+
+
+def new_fault_queue(capacity: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty fault queue for attention: int32 [capacity, 2] entries and an int32 [1] count."""
+    if capacity < 1:
+        raise ValueError(f"fault queue capacity must be at least 1, got {capacity}")
+    return (
+        torch.full((capacity, 2), -1, dtype=torch.int32, device=device),
+        torch.zeros(1, dtype=torch.int32, device=device),
+    )
+
+
+def read_faults(fault_queue: torch.Tensor, fault_count: torch.Tensor) -> torch.Tensor:
+    """The recorded faults as an int32 [n, 2] CPU tensor of (page-table row, page), sorted.
+    Synchronises. Raises if the queue overflowed (count above capacity): faults were dropped."""
+    count = int(fault_count.item())
+    capacity = fault_queue.shape[0]
+    if count > capacity:
+        raise RuntimeError(
+            f"paged_kv.attention: fault queue overflowed: {count} faults for a capacity of "
+            f"{capacity}; {count - capacity} were dropped. Use a queue of at least {count} entries."
+        )
+    faults = fault_queue[:count].cpu()
+    if count:
+        order = torch.argsort(faults[:, 0].long() * (1 << 31) + faults[:, 1].long())
+        faults = faults[order]
+    return faults
+
+
 if _LIB_LOADED:
 
     @torch.library.register_fake("paged_kv::append_kv")
@@ -88,6 +188,13 @@ if _LIB_LOADED:
     def _gather_kv_fake(pool, page_table, sequence, pages, layer):
         shape = (pages.shape[0] * pool.shape[4], pool.shape[3], pool.shape[5])
         return pool.new_empty(shape), pool.new_empty(shape)
+
+    @torch.library.register_fake("paged_kv::attention")
+    def _attention_fake(query, pool, page_table, sequences, query_starts, kv_lens, layer,
+                        max_query_len, scale=None, window=0, sinks=0, host_pool=None,
+                        fault_queue=None, fault_count=None, telemetry=None):
+        lse = query.new_empty(query.shape[:2], dtype=torch.float32)
+        return query.new_empty(query.shape), lse
 
     @torch.library.register_fake("paged_kv::merge_states")
     def _merge_states_fake(outputs, lses):

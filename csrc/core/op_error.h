@@ -20,21 +20,30 @@ enum class OpErrorCode : int32_t {
   kPageOutOfRange = 3,      // logical page index negative or past the page table's columns
   kPageNotReadable = 4,     // PTE names a tier this op cannot reach (host, disk, unmapped)
   kFrameOutOfRange = 5,     // tier-0 PTE names a frame outside the pool
+  kSlotOutOfRange = 6,      // tier-1 PTE names a slot outside the host pool
+  kQueryLengthOutOfRange = 7,  // a sequence's query count is negative, above max_query_len or
+                               // above its KV length
+  kKvLengthOutOfRange = 8,  // a sequence's KV length is past the page table's columns
 };
 
 // Which op recorded an error.
-enum class OpId : int32_t { kAppendKv = 1, kGatherKv = 2 };
+enum class OpId : int32_t { kAppendKv = 1, kGatherKv = 2, kAttention = 3 };
 
 inline const char* op_name(int32_t op) {
   switch (static_cast<OpId>(op)) {
     case OpId::kAppendKv: return "paged_kv.append_kv";
     case OpId::kGatherKv: return "paged_kv.gather_kv";
+    case OpId::kAttention: return "paged_kv.attention";
     default: return "paged_kv";
   }
 }
 
 inline const char* op_item_name(int32_t op) {
-  return static_cast<OpId>(op) == OpId::kGatherKv ? "requested page" : "token";
+  switch (static_cast<OpId>(op)) {
+    case OpId::kGatherKv: return "requested page";
+    case OpId::kAttention: return "batch entry";
+    default: return "token";
+  }
 }
 
 // A self-contained record (int32 words only), so CUDA code can fill it with plain stores after
@@ -45,8 +54,10 @@ struct OpError {
   int32_t item;           // which input item (token or requested page) failed
   int32_t sequence;       // page-table row
   int32_t value;          // the position or logical page that failed
-  int32_t pte;            // the PTE read, or -1 when none was read
-  int32_t num_frames;     // the geometry the op ran with, for the message
+  int32_t pte;            // the PTE read, or -1 when none was read (kQueryLengthOutOfRange:
+                          // the sequence's KV length)
+  int32_t num_frames;     // the geometry the op ran with, for the message (kSlotOutOfRange:
+                          // the host pool's slots)
   int32_t max_sequences;
   int32_t max_pages;
   int32_t page_size;
@@ -89,12 +100,30 @@ inline std::string describe_op_error(const OpError& e) {
       Tier tier = pte_tier(e.pte);
       m << page_words(e) << " has PTE " << e.pte << " (" << tier_name(tier);
       if (tier != Tier::kUnmapped) m << " " << pte_index(e.pte);
-      m << "), which this op cannot read: it reads tier-0 GPU frames only";
+      if (static_cast<OpId>(e.op) == OpId::kAttention) {
+        m << "), which this call cannot read and no fault queue was given to record it in";
+      } else {
+        m << "), which this op cannot read: it reads tier-0 GPU frames only";
+      }
       break;
     }
     case OpErrorCode::kFrameOutOfRange:
       m << page_words(e) << " maps to GPU frame " << pte_index(e.pte) << ", outside the pool's "
         << e.num_frames << " frames";
+      break;
+    case OpErrorCode::kSlotOutOfRange:
+      m << page_words(e) << " maps to host slot " << pte_index(e.pte)
+        << ", outside the host pool's " << e.num_frames << " slots";
+      break;
+    case OpErrorCode::kQueryLengthOutOfRange:
+      m << "sequence " << e.sequence << " has " << e.value
+        << " queries, which must be in [0, min(max_query_len, KV length)] (KV length "
+        << e.pte << ")";
+      break;
+    case OpErrorCode::kKvLengthOutOfRange:
+      m << "KV length " << e.value << " of sequence " << e.sequence << " is outside [0, "
+        << static_cast<int64_t>(e.max_pages) * e.page_size << "] (the page table has "
+        << e.max_pages << " pages of " << e.page_size << " tokens per sequence)";
       break;
     default:
       m << "unknown error code " << e.code;
