@@ -12,21 +12,11 @@
 #include <cstring>
 
 #include "core/op_error.h"
+#include "cpu/raise_op_error.h"
 #include "kv_copy_args.h"
 
 namespace paged_kv {
 namespace {
-
-[[noreturn]] void raise_op_error(OpErrorCode code, OpId op, int64_t item, int64_t sequence,
-                                 int64_t value, int32_t pte, const PageGeometry& g,
-                                 const PageTableView& table) {
-  OpError e{static_cast<int32_t>(code), static_cast<int32_t>(op),
-            static_cast<int32_t>(item),   static_cast<int32_t>(sequence),
-            static_cast<int32_t>(value),  pte,
-            static_cast<int32_t>(g.num_frames), static_cast<int32_t>(table.max_sequences),
-            static_cast<int32_t>(table.max_pages), static_cast<int32_t>(g.page_size)};
-  TORCH_CHECK(false, describe_op_error(e));
-}
 
 void append_kv_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& pool,
                    const at::Tensor& page_table, const at::Tensor& sequences,
