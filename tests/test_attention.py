@@ -1,0 +1,408 @@
+"""attention against the float64 reference, on CPU and CUDA: page sizes, head dims, MHA/GQA/MQA,
+decode and prefill chunks, windows and sinks, NaN poison, faults serviced and merged, zero-copy
+host pages and telemetry."""
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import paged_kv
+from paged_kv import reference
+from paged_kv.ops import new_fault_queue, read_faults
+from attention_batch import make_batch, random_specs
+from conftest import DEVICES, DTYPES, HAS_CUDA, PAGE_SIZES
+
+HEAD_DIMS = [64, 128, 256]
+HEAD_CONFIGS = [(2, 2), (8, 2), (4, 1)]  # (query heads, KV heads): MHA, GQA 4:1, MQA
+
+# The reference is exact (float64) over the same dtype-rounded inputs, so the kernel's error is
+# its float32 accumulation (about 1e-6 relative at these lengths) plus one rounding of the output
+# to the dtype (unit roundoff u: 2^-11 for float16, 2^-8 for bfloat16), and the reference's own
+# output is rounded once more. Twice u, as both atol and rtol on outputs of order 1, bounds that
+# with room for a GPU kernel that rounds its probabilities to the dtype before P @ V (about u of
+# the value scale again). float32 outputs get 1e-5.
+TOLERANCE = {torch.float16: 2 * 2**-11, torch.bfloat16: 2 * 2**-8, torch.float32: 1e-5}
+# The LSE is computed in float32 for every dtype: its error is a few float32 roundings of scores
+# of order 10 at most.
+LSE_TOLERANCE = 1e-4
+
+
+def _skip_unsupported(device, dtype):
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA kernel takes float16 and bfloat16 (float32 is an error, tested apart)")
+
+
+def _generator(*params):
+    """A generator seeded by the test's parameters: fresh inputs per case, the same every run."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
+
+
+def _assert_matches(out, lse, ref_out, ref_lse, dtype):
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.isfinite(out).all(), "NaN or inf in the output: poisoned memory was read"
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.cpu().double(), ref_out.double(), rtol=tol, atol=tol)
+    lse = lse.cpu().double()
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "LSE is -inf exactly where no key is readable"
+    torch.testing.assert_close(lse[~empty], ref_lse[~empty], rtol=1e-5, atol=LSE_TOLERANCE)
+
+
+def _assert_telemetry(telemetry, ref_telemetry, dtype):
+    # A sum of probabilities (at most Hq per entry): the output's tolerance, but never below the
+    # float32 summation error.
+    tol = max(TOLERANCE[dtype], 1e-4)
+    torch.testing.assert_close(telemetry.cpu().double(), ref_telemetry, rtol=tol, atol=tol)
+
+
+def _attention(batch, **kwargs):
+    return paged_kv.attention(*batch.args(), return_lse=True, **kwargs)
+
+
+def _reference(batch, **kwargs):
+    return reference.paged_attention(
+        batch.query, batch.pool, batch.page_table, batch.sequences, batch.query_starts,
+        batch.kv_lens, batch.layer, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("heads", HEAD_CONFIGS)
+def test_matches_reference(device, dtype, page_size, head_dim, heads):
+    """A batch of 1 to 4 entries mixing decode steps, extend chunks and prefills, of random
+    lengths (1 included, most ending mid-page) in random frames."""
+    _skip_unsupported(device, dtype)
+    g = _generator("matches", dtype, page_size, head_dim, heads)
+    specs = random_specs(g, int(torch.randint(1, 5, (1,), generator=g)), page_size)
+    batch = make_batch(device, dtype, page_size, head_dim, *heads, specs, g)
+    telemetry = torch.zeros(batch.page_table.shape, device=device)
+
+    out, lse = _attention(batch, telemetry=telemetry)
+    ref_out, ref_lse, ref_faults, ref_telemetry = _reference(batch)
+    assert ref_faults == []
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+    _assert_telemetry(telemetry, ref_telemetry, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_prefill_chunks(device, dtype):
+    """Chunks of about 100 queries after a history that ends mid-page, causal against it all."""
+    _skip_unsupported(device, dtype)
+    g = _generator("prefill", dtype)
+    specs = [(130 + 97, 97), (100, 100), (61 + 88, 88)]
+    batch = make_batch(device, dtype, 32, 64, 8, 2, specs, g)
+    out, lse = _attention(batch)
+    ref_out, ref_lse, _, _ = _reference(batch)
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+WINDOW_CASES = [
+    # (window, sinks, page_size)
+    (1, 0, 16),
+    (16, 0, 32),
+    (40, 4, 16),
+    (100, 1, 64),
+    (300, 16, 256),
+    (7, 100, 16),  # more sinks than the window
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window, sinks, page_size", WINDOW_CASES)
+def test_window_sinks_and_scale(device, dtype, window, sinks, page_size):
+    _skip_unsupported(device, dtype)
+    g = _generator("window", dtype, window, sinks, page_size)
+    specs = random_specs(g, 3, page_size) + [(3 * page_size + 5, 1), (2 * page_size + 3, 30)]
+    batch = make_batch(device, dtype, page_size, 128, 4, 2, specs, g)
+    scale = 0.6 / math.sqrt(128)
+    telemetry = torch.zeros(batch.page_table.shape, device=device)
+    out, lse = _attention(batch, scale=scale, window=window, sinks=sinks, telemetry=telemetry)
+    ref_out, ref_lse, _, ref_telemetry = _reference(batch, scale=scale, window=window, sinks=sinks)
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+    _assert_telemetry(telemetry, ref_telemetry, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_poisoned_memory_is_never_read(device, dtype):
+    """The poison is really there (unused frames, page tails, other layers, a sequence outside
+    the batch), and the output is finite and right."""
+    _skip_unsupported(device, dtype)
+    g = _generator("poison", dtype)
+    page_size = 16
+    specs = [(1, 1), (page_size + 3, 1), (2 * page_size + 9, 7)]
+    batch = make_batch(device, dtype, page_size, 64, 4, 4, specs, g, spare_frames=2)
+    pool = batch.pool.cpu()
+    table = batch.page_table.cpu()
+    assert all(torch.isnan(pool[f]).all() for f in batch.free_frames)
+    for row, (kv_len, _) in zip(batch.rows, batch.specs):
+        last = paged_kv.pte.pte_index(int(table[row, (kv_len - 1) // page_size]))
+        assert torch.isnan(pool[last, batch.layer, :, :, kv_len % page_size or page_size:]).all()
+        assert torch.isnan(pool[last, 1 - batch.layer]).all()
+    out, lse = _attention(batch)
+    ref_out, ref_lse, _, _ = _reference(batch)
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+def _mark(table, pages, tier, g):
+    """A copy of `table` with each (row, page) of `pages` moved to `tier` (arbitrary index)."""
+    table = table.cpu().clone()
+    for row, page in pages:
+        table[row, page] = paged_kv.make_pte(tier, int(torch.randint(0, 1000, (1,), generator=g)))
+    return table
+
+
+def _frame(table, row, page):
+    return paged_kv.pte.pte_index(int(table[row, page]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_faults_serviced_and_merged(device, dtype, page_size):
+    """Half the pages on disk: the call lists exactly the needed ones and covers the rest; the
+    test services the faults into free frames, runs again over those pages alone, and the merge
+    of the two partial states is exact attention."""
+    _skip_unsupported(device, dtype)
+    g = _generator("faults", dtype, page_size)
+    specs = random_specs(g, 3, page_size) + [(3 * page_size + 1, 2)]
+    batch = make_batch(device, dtype, page_size, 64, 4, 2, specs, g, spare_frames=16)
+    resident_table = batch.page_table.cpu()
+    backing = batch.pool.clone()  # where evicted pages live (the "disk")
+    needed = batch.needed_pages()
+    on_disk = [p for p in needed if torch.rand(1, generator=g) < 0.5] or needed[:1]
+    resident = [p for p in needed if p not in on_disk]
+    tiered = _mark(resident_table, on_disk, paged_kv.Tier.DISK, g).to(device)
+    for row, page in on_disk:
+        batch.pool[_frame(resident_table, row, page)] = float("nan")  # evicted: must not be read
+    batch.page_table = tiered
+
+    queue, count = new_fault_queue(len(needed) + 3, device)
+    telemetry = torch.full(tiered.shape, 0.25, device=device)
+    out1, lse1 = _attention(batch, fault_queue=queue, fault_count=count, telemetry=telemetry)
+    ref_out1, ref_lse1, ref_faults, ref_telemetry = _reference(batch)
+    assert ref_faults == on_disk
+    assert read_faults(queue, count).tolist() == [list(p) for p in on_disk]
+    _assert_matches(out1, lse1, ref_out1, ref_lse1, dtype)
+    _assert_telemetry(telemetry, ref_telemetry + 0.25, dtype)
+
+    # Service: copy each faulted page into a free frame and map it; everything else is unmapped
+    # for the second call, whose own faults (the pages the first call read) are ignored.
+    serviced = paged_kv.new_page_table(*tiered.shape)
+    for (row, page), frame in zip(on_disk, batch.free_frames):
+        batch.pool[frame] = backing[_frame(resident_table, row, page)]
+        serviced[row, page] = paged_kv.make_pte(paged_kv.Tier.GPU, frame)
+    batch.page_table = serviced.to(device)
+    scratch_queue, scratch_count = new_fault_queue(len(needed) + 3, device)
+    out2, lse2 = _attention(batch, fault_queue=scratch_queue, fault_count=scratch_count)
+    assert read_faults(scratch_queue, scratch_count).tolist() == [list(p) for p in resident]
+
+    out, lse = paged_kv.merge_states(torch.stack([out1, out2]), torch.stack([lse1, lse2]))
+    batch.pool, batch.page_table = backing, resident_table.to(device)
+    ref_out, ref_lse, _, _ = _reference(batch)
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window, sinks", [(20, 0), (33, 5), (1, 40)])
+def test_pages_outside_every_window_never_fault(device, window, sinks):
+    """Every page on disk (and evicted): only pages some query's window or sinks reach are
+    listed, and with nothing readable each query gets output 0 and LSE -inf."""
+    dtype = torch.bfloat16
+    g = _generator("window-faults", window, sinks)
+    page_size = 16
+    specs = [(9 * page_size + 3, 1), (7 * page_size, 12), (5, 5), (4 * page_size + 1, 0)]
+    batch = make_batch(device, dtype, page_size, 64, 2, 1, specs, g)
+    needed = batch.needed_pages(window, sinks)
+    all_pages = [(row, p) for row, (kv_len, _) in zip(batch.rows, specs)
+                 for p in range((kv_len + page_size - 1) // page_size)]
+    assert len(needed) < len(all_pages)
+    batch.page_table = _mark(batch.page_table, all_pages, paged_kv.Tier.DISK, g).to(device)
+    batch.pool.fill_(float("nan"))
+    queue, count = new_fault_queue(len(all_pages), device)
+    telemetry = torch.zeros(batch.page_table.shape, device=device)
+    out, lse = _attention(batch, window=window, sinks=sinks, fault_queue=queue, fault_count=count,
+                          telemetry=telemetry)
+    assert read_faults(queue, count).tolist() == [list(p) for p in needed]
+    assert torch.equal(out.cpu(), torch.zeros_like(out.cpu()))
+    assert torch.isneginf(lse).all()
+    assert not telemetry.any()
+    _, _, ref_faults, _ = _reference(batch, window=window, sinks=sinks)
+    assert ref_faults == needed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_with_faults_matches_reference(device, dtype):
+    g = _generator("window-half", dtype)
+    page_size = 16
+    specs = [(10 * page_size + 7, 1), (6 * page_size + 2, 20), (3 * page_size, 3)]
+    batch = make_batch(device, dtype, page_size, 128, 8, 2, specs, g)
+    window, sinks = 40, 3
+    needed = batch.needed_pages(window, sinks)
+    all_pages = [(row, p) for row, (kv_len, _) in zip(batch.rows, specs)
+                 for p in range((kv_len + page_size - 1) // page_size)]
+    on_disk = [p for p in all_pages if torch.rand(1, generator=g) < 0.5]
+    batch.page_table = _mark(batch.page_table, on_disk, paged_kv.Tier.DISK, g).to(device)
+    queue, count = new_fault_queue(len(all_pages), device)
+    out, lse = _attention(batch, window=window, sinks=sinks, fault_queue=queue, fault_count=count)
+    ref_out, ref_lse, ref_faults, _ = _reference(batch, window=window, sinks=sinks)
+    assert ref_faults == sorted(set(on_disk) & set(needed))
+    assert read_faults(queue, count).tolist() == [list(p) for p in ref_faults]
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_copy_host_pages(device, dtype):
+    """Tier-1 pages read from the host pool give the tier-0 result; without the host pool they
+    are faults."""
+    _skip_unsupported(device, dtype)
+    g = _generator("host", dtype)
+    page_size = 32
+    specs = random_specs(g, 3, page_size) + [(2 * page_size + 5, 4)]
+    batch = make_batch(device, dtype, page_size, 64, 4, 2, specs, g)
+    expected_out, expected_lse = _attention(batch)
+
+    needed = batch.needed_pages()
+    on_host = [p for p in needed if torch.rand(1, generator=g) < 0.5] or needed[-1:]
+    table = batch.page_table.cpu().clone()
+    host_pool = torch.full((len(on_host) + 2,) + tuple(batch.pool.shape[1:]), float("nan"), dtype=dtype)
+    slots = torch.randperm(host_pool.shape[0], generator=g).tolist()
+    for row, page in on_host:
+        frame, slot = _frame(table, row, page), slots.pop()
+        host_pool[slot] = batch.pool[frame].cpu()
+        batch.pool[frame] = float("nan")
+        table[row, page] = paged_kv.make_pte(paged_kv.Tier.HOST, slot)
+    if device == "cuda":
+        host_pool = host_pool.pin_memory()
+    batch.page_table = table.to(device)
+
+    telemetry = torch.zeros(table.shape, device=device)
+    out, lse = _attention(batch, host_pool=host_pool, telemetry=telemetry)
+    ref_out, ref_lse, ref_faults, ref_telemetry = _reference(batch, host_pool=host_pool)
+    assert ref_faults == []
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+    _assert_telemetry(telemetry, ref_telemetry, dtype)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, expected_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=LSE_TOLERANCE)
+
+    queue, count = new_fault_queue(len(needed), device)
+    _attention(batch, fault_queue=queue, fault_count=count)
+    assert read_faults(queue, count).tolist() == [list(p) for p in on_host]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fault_queue_overflow(device):
+    """More faults than the queue holds: the count keeps counting, the entries that fit are
+    real faults, and read_faults refuses the incomplete list."""
+    g = _generator("overflow")
+    page_size = 16
+    specs = [(5 * page_size + 2, 1), (3 * page_size, 4)]
+    batch = make_batch(device, torch.float16, page_size, 64, 2, 2, specs, g)
+    needed = batch.needed_pages()
+    batch.page_table = _mark(batch.page_table, needed, paged_kv.Tier.UNMAPPED, g).to(device)
+    capacity = 3
+    queue, count = new_fault_queue(capacity, device)
+    _attention(batch, fault_queue=queue, fault_count=count)
+    assert int(count.item()) == len(needed) > capacity
+    listed = {tuple(p) for p in queue.cpu().tolist()}
+    assert len(listed) == capacity and listed <= set(needed)
+    with pytest.raises(RuntimeError, match=rf"fault queue overflowed: {len(needed)} faults for a capacity of 3"):
+        read_faults(queue, count)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_count_continues_from_its_value(device):
+    """Faults are appended at fault_count[0]: a second call adds after the first's."""
+    g = _generator("append")
+    batch = make_batch(device, torch.bfloat16, 16, 64, 2, 2, [(40, 1)], g)
+    batch.page_table = _mark(batch.page_table, [(batch.rows[0], 1)], paged_kv.Tier.DISK, g).to(device)
+    queue, count = new_fault_queue(4, device)
+    _attention(batch, fault_queue=queue, fault_count=count)
+    _attention(batch, fault_queue=queue, fault_count=count)
+    assert int(count.item()) == 2
+    assert queue[:2].cpu().tolist() == [[batch.rows[0], 1]] * 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entries_sharing_a_row_list_each_fault_once(device):
+    """Two entries reading the same sequence (different lengths) list a shared page once."""
+    g = _generator("shared-row")
+    page_size = 16
+    batch = make_batch(device, torch.bfloat16, page_size, 64, 4, 2, [(4 * page_size + 3, 1)], g)
+    row = batch.rows[0]
+    batch.sequences = torch.tensor([row, row], dtype=torch.int32, device=device)
+    batch.query_starts = torch.tensor([0, 1, 3], dtype=torch.int32, device=device)
+    batch.kv_lens = torch.tensor([2 * page_size + 1, 4 * page_size + 3], dtype=torch.int32, device=device)
+    batch.query = torch.randn(3, 4, 64, generator=g).to(torch.bfloat16).to(device)
+    batch.max_query_len = 2
+    batch.page_table = _mark(batch.page_table, [(row, 0), (row, 3)], paged_kv.Tier.DISK, g).to(device)
+    queue, count = new_fault_queue(8, device)
+    telemetry = torch.zeros(batch.page_table.shape, device=device)
+    out, lse = _attention(batch, fault_queue=queue, fault_count=count, telemetry=telemetry)
+    ref_out, ref_lse, ref_faults, ref_telemetry = _reference(batch)
+    assert ref_faults == [(row, 0), (row, 3)]
+    assert read_faults(queue, count).tolist() == [[row, 0], [row, 3]]
+    _assert_matches(out, lse, ref_out, ref_lse, torch.bfloat16)
+    _assert_telemetry(telemetry, ref_telemetry, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entries_without_queries_and_empty_batch(device):
+    """An entry with no queries reads, faults and records nothing; an empty batch returns empty
+    outputs."""
+    g = _generator("empty")
+    page_size = 16
+    batch = make_batch(device, torch.float16, page_size, 64, 2, 2, [(30, 0), (20, 2), (0, 0)], g)
+    batch.page_table = _mark(batch.page_table, [(batch.rows[0], 0)], paged_kv.Tier.DISK, g).to(device)
+    queue, count = new_fault_queue(4, device)
+    telemetry = torch.zeros(batch.page_table.shape, device=device)
+    out, lse = _attention(batch, fault_queue=queue, fault_count=count, telemetry=telemetry)
+    ref_out, ref_lse, ref_faults, ref_telemetry = _reference(batch)
+    assert ref_faults == [] and int(count.item()) == 0
+    assert not telemetry[batch.rows[0]].any()
+    _assert_matches(out, lse, ref_out, ref_lse, torch.float16)
+    _assert_telemetry(telemetry, ref_telemetry, torch.float16)
+
+    none = torch.zeros(0, dtype=torch.int32, device=device)
+    out, lse = paged_kv.attention(batch.query[:0], batch.pool, batch.page_table, none,
+                                  torch.zeros(1, dtype=torch.int32, device=device), none,
+                                  batch.layer, 1, return_lse=True)
+    assert out.shape == (0, 2, 64) and lse.shape == (0, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_telemetry_accumulates_over_layers(device):
+    """Passing one telemetry tensor to each layer's call adds up the layers' masses; each decode
+    entry adds exactly Hq per layer when every page is resident."""
+    g = _generator("layers")
+    batch = make_batch(device, torch.bfloat16, 16, 64, 4, 2, [(50, 1), (17, 1)], g, num_layers=1)
+    telemetry = torch.zeros(batch.page_table.shape, device=device)
+    _attention(batch, telemetry=telemetry)
+    _attention(batch, telemetry=telemetry)
+    totals = telemetry.sum(dim=1).cpu()
+    for row in batch.rows:
+        torch.testing.assert_close(totals[row], torch.tensor(2 * 4.0), rtol=1e-3, atol=1e-3)
+    _, _, _, ref_telemetry = _reference(batch)
+    _assert_telemetry(telemetry, 2 * ref_telemetry, torch.bfloat16)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_matches_cpu():
+    """The CUDA kernel against its CPU twin on one batch."""
+    g = _generator("twins")
+    batch = make_batch("cuda", torch.bfloat16, 64, 128, 8, 2, random_specs(g, 4, 64), g)
+    out, lse = _attention(batch)
+    args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in batch.args()]
+    cpu_out, cpu_lse = paged_kv.attention(*args, return_lse=True)
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(out.cpu(), cpu_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu(), cpu_lse, rtol=1e-5, atol=LSE_TOLERANCE)
