@@ -113,7 +113,9 @@ def attention(
     faults. A faulted page is skipped: its (page-table row, page) pair is appended to
     `fault_queue` at index fault_count[0] (then incremented; the caller zeroes the count; a
     count above the capacity means entries were dropped) and the result covers the other pages,
-    so it can be completed exactly with merge_states. Each needed page is listed once per call;
+    so it can be completed exactly with merge_states. Each needed page is listed once per batch
+    entry (entries sharing a page-table row may list a page they share more than once;
+    read_faults returns the distinct pages);
     pages no query can see (outside every window) are never read and never fault. Without a
     fault queue, a page that cannot be read is an error. The op never synchronises with the host.
 
@@ -162,8 +164,9 @@ def new_fault_queue(capacity: int, device: torch.device | str) -> tuple[torch.Te
 
 
 def read_faults(fault_queue: torch.Tensor, fault_count: torch.Tensor) -> torch.Tensor:
-    """The recorded faults as an int32 [n, 2] CPU tensor of (page-table row, page), sorted.
-    Synchronises. Raises if the queue overflowed (count above capacity): faults were dropped."""
+    """The distinct recorded faults as an int32 [n, 2] CPU tensor of (page-table row, page),
+    sorted. Synchronises. Raises if the queue overflowed (count above capacity): faults were
+    dropped."""
     count = int(fault_count.item())
     capacity = fault_queue.shape[0]
     if count > capacity:
@@ -173,8 +176,8 @@ def read_faults(fault_queue: torch.Tensor, fault_count: torch.Tensor) -> torch.T
         )
     faults = fault_queue[:count].cpu()
     if count:
-        order = torch.argsort(faults[:, 0].long() * (1 << 31) + faults[:, 1].long())
-        faults = faults[order]
+        # Batch entries that share a page-table row may each list a page they both need.
+        faults = torch.unique(faults, dim=0)  # sorted by row, then page
     return faults
 
 

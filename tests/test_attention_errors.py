@@ -53,8 +53,8 @@ def test_setup_is_valid():
 DEVICE_DATA_CASES = [
     (dict(sequences=[0, 3]), r"batch entry 1: sequence index 3 is outside the page table's 3 rows", None),
     (dict(sequences=[-1, 1]), r"batch entry 0: sequence index -1 is outside the page table's 3 rows", None),
-    (dict(query_starts=[1, 1, 3]), r"query_starts\[0\] must be 0, got 1", r"quer"),
-    (dict(query_starts=[0, 1, 2]), r"query_starts\[2\] \(the last entry\) must equal the number of queries 3, got 2", r"quer"),
+    (dict(query_starts=[1, 1, 3]), r"query_starts\[0\] must be 0, got 1", None),
+    (dict(query_starts=[0, 1, 2]), r"query_starts\[2\] \(the last entry\) must equal the number of queries 3, got 2", None),
     (dict(query_starts=[0, 4, 3], max_query_len=4),
      r"batch entry 1: sequence 1 has -1 queries, which must be in \[0, min\(max_query_len, KV length\)\] \(KV length 10\)",
      # Blocks check their entries in any order: entry 0 (past the last query) may report first.

@@ -24,6 +24,7 @@ enum class OpErrorCode : int32_t {
   kQueryLengthOutOfRange = 7,  // a sequence's query count is negative, above max_query_len or
                                // above its KV length
   kKvLengthOutOfRange = 8,  // a sequence's KV length is past the page table's columns
+  kQueryStartsInvalid = 9,  // query_starts does not start at 0 or end at the query count
 };
 
 // Which op recorded an error.
@@ -55,7 +56,7 @@ struct OpError {
   int32_t sequence;       // page-table row
   int32_t value;          // the position or logical page that failed
   int32_t pte;            // the PTE read, or -1 when none was read (kQueryLengthOutOfRange:
-                          // the sequence's KV length)
+                          // the sequence's KV length; kQueryStartsInvalid: the query count)
   int32_t num_frames;     // the geometry the op ran with, for the message (kSlotOutOfRange:
                           // the host pool's slots)
   int32_t max_sequences;
@@ -124,6 +125,14 @@ inline std::string describe_op_error(const OpError& e) {
       m << "KV length " << e.value << " of sequence " << e.sequence << " is outside [0, "
         << static_cast<int64_t>(e.max_pages) * e.page_size << "] (the page table has "
         << e.max_pages << " pages of " << e.page_size << " tokens per sequence)";
+      break;
+    case OpErrorCode::kQueryStartsInvalid:
+      if (e.item == 0) {
+        m << "query_starts[0] must be 0, got " << e.value;
+      } else {
+        m << "query_starts[" << e.item << "] (the last entry) must equal the number of queries "
+          << e.pte << ", got " << e.value;
+      }
       break;
     default:
       m << "unknown error code " << e.code;

@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "core/lse_merge.h"
 #include "cuda/attention.h"
 #include "cuda/device_error.cuh"
 
@@ -53,7 +52,7 @@ __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t
 template <>
 __device__ inline void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                 uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -62,7 +61,7 @@ __device__ inline void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&
 template <>
 __device__ inline void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -105,6 +104,13 @@ __device__ inline uint32_t swizzle(int row, int chunk) {
   return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
 }
 
+// 2^x with the hardware approximation (2 ulp); exp2f(-inf) = 0 as needed for masked keys.
+__device__ inline float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ inline float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -119,6 +125,7 @@ __device__ inline float quad_sum(float v) {
 
 struct Params {
   AttentionProblem pr;
+  int page_shift;  // log2(page_size): pages are powers of two, so no divisions in the loop
   int64_t query_tiles;
   int64_t num_splits;
   int64_t chunk_tokens;
@@ -157,7 +164,7 @@ struct Config {
 template <int D>
 using DecodeConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>;
 template <int D>
-using PrefillConfig = Config<D, 4, 1, (D == 256 ? 1 : 2), (D == 256 ? 32 : 64), 2>;
+using PrefillConfig = Config<D, 4, 1, (D == 256 ? 1 : 2), (D == 64 ? 64 : 32), (D == 256 ? 2 : 3)>;
 
 // Everything a block knows about its sequence, rows and keys.
 struct BlockScope {
@@ -193,10 +200,9 @@ __device__ inline bool page_needed(const Params& p, const BlockScope& s, int pag
 // the visited tile in which the caller met the page.
 template <typename T, typename Cfg>
 __device__ const T* resolve_page(const Params& p, const BlockScope& s, int page, int k,
-                                 bool may_record) {
+                                 bool may_record, int32_t pte) {
   const AttentionProblem& pr = p.pr;
   if (!page_needed(p, s, page)) return nullptr;
-  const int32_t pte = pr.table.ptes[s.row * pr.table.row_stride + page];
   const Tier tier = pte_tier(pte);
   const int64_t index = pte_index(pte);
   const PageGeometry& g = pr.geometry;
@@ -208,7 +214,7 @@ __device__ const T* resolve_page(const Params& p, const BlockScope& s, int page,
                     pte, g, pr.table);
     return nullptr;
   }
-  if (tier == Tier::kHost && pr.host_pool != nullptr) {
+  if (tier == Tier::kHost && pr.has_host_pool) {
     if (index < pr.host_slots) {
       return static_cast<const T*>(pr.host_pool) + g.row_offset(index, pr.layer, 0, s.kv_head, 0);
     }
@@ -241,45 +247,81 @@ __device__ const T* resolve_page(const Params& p, const BlockScope& s, int page,
   const int t0 = tile_start<Cfg::KT>(s, k);
   if (first_visited < t0 || first_visited >= t0 + Cfg::KT) return nullptr;
   const int slot = atomicAdd(pr.fault_count, 1);
-  if (slot < pr.fault_capacity) {
+  if (slot >= 0 && slot < pr.fault_capacity) {
     pr.fault_queue[2 * static_cast<int64_t>(slot)] = static_cast<int32_t>(s.row);
     pr.fault_queue[2 * static_cast<int64_t>(slot) + 1] = page;
   }
   return nullptr;
 }
 
+// Reads, ahead of its use, the PTE of this lane's page of visited tile `k` (lane j holds page j
+// of the tile), so the page-table latency hides behind the previous tile's math.
+template <typename Cfg>
+__device__ inline int32_t read_tile_pte(const Params& p, const BlockScope& s, int k) {
+  const int lane = threadIdx.x & 31;
+  const int P = static_cast<int>(p.pr.geometry.page_size);
+  const int pages = Cfg::KT > P ? Cfg::KT / P : 1;
+  const int page = (tile_start<Cfg::KT>(s, k) >> p.page_shift) + lane;
+  if (lane >= pages || !page_needed(p, s, page)) return kPteUnmapped;
+  return p.pr.table.ptes[s.row * p.pr.table.row_stride + page];
+}
+
 // Issues the cp.async copies of K and V of visited tile `k` into `sk`/`sv` ([KT][D] swizzled),
 // by `Cfg::kLoaders` threads (`loader` is this thread's index among them; lanes of one warp
 // always load together). Rows of unread pages and rows past the sequence are zero-filled.
-// Returns the bitmask of the tile's pages that were read (bit j: page j of the tile).
+// `pte` is read_tile_pte's value for this tile. Returns the bitmask of the tile's pages that
+// were read (bit j: page j of the tile).
 template <typename T, typename Cfg>
 __device__ uint32_t load_tile(const Params& p, const BlockScope& s, int k, T* sk, T* sv,
-                              int loader, bool may_record) {
-  constexpr int KT = Cfg::KT, D = Cfg::D, C = Cfg::kChunks;
+                              int loader, bool may_record, int32_t pte) {
+  constexpr int KT = Cfg::KT, D = Cfg::D, C = Cfg::kChunks, L = Cfg::kLoaders;
+  static_assert(L % C == 0 && (KT * C) % L == 0, "each loader keeps one chunk column");
+  constexpr int kPerPart = KT * C / L;  // copies per loader for K (and again for V)
+  constexpr int kRowStep = L / C;
   const int lane = threadIdx.x & 31;
   const int P = static_cast<int>(p.pr.geometry.page_size);
   const int t0 = tile_start<KT>(s, k);
-  const int first_page = t0 / P;
+  const int first_page = t0 >> p.page_shift;
   const int pages = KT > P ? KT / P : 1;
   const T* base = nullptr;
-  if (lane < pages) base = resolve_page<T, Cfg>(p, s, first_page + lane, k, may_record);
+  if (lane < pages) base = resolve_page<T, Cfg>(p, s, first_page + lane, k, may_record, pte);
   const uint32_t read_mask = __ballot_sync(0xffffffffu, base != nullptr) & ((1u << pages) - 1u);
   const int64_t v_offset = p.pr.geometry.num_kv_heads * P * D;
   const uint32_t k_smem = smem_u32(sk), v_smem = smem_u32(sv);
+  const int c = loader % C;
+  const int r0 = loader / C;
+  const int rows_left = s.kv_len - t0;  // rows at or past this are beyond the sequence
+  if (KT <= P) {
+    // The tile lies in one page: one base for every row, fixed offsets per loader.
+    const uint64_t page_base = __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(base), 0);
+    const T* tile_k = reinterpret_cast<const T*>(page_base) + static_cast<int64_t>(t0 & (P - 1)) * D + c * 8;
 #pragma unroll
-  for (int i = 0; i < (2 * KT * C) / Cfg::kLoaders; ++i) {
-    const int idx = loader + i * Cfg::kLoaders;
-    const int kv = idx / (KT * C);
-    const int rem = idx % (KT * C);
-    const int r = rem / C, c = rem % C;
-    const int token = t0 + r;
-    const int j = KT > P ? r / P : 0;
-    const uint64_t page_base =
-        __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(base), j);
-    const bool valid = page_base != 0 && token < s.kv_len;
-    const T* src = reinterpret_cast<const T*>(page_base) + (kv ? v_offset : 0) +
-                   static_cast<int64_t>(token % P) * D + c * 8;
-    cp_async_16((kv ? v_smem : k_smem) + swizzle<D>(r, c), valid ? src : p.pr.pool, valid);
+    for (int part = 0; part < 2; ++part) {
+      const T* src_base = tile_k + (part ? v_offset : 0);
+      const uint32_t dst_base = part ? v_smem : k_smem;
+#pragma unroll
+      for (int i = 0; i < kPerPart; ++i) {
+        const int r = r0 + i * kRowStep;
+        const bool valid = page_base != 0 && r < rows_left;
+        cp_async_16(dst_base + swizzle<D>(r, c), valid ? src_base + r * D : p.pr.pool, valid);
+      }
+    }
+  } else {
+    // Several pages per tile: each row takes its page's base from the lane that resolved it.
+#pragma unroll
+    for (int part = 0; part < 2; ++part) {
+      const uint32_t dst_base = part ? v_smem : k_smem;
+#pragma unroll
+      for (int i = 0; i < kPerPart; ++i) {
+        const int r = r0 + i * kRowStep;
+        const uint64_t page_base =
+            __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(base), r >> p.page_shift);
+        const bool valid = page_base != 0 && r < rows_left;
+        const T* src = reinterpret_cast<const T*>(page_base) + (part ? v_offset : 0) +
+                       static_cast<int64_t>(r & (P - 1)) * D + c * 8;
+        cp_async_16(dst_base + swizzle<D>(r, c), valid ? src : p.pr.pool, valid);
+      }
+    }
   }
   return read_mask;
 }
@@ -288,7 +330,7 @@ __device__ uint32_t load_tile(const Params& p, const BlockScope& s, int k, T* sk
 template <typename Cfg>
 struct WarpState {
   float o[Cfg::MW][Cfg::D / 8][4];
-  float m[Cfg::MW][2];  // running max, log2 domain (scores pre-multiplied by scale * log2 e)
+  float m[Cfg::MW][2];  // running max of the raw scores q.k (log2 domain after the loop)
   float l[Cfg::MW][2];  // this thread's part of the running sum
 };
 
@@ -322,34 +364,44 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
 #pragma unroll
       for (int e = 0; e < 4; ++e) sc[mi][j][e] = 0.f;
 
-  const uint32_t k_smem = smem_u32(sk);
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[MW][4];
+  // S = Q K^T. ldmatrix stays in program order (volatile asm), so the fragments of step kk + 1
+  // are loaded before the MMAs of step kk: their latency hides behind tensor-core work.
+  const uint32_t k_smem = smem_u32(sk), q_smem = smem_u32(sq);
+  uint32_t qa[2][MW][4], kb[2][KT / 16][4];
+  auto load_qk = [&](int kk, int buf) {
 #pragma unroll
     for (int mi = 0; mi < MW; ++mi) {
       if constexpr (Cfg::kQueryInRegisters) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) a[mi][e] = q_regs[kk][e];
+        for (int e = 0; e < 4; ++e) qa[buf][mi][e] = q_regs[kk][e];
       } else {
         const int row = (warp_m * MW + mi) * 16 + (lane & 15);
-        ldmatrix_x4(a[mi], smem_u32(sq) + swizzle<D>(row, kk * 2 + (lane >> 4)));
+        ldmatrix_x4(qa[buf][mi], q_smem + swizzle<D>(row, kk * 2 + (lane >> 4)));
       }
     }
 #pragma unroll
     for (int nn = 0; nn < KT / 16; ++nn) {
-      uint32_t b[4];
       const int row = nn * 16 + ((lane >> 4) << 3) + (lane & 7);
-      ldmatrix_x4(b, k_smem + swizzle<D>(row, kk * 2 + ((lane >> 3) & 1)));
+      ldmatrix_x4(kb[buf][nn], k_smem + swizzle<D>(row, kk * 2 + ((lane >> 3) & 1)));
+    }
+  };
+  load_qk(0, 0);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    if (kk + 1 < D / 16) load_qk(kk + 1, (kk + 1) & 1);
+#pragma unroll
+    for (int nn = 0; nn < KT / 16; ++nn) {
 #pragma unroll
       for (int mi = 0; mi < MW; ++mi) {
-        mma_16816<T>(sc[mi][2 * nn], a[mi], b[0], b[1]);
-        mma_16816<T>(sc[mi][2 * nn + 1], a[mi], b[2], b[3]);
+        mma_16816<T>(sc[mi][2 * nn], qa[kk & 1][mi], kb[kk & 1][nn][0], kb[kk & 1][nn][1]);
+        mma_16816<T>(sc[mi][2 * nn + 1], qa[kk & 1][mi], kb[kk & 1][nn][2], kb[kk & 1][nn][3]);
       }
     }
   }
 
-  // Scale, mask, and update the running max and sum.
+  // Mask, and update the running max and sum. The max is taken over raw scores (the scale is
+  // positive), and p = 2^(s c - m c) with c = scale * log2(e) is one FFMA and one MUFU.
+  float alphas[MW][2];
 #pragma unroll
   for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
@@ -360,10 +412,10 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
       for (int j = 0; j < NT; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float v = sc[mi][j][2 * h + e] * scale_log2;
+          float v = sc[mi][j][2 * h + e];
           if (!full) {
             const int key = t0 + j * 8 + 2 * t + e;
-            const int jp = KT > P ? (key - t0) / P : 0;
+            const int jp = KT > P ? (key - t0) >> p.page_shift : 0;
             const bool visible = x >= 0 && key <= x && key < s.kv_len &&
                                  ((read_mask >> jp) & 1u) &&
                                  (window == 0 || key > x - window || key < sinks);
@@ -375,25 +427,22 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
       }
       tile_max = quad_max(tile_max);
       const float m_new = fmaxf(st.m[mi][h], tile_max);
-      const float ref = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep zeros
-      const float alpha = exp2f(st.m[mi][h] - ref);
+      // All masked so far: subtract 0, keeping every p at 0 and alpha at 1.
+      const float ref = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+      const float alpha = fast_exp2(st.m[mi][h] * scale_log2 - ref);
       st.m[mi][h] = m_new;
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pv = exp2f(sc[mi][j][2 * h + e] - ref);
+          const float pv = fast_exp2(fmaf(sc[mi][j][2 * h + e], scale_log2, -ref));
           sc[mi][j][2 * h + e] = pv;
           sum += pv;
         }
       }
       st.l[mi][h] = st.l[mi][h] * alpha + sum;
-#pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) {
-        st.o[mi][dj][2 * h] *= alpha;
-        st.o[mi][dj][2 * h + 1] *= alpha;
-      }
+      alphas[mi][h] = alpha;
       // Telemetry: log-sum-exp of each chunk's scores for the newest query's rows.
       if (p.pr.telemetry) {
         const int ct = static_cast<int>(p.chunk_tokens);
@@ -420,27 +469,50 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
     }
   }
 
+  // Rescale the outputs, unless no running max of the warp moved (the common case once the
+  // large scores are found).
+  bool moved = false;
+#pragma unroll
+  for (int mi = 0; mi < MW; ++mi) moved |= alphas[mi][0] != 1.f || alphas[mi][1] != 1.f;
+  if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+    for (int mi = 0; mi < MW; ++mi)
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st.o[mi][dj][e] *= alphas[mi][e >> 1];
+  }
+
   // O += P V, P taken from the score registers (the C layout of two n8 tiles is the A layout).
   const uint32_t v_smem = smem_u32(sv);
+  uint32_t pa[MW][4];
+  uint32_t vb[2][4];
+  auto load_v = [&](int kk, int dd, int buf) {
+    const int row = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+    ldmatrix_x4_trans(vb[buf], v_smem + swizzle<D>(row, dd * 2 + (lane >> 4)));
+  };
+  load_v(0, 0, 0);
 #pragma unroll
   for (int kk = 0; kk < KT / 16; ++kk) {
-    uint32_t a[MW][4];
 #pragma unroll
     for (int mi = 0; mi < MW; ++mi) {
-      a[mi][0] = pack2<T>(sc[mi][2 * kk][0], sc[mi][2 * kk][1]);
-      a[mi][1] = pack2<T>(sc[mi][2 * kk][2], sc[mi][2 * kk][3]);
-      a[mi][2] = pack2<T>(sc[mi][2 * kk + 1][0], sc[mi][2 * kk + 1][1]);
-      a[mi][3] = pack2<T>(sc[mi][2 * kk + 1][2], sc[mi][2 * kk + 1][3]);
+      pa[mi][0] = pack2<T>(sc[mi][2 * kk][0], sc[mi][2 * kk][1]);
+      pa[mi][1] = pack2<T>(sc[mi][2 * kk][2], sc[mi][2 * kk][3]);
+      pa[mi][2] = pack2<T>(sc[mi][2 * kk + 1][0], sc[mi][2 * kk + 1][1]);
+      pa[mi][3] = pack2<T>(sc[mi][2 * kk + 1][2], sc[mi][2 * kk + 1][3]);
     }
 #pragma unroll
     for (int dd = 0; dd < D / 16; ++dd) {
-      uint32_t b[4];
-      const int row = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-      ldmatrix_x4_trans(b, v_smem + swizzle<D>(row, dd * 2 + (lane >> 4)));
+      const int step = kk * (D / 16) + dd;
+      if (dd + 1 < D / 16) {
+        load_v(kk, dd + 1, (step + 1) & 1);
+      } else if (kk + 1 < KT / 16) {
+        load_v(kk + 1, 0, (step + 1) & 1);
+      }
 #pragma unroll
       for (int mi = 0; mi < MW; ++mi) {
-        mma_16816<T>(st.o[mi][2 * dd], a[mi], b[0], b[1]);
-        mma_16816<T>(st.o[mi][2 * dd + 1], a[mi], b[2], b[3]);
+        mma_16816<T>(st.o[mi][2 * dd], pa[mi], vb[step & 1][0], vb[step & 1][1]);
+        mma_16816<T>(st.o[mi][2 * dd + 1], pa[mi], vb[step & 1][2], vb[step & 1][3]);
       }
     }
   }
@@ -507,6 +579,14 @@ __device__ bool make_scope(const Params& p, BlockScope& s) {
                       s.kv_len, -1, g, pr.table);
     }
     return false;
+  }
+  if (reporter && s.b == 0 && q0 != 0) {
+    record_op_error(p.error, OpErrorCode::kQueryStartsInvalid, OpId::kAttention, 0, s.row, q0,
+                    static_cast<int32_t>(pr.total_queries), g, pr.table);
+  }
+  if (reporter && s.b == pr.batch - 1 && q1 != pr.total_queries) {
+    record_op_error(p.error, OpErrorCode::kQueryStartsInvalid, OpId::kAttention, pr.batch, s.row,
+                    q1, static_cast<int32_t>(pr.total_queries), g, pr.table);
   }
   if (q0 < 0 || q1 < q0 || q1 > pr.total_queries || s.q_len > pr.max_query_len ||
       s.q_len > s.kv_len) {
@@ -645,12 +725,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < count) {
-      const uint32_t mask = load_tile<T, Cfg>(p, s, first + i * WN, k_tile(i, slot),
-                                              v_tile(i, slot), loader, may_record);
+      const int k = first + i * WN;
+      const uint32_t mask = load_tile<T, Cfg>(p, s, k, k_tile(i, slot), v_tile(i, slot), loader,
+                                              may_record, read_tile_pte<Cfg>(p, s, k));
       if (loader == 0) page_masks[i * WN + slot] = mask;
     }
     cp_async_commit();
   }
+  int32_t pte_ahead =
+      STAGES - 1 < count ? read_tile_pte<Cfg>(p, s, first + (STAGES - 1) * WN) : kPteUnmapped;
   for (int it = 0; it < count; ++it) {
     cp_async_wait<STAGES - 2>();
     sync_loaders();
@@ -658,8 +741,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     if (next < count) {
       const int stage = next % STAGES;
       const uint32_t mask = load_tile<T, Cfg>(p, s, first + next * WN, k_tile(stage, slot),
-                                              v_tile(stage, slot), loader, may_record);
+                                              v_tile(stage, slot), loader, may_record, pte_ahead);
       if (loader == 0) page_masks[stage * WN + slot] = mask;
+      if (next + 1 < count) pte_ahead = read_tile_pte<Cfg>(p, s, first + (next + 1) * WN);
     }
     cp_async_commit();
     const int stage = it % STAGES;
@@ -668,10 +752,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
   cp_async_wait<0>();
 
+  const float scale_log2 = p.pr.scale * kLog2e;
 #pragma unroll
   for (int mi = 0; mi < MW; ++mi) {
-    st.l[mi][0] = quad_sum(st.l[mi][0]);
-    st.l[mi][1] = quad_sum(st.l[mi][1]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      st.l[mi][h] = quad_sum(st.l[mi][h]);
+      st.m[mi][h] = st.m[mi][h] == -INFINITY ? -INFINITY : st.m[mi][h] * scale_log2;
+    }
   }
 
   if constexpr (WN == 1) {
@@ -735,7 +823,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 }
 
-// Merges the splits' partial states of each (query, head) into the output: one warp each.
+// Merges the splits' partial states of each (query, head) into the output: one warp each. The
+// lanes share the splits for the LSE; for the outputs each lane owns D / 32 columns and keeps
+// several splits' loads in flight.
 template <typename T, int D>
 __global__ void combine_splits_kernel(const float* __restrict__ partial_out,
                                       const float* __restrict__ partial_lse, int64_t num_splits,
@@ -743,25 +833,40 @@ __global__ void combine_splits_kernel(const float* __restrict__ partial_out,
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
-  LseMerge merge;
-  for (int64_t sp = 0; sp < num_splits; ++sp) merge.add(partial_lse[sp * rows + row]);
+  float m = -INFINITY;
+  for (int64_t sp = lane; sp < num_splits; sp += 32) m = fmaxf(m, partial_lse[sp * rows + row]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  float sum = 0.f;
+  if (m != -INFINITY) {
+    for (int64_t sp = lane; sp < num_splits; sp += 32) sum += __expf(partial_lse[sp * rows + row] - m);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  const float total = m == -INFINITY ? -INFINITY : m + __logf(sum);
   constexpr int kPerLane = D / 32;
   float acc[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.f;
-  for (int64_t sp = 0; sp < num_splits; ++sp) {
-    const float w = merge.weight(partial_lse[sp * rows + row]);
-    if (w == 0.f) continue;  // an empty split's output is never read
-    const float* src = partial_out + (sp * rows + row) * D + lane * kPerLane;
+  if (total != -INFINITY) {
+#pragma unroll 4
+    for (int64_t sp = 0; sp < num_splits; ++sp) {
+      const float l = partial_lse[sp * rows + row];
+      const float w = l == -INFINITY ? 0.f : __expf(l - total);
+      const float* src = partial_out + (sp * rows + row) * D + lane * kPerLane;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) acc[i] += w * src[i];
+      for (int i = 0; i < kPerLane; ++i) {
+        // An empty split's output is never read (it may hold anything).
+        acc[i] += w == 0.f ? 0.f : w * src[i];
+      }
+    }
   }
   T* dst = out + row * D + lane * kPerLane;
 #pragma unroll
   for (int i = 0; i < kPerLane; i += 2) {
     *reinterpret_cast<uint32_t*>(dst + i) = pack2<T>(acc[i], acc[i + 1]);
   }
-  if (lane == 0) lse[row] = merge.lse();
+  if (lane == 0) lse[row] = total;
 }
 
 // Adds, per batch entry and page, the softmax mass of the newest query summed over heads.
@@ -796,24 +901,40 @@ __global__ void telemetry_kernel(Params p, float* __restrict__ telemetry) {
   if (mass > 0.f) atomicAdd(telemetry + row * max_pages + page, mass);
 }
 
+// Allows the kernel its shared memory (once per device and instantiation) and returns how many
+// of its blocks fit on one multiprocessor, or 0 on a CUDA error.
+template <typename T, typename Cfg>
+int configure_kernel() {
+  static int blocks_per_sm[256] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (device < 256 && blocks_per_sm[device] > 0) return blocks_per_sm[device];
+  if (cudaFuncSetAttribute(paged_attention_kernel<T, Cfg>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           Cfg::kSmemBytes) != cudaSuccess) {
+    return 0;
+  }
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, paged_attention_kernel<T, Cfg>,
+                                                    Cfg::kThreads, Cfg::kSmemBytes) !=
+      cudaSuccess) {
+    return 0;
+  }
+  if (device < 256) blocks_per_sm[device] = blocks;
+  return blocks;
+}
+
 template <typename T, typename Cfg>
 int launch_config(const Params& params, const AttentionPlan& plan, cudaStream_t stream) {
-  // Allow more than 48 KiB of shared memory, once per device and instantiation.
-  static bool configured[256] = {};
-  int device = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e != cudaSuccess) return static_cast<int>(e);
-  if (device >= 256 || !configured[device]) {
-    e = cudaFuncSetAttribute(paged_attention_kernel<T, Cfg>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-    if (e != cudaSuccess) return static_cast<int>(e);
-    if (device < 256) configured[device] = true;
+  if (configure_kernel<T, Cfg>() == 0) {
+    const cudaError_t e = cudaGetLastError();
+    return static_cast<int>(e == cudaSuccess ? cudaErrorInvalidConfiguration : e);
   }
   const AttentionProblem& pr = params.pr;
   const dim3 grid(static_cast<unsigned>(pr.batch * pr.geometry.num_kv_heads * plan.query_tiles),
                   static_cast<unsigned>(plan.num_splits));
   paged_attention_kernel<T, Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(params);
-  e = cudaGetLastError();
+  cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return static_cast<int>(e);
   const int64_t rows = pr.total_queries * pr.num_q_heads;
   if (plan.num_splits > 1 && rows > 0) {
@@ -838,25 +959,33 @@ int launch_typed(const Params& params, const AttentionPlan& plan, cudaStream_t s
   return launch_config<T, PrefillConfig<D>>(params, plan, stream);
 }
 
-template <int D>
-void plan_for(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
-  const bool decode = is_decode<D>(pr);
-  const int rows = decode ? DecodeConfig<D>::kRows : PrefillConfig<D>::kRows;
-  const int kt = decode ? DecodeConfig<D>::KT : PrefillConfig<D>::KT;
-  plan.query_tiles = (pr.max_query_len * pr.group + rows - 1) / rows;
-  plan.chunk_tokens = std::min<int64_t>(pr.geometry.page_size, kt);
+template <typename Cfg>
+void plan_with(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
+  plan.query_tiles = (pr.max_query_len * pr.group + Cfg::kRows - 1) / Cfg::kRows;
+  plan.chunk_tokens = std::min<int64_t>(pr.geometry.page_size, Cfg::KT);
   const int64_t max_tokens = pr.table.max_pages * pr.geometry.page_size;
   plan.max_chunks = max_tokens / plan.chunk_tokens;
-  // Split the keys when the blocks alone would not fill the GPU a few times over (flash
-  // decoding). The sequence length is only known on the device, so the split count is sized by
-  // the page table's capacity; a split past a shorter sequence's end is an empty state.
+  // Split the keys when the blocks alone would not fill one wave of the GPU (flash decoding):
+  // one full wave of long splits keeps the per-block start-up cost small. The sequence length
+  // is only known on the device, so the split count is sized by the page table's capacity; a
+  // split past a shorter sequence's end is an empty state.
   const int64_t blocks = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
-  const int64_t target = static_cast<int64_t>(num_sms) * (decode ? 4 : 2);
-  const int64_t align = std::max<int64_t>(pr.geometry.page_size, kt);
-  const int64_t min_split_tokens = std::max<int64_t>(align, decode ? 512 : 1024);
+  const int per_sm = std::max(1, configure_kernel<__nv_bfloat16, Cfg>());
+  const int64_t wave = static_cast<int64_t>(num_sms) * per_sm;
+  const int64_t align = std::max<int64_t>(pr.geometry.page_size, Cfg::KT);
+  const int64_t min_split_tokens = std::max<int64_t>(align, 512);
   const int64_t max_splits = std::max<int64_t>(1, max_tokens / min_split_tokens);
-  int64_t splits = blocks >= target ? 1 : (target + blocks - 1) / std::max<int64_t>(blocks, 1);
+  const int64_t splits = blocks >= wave ? 1 : wave / std::max<int64_t>(blocks, 1);
   plan.num_splits = std::max<int64_t>(1, std::min<int64_t>({splits, max_splits, 65535}));
+}
+
+template <int D>
+void plan_for(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
+  if (is_decode<D>(pr)) {
+    plan_with<DecodeConfig<D>>(pr, num_sms, plan);
+  } else {
+    plan_with<PrefillConfig<D>>(pr, num_sms, plan);
+  }
 }
 
 }  // namespace
@@ -876,9 +1005,10 @@ int launch_attention(const AttentionProblem& pr, const AttentionPlan& plan, void
                      OpError* error, void* stream_handle) {
   if (pr.batch == 0 || pr.total_queries == 0) return static_cast<int>(cudaSuccess);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
-  Params params{pr,  plan.query_tiles, plan.num_splits, plan.chunk_tokens, plan.max_chunks,
-                out, lse,              partial_out,     partial_lse,       chunk_lse,
-                error};
+  int page_shift = 0;
+  while ((int64_t{1} << page_shift) < pr.geometry.page_size) ++page_shift;
+  Params params{pr,  page_shift,  plan.query_tiles, plan.num_splits, plan.chunk_tokens,
+                plan.max_chunks, out, lse, partial_out, partial_lse, chunk_lse, error};
   int status = static_cast<int>(cudaErrorInvalidValue);
   switch (pr.geometry.head_dim) {
     case 64:

@@ -22,7 +22,8 @@ struct AttentionProblem {
   int64_t query_head_stride;
   const void* pool;  // [F, L, 2, H, P, D]
   PageGeometry geometry;
-  const void* host_pool;  // device-visible pointer to pinned [S, L, 2, H, P, D], or null
+  const void* host_pool;  // device-visible pointer to pinned [S, L, 2, H, P, D]
+  bool has_host_pool;     // tier-1 pages are read (even from a pool of 0 slots: all bad)
   int64_t host_slots;
   PageTableView table;
   const int32_t* sequences;     // [batch]

@@ -53,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
   pr.pool = pool.data_ptr();
   pr.geometry = a.geometry;
   pr.host_pool = nullptr;
+  pr.has_host_pool = host_pool.has_value();
   pr.host_slots = a.host_slots;
   if (host_pool.has_value() && a.host_slots > 0) {
     void* device_ptr = nullptr;
