@@ -19,9 +19,12 @@ def _i32(values, device):
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
-def _setup(device, dtype=torch.float32):
-    """Row 0: pages 0-2 in frames 1-3, page 3 on disk. Row 1: page 0 in frame 0, page 1 in host
+def _setup(device, dtype=None):
+    """Float32 on the CPU, bfloat16 on CUDA (its kernel takes no float32) unless `dtype` says.
+    Row 0: pages 0-2 in frames 1-3, page 3 on disk. Row 1: page 0 in frame 0, page 1 in host
     slot 5, page 2 in frame 14 (outside the pool), page 3 unmapped. Row 2: unmapped."""
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
     g = torch.Generator().manual_seed(0)
     pool = poisoned_pool(FRAMES, LAYERS, KV_HEADS, PAGE, DIM, dtype, device)
     pool[:, 0] = torch.randn(pool[:, 0].shape, generator=g).to(dtype).to(device)
@@ -81,7 +84,7 @@ def test_bad_device_data(device, overrides, message, cuda_message):
     overrides = dict(overrides)
     host_slots = overrides.pop("host_slots", None)
     if host_slots is not None:
-        host_pool = torch.zeros((host_slots,) + tuple(args["pool"].shape[1:]))
+        host_pool = torch.zeros((host_slots,) + tuple(args["pool"].shape[1:]), dtype=args["pool"].dtype)
         args["host_pool"] = host_pool.pin_memory() if device == "cuda" else host_pool
     telemetry = torch.full(args["page_table"].shape, 0.5, device=device)
     args["telemetry"] = telemetry
@@ -115,12 +118,13 @@ def test_bad_pages_no_query_sees_are_ignored(device):
         args["query"], args["pool"], args["page_table"], args["sequences"], args["query_starts"],
         args["kv_lens"], 0, window=4)
     assert ref_faults == []
-    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if out.dtype == torch.float32 else 2 * 2.0 ** -8  # twice bfloat16's unit roundoff
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_arguments(device):
-    good = _setup(device)
+    good = _setup(device, torch.float32)  # argument checks come before the CUDA dtype check
     pool, query, table = good["pool"], good["query"], good["page_table"]
     queue, count = new_fault_queue(4, device)
     telemetry = torch.zeros(table.shape, device=device)

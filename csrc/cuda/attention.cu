@@ -823,16 +823,21 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 }
 
-// Merges the splits' partial states of each (query, head) into the output: one warp each. The
-// lanes share the splits for the LSE; for the outputs each lane owns D / 32 columns and keeps
-// several splits' loads in flight.
+// Merges the splits' partial states of each (query, head) into the output: one block of
+// kCombineWarps warps per row. Every warp computes the merged LSE (lanes over splits), then warp
+// w sums the weighted outputs of splits w, w + kCombineWarps, ... with several loads in flight
+// (each lane owns D / 32 columns), and the warps' sums meet in shared memory.
+constexpr int kCombineWarps = 4;
+
 template <typename T, int D>
-__global__ void combine_splits_kernel(const float* __restrict__ partial_out,
-                                      const float* __restrict__ partial_lse, int64_t num_splits,
-                                      int64_t rows, T* __restrict__ out, float* __restrict__ lse) {
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
+__global__ void __launch_bounds__(kCombineWarps * 32)
+    combine_splits_kernel(const float* __restrict__ partial_out,
+                          const float* __restrict__ partial_lse, int64_t num_splits, int64_t rows,
+                          T* __restrict__ out, float* __restrict__ lse) {
+  constexpr int kPerLane = D / 32;
+  __shared__ float sums[kCombineWarps][D];
+  const int64_t row = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float m = -INFINITY;
   for (int64_t sp = lane; sp < num_splits; sp += 32) m = fmaxf(m, partial_lse[sp * rows + row]);
 #pragma unroll
@@ -844,29 +849,38 @@ __global__ void combine_splits_kernel(const float* __restrict__ partial_out,
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   const float total = m == -INFINITY ? -INFINITY : m + __logf(sum);
-  constexpr int kPerLane = D / 32;
+
   float acc[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.f;
   if (total != -INFINITY) {
 #pragma unroll 4
-    for (int64_t sp = 0; sp < num_splits; ++sp) {
+    for (int64_t sp = warp; sp < num_splits; sp += kCombineWarps) {
       const float l = partial_lse[sp * rows + row];
-      const float w = l == -INFINITY ? 0.f : __expf(l - total);
+      if (l == -INFINITY) continue;  // an empty split's output is never read
+      const float w = __expf(l - total);
       const float* src = partial_out + (sp * rows + row) * D + lane * kPerLane;
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) {
-        // An empty split's output is never read (it may hold anything).
-        acc[i] += w == 0.f ? 0.f : w * src[i];
+      for (int i = 0; i < kPerLane; i += 2) {
+        const float2 v = *reinterpret_cast<const float2*>(src + i);
+        acc[i] += w * v.x;
+        acc[i + 1] += w * v.y;
       }
     }
   }
-  T* dst = out + row * D + lane * kPerLane;
 #pragma unroll
-  for (int i = 0; i < kPerLane; i += 2) {
-    *reinterpret_cast<uint32_t*>(dst + i) = pack2<T>(acc[i], acc[i + 1]);
+  for (int i = 0; i < kPerLane; ++i) sums[warp][lane * kPerLane + i] = acc[i];
+  __syncthreads();
+  for (int d = threadIdx.x * 2; d < D; d += kCombineWarps * 64) {
+    float o0 = 0.f, o1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < kCombineWarps; ++w) {
+      o0 += sums[w][d];
+      o1 += sums[w][d + 1];
+    }
+    *reinterpret_cast<uint32_t*>(out + row * D + d) = pack2<T>(o0, o1);
   }
-  if (lane == 0) lse[row] = total;
+  if (threadIdx.x == 0) lse[row] = total;
 }
 
 // Adds, per batch entry and page, the softmax mass of the newest query summed over heads.
@@ -938,9 +952,7 @@ int launch_config(const Params& params, const AttentionPlan& plan, cudaStream_t 
   if (e != cudaSuccess) return static_cast<int>(e);
   const int64_t rows = pr.total_queries * pr.num_q_heads;
   if (plan.num_splits > 1 && rows > 0) {
-    const int threads = 256;
-    const int64_t blocks = (rows * 32 + threads - 1) / threads;
-    combine_splits_kernel<T, Cfg::D><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+    combine_splits_kernel<T, Cfg::D><<<static_cast<unsigned>(rows), kCombineWarps * 32, 0, stream>>>(
         params.partial_out, params.partial_lse, plan.num_splits, rows, static_cast<T*>(params.out),
         params.lse);
     e = cudaGetLastError();
