@@ -105,7 +105,7 @@ inline AttentionArgs check_attention_args(
                 g.page_size, ", ", g.head_dim, "] to match the pool, got ", h.sizes());
     TORCH_CHECK(h.is_contiguous(), op, ": host_pool must be contiguous");
     TORCH_CHECK(h.size(0) <= kPteMaxIndex, op, ": host_pool has more slots than a PTE can index");
-    if (pool.is_cuda()) {
+    if (pool.is_cuda() && h.numel() > 0) {  // an empty tensor is never pinned
       TORCH_CHECK(h.is_pinned(), op,
                   ": host_pool must be in pinned memory for the GPU to read it (pin_memory())");
     }

@@ -24,17 +24,19 @@ def test_opcheck(device, dtype, extras):
     batch = _batch(device, dtype)
     kwargs = dict(scale=0.2, window=30, sinks=2)
     if extras:
-        # One page on disk (a fault), one page in the host pool (zero-copy), telemetry on.
+        # One page on disk (a fault), one page in the host pool (zero-copy; CPU only, because
+        # opcheck copies its arguments into pageable memory, which the GPU cannot read and the
+        # CUDA op rejects), telemetry on.
         table = batch.page_table.cpu()
         row = batch.rows[2]
-        frame = paged_kv.pte.pte_index(int(table[row, 1]))
-        host_pool = batch.pool[frame : frame + 1].cpu().clone()
-        table[row, 1] = paged_kv.make_pte(paged_kv.Tier.HOST, 0)
+        if device == "cpu":
+            frame = paged_kv.pte.pte_index(int(table[row, 1]))
+            kwargs.update(host_pool=batch.pool[frame : frame + 1].clone())
+            table[row, 1] = paged_kv.make_pte(paged_kv.Tier.HOST, 0)
         table[row, 2] = paged_kv.make_pte(paged_kv.Tier.DISK, 7)
         batch.page_table = table.to(device)
         queue, count = new_fault_queue(4, device)
         kwargs.update(
-            host_pool=host_pool.pin_memory() if device == "cuda" else host_pool,
             fault_queue=queue,
             fault_count=count,
             telemetry=torch.zeros(table.shape, device=device),

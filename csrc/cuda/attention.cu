@@ -84,7 +84,7 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
 // nothing (the source address is not dereferenced).
 __device__ inline void cp_async_16(uint32_t smem_addr, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(src),
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(src),
                "r"(src_bytes));
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -164,7 +164,7 @@ struct Config {
 template <int D>
 using DecodeConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>;
 template <int D>
-using PrefillConfig = Config<D, 4, 1, (D == 256 ? 1 : 2), (D == 64 ? 64 : 32), (D == 256 ? 2 : 3)>;
+using PrefillConfig = Config<D, 4, 1, (D == 256 ? 1 : 2), (D == 256 ? 32 : 64), 2>;
 
 // Everything a block knows about its sequence, rows and keys.
 struct BlockScope {
@@ -364,11 +364,12 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
 #pragma unroll
       for (int e = 0; e < 4; ++e) sc[mi][j][e] = 0.f;
 
-  // S = Q K^T. ldmatrix stays in program order (volatile asm), so the fragments of step kk + 1
-  // are loaded before the MMAs of step kk: their latency hides behind tensor-core work.
+  // S = Q K^T over (kk, nn) steps. ldmatrix stays in program order (volatile asm), so each
+  // step's fragments are loaded one step ahead: their latency hides behind the MMAs.
   const uint32_t k_smem = smem_u32(sk), q_smem = smem_u32(sq);
-  uint32_t qa[2][MW][4], kb[2][KT / 16][4];
-  auto load_qk = [&](int kk, int buf) {
+  constexpr int kNN = KT / 16, kSteps = (D / 16) * kNN;
+  uint32_t qa[2][MW][4], kb[2][4];
+  auto load_q = [&](int kk, int buf) {
 #pragma unroll
     for (int mi = 0; mi < MW; ++mi) {
       if constexpr (Cfg::kQueryInRegisters) {
@@ -379,23 +380,25 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
         ldmatrix_x4(qa[buf][mi], q_smem + swizzle<D>(row, kk * 2 + (lane >> 4)));
       }
     }
-#pragma unroll
-    for (int nn = 0; nn < KT / 16; ++nn) {
-      const int row = nn * 16 + ((lane >> 4) << 3) + (lane & 7);
-      ldmatrix_x4(kb[buf][nn], k_smem + swizzle<D>(row, kk * 2 + ((lane >> 3) & 1)));
-    }
   };
-  load_qk(0, 0);
+  auto load_k = [&](int step) {
+    const int kk = step / kNN, nn = step % kNN;
+    const int row = nn * 16 + ((lane >> 4) << 3) + (lane & 7);
+    ldmatrix_x4(kb[step & 1], k_smem + swizzle<D>(row, kk * 2 + ((lane >> 3) & 1)));
+  };
+  load_q(0, 0);
+  load_k(0);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    if (kk + 1 < D / 16) load_qk(kk + 1, (kk + 1) & 1);
+  for (int step = 0; step < kSteps; ++step) {
+    const int kk = step / kNN, nn = step % kNN;
+    if (step + 1 < kSteps) {
+      load_k(step + 1);
+      if ((step + 1) % kNN == 0) load_q(kk + 1, (kk + 1) & 1);
+    }
 #pragma unroll
-    for (int nn = 0; nn < KT / 16; ++nn) {
-#pragma unroll
-      for (int mi = 0; mi < MW; ++mi) {
-        mma_16816<T>(sc[mi][2 * nn], qa[kk & 1][mi], kb[kk & 1][nn][0], kb[kk & 1][nn][1]);
-        mma_16816<T>(sc[mi][2 * nn + 1], qa[kk & 1][mi], kb[kk & 1][nn][2], kb[kk & 1][nn][3]);
-      }
+    for (int mi = 0; mi < MW; ++mi) {
+      mma_16816<T>(sc[mi][2 * nn], qa[kk & 1][mi], kb[step & 1][0], kb[step & 1][1]);
+      mma_16816<T>(sc[mi][2 * nn + 1], qa[kk & 1][mi], kb[step & 1][2], kb[step & 1][3]);
     }
   }
 
