@@ -93,6 +93,19 @@ __device__ inline void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Programmatic dependent launch (Hopper): a kernel launched with it may start while the kernel
+// before it in the stream finishes; it waits here before touching memory that kernel wrote.
+__device__ inline void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ inline void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ inline uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -638,6 +651,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   constexpr int D = Cfg::D, MW = Cfg::MW, KT = Cfg::KT, STAGES = Cfg::STAGES, WN = Cfg::WN;
   constexpr int C = Cfg::kChunks;
   extern __shared__ __align__(128) unsigned char smem[];
+  wait_for_prior_grid();
   BlockScope s;
   if (!make_scope<Cfg>(p, s)) return;
 
@@ -754,6 +768,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                         page_masks[stage * WN + slot], pos, newest, warp_m, st);
   }
   cp_async_wait<0>();
+  allow_dependent_grid();  // the split merge may launch; it waits for this grid to finish
 
   const float scale_log2 = p.pr.scale * kLog2e;
 #pragma unroll
@@ -839,6 +854,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
                           T* __restrict__ out, float* __restrict__ lse) {
   constexpr int kPerLane = D / 32;
   __shared__ float sums[kCombineWarps][D];
+  wait_for_prior_grid();
   const int64_t row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float m = -INFINITY;
@@ -918,6 +934,24 @@ __global__ void telemetry_kernel(Params p, float* __restrict__ telemetry) {
   if (mass > 0.f) atomicAdd(telemetry + row * max_pages + page, mass);
 }
 
+// Launches `kernel` with programmatic stream serialization: its blocks may be scheduled while
+// the previous kernel in the stream drains (each kernel waits in wait_for_prior_grid()).
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 // Allows the kernel its shared memory (once per device and instantiation) and returns how many
 // of its blocks fit on one multiprocessor, or 0 on a CUDA error.
 template <typename T, typename Cfg>
@@ -950,15 +984,16 @@ int launch_config(const Params& params, const AttentionPlan& plan, cudaStream_t 
   const AttentionProblem& pr = params.pr;
   const dim3 grid(static_cast<unsigned>(pr.batch * pr.geometry.num_kv_heads * plan.query_tiles),
                   static_cast<unsigned>(plan.num_splits));
-  paged_attention_kernel<T, Cfg><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(params);
-  cudaError_t e = cudaGetLastError();
+  cudaError_t e = launch_dependent(paged_attention_kernel<T, Cfg>, grid, dim3(Cfg::kThreads),
+                                   Cfg::kSmemBytes, stream, params);
   if (e != cudaSuccess) return static_cast<int>(e);
   const int64_t rows = pr.total_queries * pr.num_q_heads;
   if (plan.num_splits > 1 && rows > 0) {
-    combine_splits_kernel<T, Cfg::D><<<static_cast<unsigned>(rows), kCombineWarps * 32, 0, stream>>>(
-        params.partial_out, params.partial_lse, plan.num_splits, rows, static_cast<T*>(params.out),
-        params.lse);
-    e = cudaGetLastError();
+    e = launch_dependent(combine_splits_kernel<T, Cfg::D>, dim3(static_cast<unsigned>(rows)),
+                         dim3(kCombineWarps * 32), 0, stream,
+                         static_cast<const float*>(params.partial_out),
+                         static_cast<const float*>(params.partial_lse), plan.num_splits, rows,
+                         static_cast<T*>(params.out), params.lse);
   }
   return static_cast<int>(e);
 }
