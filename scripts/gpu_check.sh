@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # GPU check: build against the installed torch, run the tests on the GPU, run the CUDA tests
 # again under compute-sanitizer memcheck, run the benchmarks; logs and JSON go to OUTDIR.
-#   usage: scripts/gpu_check.sh OUTDIR [bench ...]   (default benches: ceilings)
+#   usage: scripts/gpu_check.sh OUTDIR [bench ...]   (default benches: ceilings attention)
+# FlashInfer, the attention benchmark's peer, is used when its wheel sits in .peers/ (it is
+# installed there with --no-deps and put on PYTHONPATH).
 # Runs with the machine's own python3 (no virtual environment), as on the GPU test machine.
 set -uo pipefail
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR [bench ...]}"
 shift
-BENCHES=("${@:-ceilings}")
+BENCHES=("$@")
+[ ${#BENCHES[@]} -eq 0 ] && BENCHES=(ceilings attention)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$OUT"
 cd "$ROOT"
@@ -39,6 +42,11 @@ step tests python3 -m pytest tests -q -x
 # its compiler subprocesses make the run long and add no kernel of ours).
 step memcheck compute-sanitizer --tool memcheck --error-exitcode 7 --target-processes all \
   python3 -m pytest tests -q -k "cuda and not compiled and not bench" -p no:cacheprovider
+wheel=$(ls .peers/flashinfer_python-*.whl 2>/dev/null | head -n 1)
+if [ -n "$wheel" ] && [ ! -d .peers/flashinfer/flashinfer ]; then
+  step flashinfer_install python3 -m pip install --no-deps --target .peers/flashinfer "$wheel"
+fi
+[ -d .peers/flashinfer/flashinfer ] && export PYTHONPATH="$ROOT/.peers/flashinfer${PYTHONPATH:+:$PYTHONPATH}"
 for b in "${BENCHES[@]}"; do
   step "bench_$b" python3 "bench/$b.py" --out "$OUT"
 done
