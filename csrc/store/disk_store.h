@@ -1,0 +1,60 @@
+// The disk tier: one preallocated file of page slots, read and written with O_DIRECT (torch-free).
+//
+// A slot is a 4 KiB header followed by the page payload, rounded up to the 4 KiB alignment that
+// O_DIRECT needs. The header names the page the slot holds (tenant, session, logical page,
+// generation) and carries a checksum of the payload and of itself, so a read verifies that the
+// bytes are the page asked for and intact; a mismatch is an error, never data.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace paged_kv::store {
+
+// Who a slot's page belongs to; a read must present the same tag that the write stored.
+struct SlotTag {
+  int32_t tenant = 0;
+  int64_t session = 0;
+  int64_t logical_page = 0;
+  uint64_t generation = 0;
+};
+
+// Every store failure: the message names the slot, the file and the cause (errno text).
+class StoreError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct DiskStoreOptions {
+  std::string folder;       // where the slot file is created (it is deleted on close)
+  int64_t num_slots = 0;
+  int64_t page_bytes = 0;   // payload bytes per slot
+  int io_threads = 4;       // reads and writes in flight for the batched calls
+};
+
+class DiskStore {
+ public:
+  // Creates and preallocates the slot file. Raises StoreError when the folder is unusable or the
+  // disk lacks room. Where the file system refuses O_DIRECT, buffered I/O is used and
+  // direct_io() is false, with the reason in direct_io_reason().
+  static std::unique_ptr<DiskStore> create(const DiskStoreOptions& options);
+  virtual ~DiskStore() = default;
+
+  virtual int64_t num_slots() const = 0;
+  virtual int64_t page_bytes() const = 0;
+  virtual int64_t slot_bytes() const = 0;  // header + payload, aligned
+  virtual const std::string& path() const = 0;
+  virtual bool direct_io() const = 0;
+  virtual const std::string& direct_io_reason() const = 0;
+
+  // Writes page_bytes() from `src` (any host memory) into `slot` under `tag`. On failure the
+  // slot holds no valid page (a later read of it is an error) and StoreError is raised.
+  virtual void write_page(int64_t slot, const SlotTag& tag, const void* src) = 0;
+  // Reads `slot` into `dst` (page_bytes()), verifying the header against `expected` and both
+  // checksums. On any mismatch or I/O error raises StoreError; `dst` may then hold anything.
+  virtual void read_page(int64_t slot, const SlotTag& expected, void* dst) = 0;
+};
+
+}  // namespace paged_kv::store
