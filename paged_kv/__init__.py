@@ -8,6 +8,7 @@ from paged_kv import ops, pte, reference
 from paged_kv._library import LOAD_ERROR as LIBRARY_ERROR
 from paged_kv._library import build_info
 from paged_kv.ops import attention, append_kv, check_errors, deferred_checks, gather_kv, merge_states, set_sync_checks
+from paged_kv.policy import Policy
 from paged_kv.pte import PAGE_SIZES, UNMAPPED, Tier, make_pte, new_page_table, new_pool
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LIBRARY_ERROR",
     "PAGE_SIZES",
+    "Policy",
     "Tier",
     "UNMAPPED",
     "append_kv",
