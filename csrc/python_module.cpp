@@ -16,6 +16,8 @@
 
 namespace py = pybind11;
 
+namespace paged_kv { void bind_engine(pybind11::module_& m); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "paged_kv compiled library";
   m.def("build_info", []() {
@@ -37,4 +39,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_sync_checks", &paged_kv::cuda::set_sync_checks, py::arg("enabled"));
   m.def("sync_checks", &paged_kv::cuda::sync_checks);
 #endif
+  paged_kv::bind_engine(m);
 }
