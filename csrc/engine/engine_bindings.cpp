@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/index_allocator.h"
+#include "engine/lru_list.h"
 #include "engine/pager.h"
 #include "engine/pager_errors.h"
 #include "engine/tensor_mover.h"
@@ -110,6 +112,23 @@ py::dict page_info(Pager& pager, int64_t row, int64_t page) {
   d["last_use"] = m.last_use;
   d["generation"] = m.generation;
   return d;
+}
+
+// The building blocks under names local to this file: pybind11 classes must not be more visible
+// than the module (which hides its symbols).
+class TestAllocator : public engine::IndexAllocator {
+ public:
+  using engine::IndexAllocator::IndexAllocator;
+};
+
+class TestLruList : public engine::LruList {
+ public:
+  using engine::LruList::LruList;
+};
+
+int64_t lru_node(const engine::LruList& list, int64_t node) {
+  TORCH_CHECK(node >= 0 && node < list.capacity(), "node ", node, " is outside [0, ", list.capacity(), ")");
+  return node;
 }
 
 py::dict stats_dict(const Pager& pager) {
@@ -229,6 +248,41 @@ void bind_engine(py::module_& m) {
       })
       .def_property_readonly_static("metadata_bytes_per_page",
                                     [](py::object) { return Pager::kMetadataBytesPerPage; });
+
+  // The pager's building blocks, for their own tests.
+  py::class_<TestAllocator>(m, "_IndexAllocator")
+      .def(py::init([](std::string name, int64_t capacity) {
+             TORCH_CHECK(capacity >= 0, "capacity must be >= 0");
+             return std::make_unique<TestAllocator>(std::move(name), capacity);
+           }),
+           py::arg("name"), py::arg("capacity"))
+      .def("allocate", &engine::IndexAllocator::allocate, py::arg("owner"))
+      .def("allocate_at", &engine::IndexAllocator::allocate_at, py::arg("index"), py::arg("owner"))
+      .def("release", &engine::IndexAllocator::release, py::arg("index"), py::arg("owner"))
+      .def("owner", [](const TestAllocator& a, int64_t i) {
+        TORCH_CHECK(i >= 0 && i < a.capacity(), "index out of range");
+        return a.owner(i);
+      })
+      .def("num_free", &engine::IndexAllocator::num_free)
+      .def("check", &engine::IndexAllocator::check);
+  py::class_<TestLruList>(m, "_LruList")
+      .def(py::init([](int64_t capacity) {
+             TORCH_CHECK(capacity >= 0, "capacity must be >= 0");
+             return std::make_unique<TestLruList>(capacity);
+           }),
+           py::arg("capacity"))
+      .def("push_back",
+           [](TestLruList& l, int64_t node, bool dirty) { l.push_back(lru_node(l, node), dirty); },
+           py::arg("node"), py::arg("dirty") = false)
+      .def("remove", [](TestLruList& l, int64_t node) { l.remove(lru_node(l, node)); }, py::arg("node"))
+      .def("touch", [](TestLruList& l, int64_t node) { l.touch(lru_node(l, node)); }, py::arg("node"))
+      .def("contains", [](TestLruList& l, int64_t node) { return l.contains(lru_node(l, node)); },
+           py::arg("node"))
+      .def("front", &engine::LruList::front)
+      .def("size", &engine::LruList::size)
+      .def("num_dirty", &engine::LruList::num_dirty)
+      .def("order", &engine::LruList::order)
+      .def("check", [](const TestLruList& l) { return l.check("test"); });
 }
 
 }  // namespace paged_kv

@@ -17,6 +17,7 @@ class LruList {
  public:
   explicit LruList(int64_t capacity);
 
+  int64_t capacity() const { return static_cast<int64_t>(prev_.size()); }
   int64_t size() const { return size_; }
   int64_t num_dirty() const { return num_dirty_; }
   bool contains(int64_t node) const { return prev_[node] != kOut; }
