@@ -16,6 +16,7 @@
 
 namespace py = pybind11;
 
+namespace paged_kv { void bind_store(pybind11::module_& m); }
 namespace paged_kv { void bind_engine(pybind11::module_& m); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -39,5 +40,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_sync_checks", &paged_kv::cuda::set_sync_checks, py::arg("enabled"));
   m.def("sync_checks", &paged_kv::cuda::sync_checks);
 #endif
-  paged_kv::bind_engine(m);
+  paged_kv::bind_store(m);
+  paged_kv::bind_engine(m);  // after the store: the pager takes its DiskStore
 }

@@ -6,10 +6,14 @@
 // bytes are the page asked for and intact; a mismatch is an error, never data.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
+
+#include "store/fault_injector.h"
 
 namespace paged_kv::store {
 
@@ -32,8 +36,40 @@ struct DiskStoreOptions {
   int64_t num_slots = 0;
   int64_t page_bytes = 0;   // payload bytes per slot
   int io_threads = 4;       // reads and writes in flight for the batched calls
+  bool try_direct_io = true;  // false: buffered I/O from the start (direct_io_reason says so)
+  // Tests: the injector whose armed faults the store's transfers obey. Null: the store makes
+  // its own, disarmed (reachable through fault_injector()).
+  std::shared_ptr<FaultInjector> faults;
 };
 
+// One request of a batched write: page_bytes() from `src` into `slot` under `tag`.
+struct PageWrite {
+  int64_t slot = 0;
+  SlotTag tag;
+  const void* src = nullptr;
+};
+
+// One request of a batched read: `slot` into `dst`, verified against `expected`.
+struct PageRead {
+  int64_t slot = 0;
+  SlotTag expected;
+  void* dst = nullptr;
+};
+
+// A request of a batch that failed: its position in the batch, its slot and the StoreError text.
+struct SlotFailure {
+  size_t index = 0;
+  int64_t slot = 0;
+  std::string message;
+};
+
+// "2 of 8 page writes failed: request 3 (slot 5): ...; request 6 (slot 9): ..." (`what` is
+// "page writes" or "page reads").
+std::string describe_failures(const std::vector<SlotFailure>& failures, size_t requests,
+                              const char* what);
+
+// Thread safety: calls on different slots may run concurrently from any threads, and so may
+// reads of one slot; a write of a slot must not overlap any other call on that slot.
 class DiskStore {
  public:
   // Creates and preallocates the slot file. Raises StoreError when the folder is unusable or the
@@ -55,6 +91,24 @@ class DiskStore {
   // Reads `slot` into `dst` (page_bytes()), verifying the header against `expected` and both
   // checksums. On any mismatch or I/O error raises StoreError; `dst` may then hold anything.
   virtual void read_page(int64_t slot, const SlotTag& expected, void* dst) = 0;
+
+  // Batched calls: every request runs, up to io_threads() at once, and a failed request does
+  // not stop the others. Returns the failures in request order (empty when all succeeded); a
+  // failed write leaves its slot holding no valid page, as write_page does. A bad request (slot
+  // out of range, null pointer, or, for writes, a slot named twice) raises StoreError before
+  // any transfer starts. The defaults run the requests one by one.
+  virtual std::vector<SlotFailure> write_pages(const std::vector<PageWrite>& pages);
+  virtual std::vector<SlotFailure> read_pages(const std::vector<PageRead>& pages);
+  virtual int io_threads() const { return 1; }
+
+  // The injector this store's transfers obey (tests arm faults on it); null when the store
+  // cannot inject faults.
+  virtual FaultInjector* fault_injector() { return nullptr; }
+
+ protected:
+  // Raises StoreError for the first bad request of a batch (see write_pages).
+  void check_batch(const std::vector<PageWrite>& pages);
+  void check_batch(const std::vector<PageRead>& pages);
 };
 
 }  // namespace paged_kv::store
