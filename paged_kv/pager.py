@@ -68,6 +68,9 @@ class Pager:
         num_disk_slots: disk slots it may use (default: all of the store's).
         write_through: write each page to a host slot as soon as it is sealed, so that evicting
             it never waits for a write-back.
+        bounce_through_host_slots: read disk pages into frames through host slots the pager
+            lends for the call (the generic Mover path) rather than straight into the frames
+            (CPU pool) or through the mover's own pinned staging buffer (CUDA pool). For tests.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class Pager:
         disk_store=None,
         num_disk_slots: int | None = None,
         write_through: bool = False,
+        bounce_through_host_slots: bool = False,
     ):
         _library.require_library()
         if host_pool is None:
@@ -98,7 +102,7 @@ class Pager:
         self.disk_store = disk_store
         self._pager = _library._C.Pager(
             num_frames, num_host_slots, num_disk_slots, max_sequences, max_pages, write_through,
-            pool, host_pool, disk_store,
+            pool, host_pool, disk_store, bounce_through_host_slots,
         )
 
     # ---- sequences ----

@@ -7,17 +7,35 @@ import itertools
 import torch
 
 import paged_kv
+from paged_kv.store import DiskStore
 
 LAYERS, HEADS, PAGE_SIZE, HEAD_DIM = 1, 1, 16, 8
 _TAGS = itertools.count(1)
 
 
-def make_pager(frames=4, host=4, disk_store=None, max_sequences=4, max_pages=32, **kwargs):
-    """A pager over NaN-filled float32 CPU pools of `frames` frames and `host` slots."""
+def make_pager(frames=4, host=4, disk=0, folder=None, max_sequences=4, max_pages=32, **kwargs):
+    """A pager over NaN-filled float32 CPU pools of `frames` frames and `host` slots and, when
+    disk > 0, a disk store of `disk` slots in `folder`."""
     pool = paged_kv.new_pool(frames, LAYERS, HEADS, PAGE_SIZE, HEAD_DIM, torch.float32).fill_(float("nan"))
     host_pool = paged_kv.new_pool(host, LAYERS, HEADS, PAGE_SIZE, HEAD_DIM, torch.float32).fill_(float("nan"))
+    disk_store = None
+    if disk:
+        page_bytes = pool[0].numel() * pool.element_size()
+        disk_store = DiskStore(str(folder), disk, page_bytes, io_threads=2)
     return paged_kv.Pager(pool, host_pool, disk_store=disk_store, max_sequences=max_sequences,
                           max_pages=max_pages, **kwargs)
+
+
+def read_any_copy(pager, row, page):
+    """The int32 words of the copy the page's PTE names, read where it is (disk included)."""
+    info = pager.page_info(row, page)
+    if info["tier"] == paged_kv.Tier.GPU:
+        return pager.pool.view(torch.int32)[info["frame"]]
+    if info["tier"] == paged_kv.Tier.HOST:
+        return pager.host_pool.view(torch.int32)[info["host_slot"]]
+    out = torch.empty_like(pager.pool[0]).view(torch.int32)
+    tag = (info["tenant"], row, page, info["generation"])
+    return pager.disk_store.read_page(info["disk_slot"], tag, out)
 
 
 def pattern(pager, tag):

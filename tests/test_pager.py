@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import paged_kv
+import paged_kv.store
 from paged_kv import Tier
 from paged_kv.pager import METADATA_BYTES_PER_PAGE, PagerError
-from pager_helpers import append_written, frame_words, make_pager, pattern, tier, write_page
+from paged_kv.store import StoreError
+from pager_helpers import append_written, frame_words, make_pager, pattern, read_any_copy, tier, write_page
 
 GPU, HOST, DISK = Tier.GPU, Tier.HOST, Tier.DISK
 
@@ -262,6 +264,123 @@ def test_remove_and_reuse_keeps_other_pages_intact():
     assert_content(pager, tags)
 
 
+# ---- the disk tier ----
+
+
+def test_demote_to_disk_and_back_writes_each_tier_once(tmp_path):
+    pager = make_pager(frames=4, host=4, disk=8, folder=tmp_path)
+    tags = {}
+    row = pager.add_sequence(tenant=2)
+    append_written(pager, row, 3, tags)
+    pager.seal(row, 2)
+    pager.demote([(row, 0), (row, 1)], DISK)
+    assert [tier(pager, row, p) for p in range(3)] == [DISK, DISK, GPU]
+    assert pager.free_host_slots() == 4 and pager.free_frames() == 3
+    for page in (0, 1):  # the disk slots hold the pages under their tags
+        assert torch.equal(read_any_copy(pager, row, page), pattern(pager, tags[(row, page)]))
+    moved = pager.stats()["pages_moved"]
+    assert moved["gpu_to_host"] == 2 and moved["host_to_disk"] == 2
+    pager.promote([(row, 0)], HOST)
+    assert tier(pager, row, 0) == HOST and pager.page_info(row, 0)["disk_valid"]
+    pager.promote([(row, 0), (row, 1)], GPU)
+    assert tier(pager, row, 1) == GPU and pager.page_info(row, 1)["disk_valid"]
+    pager.demote([(row, 0), (row, 1), (row, 2)], DISK)  # only page 2 is written
+    moved = pager.stats()["pages_moved"]
+    assert moved["disk_to_host"] == 1 and moved["disk_to_gpu"] == 1
+    assert moved["gpu_to_host"] == 3 and moved["host_to_disk"] == 3
+    assert [tier(pager, row, p) for p in range(3)] == [DISK, DISK, DISK]
+    assert_content(pager, tags)
+
+
+def test_pressure_flows_gpu_to_host_to_disk(tmp_path):
+    pager = make_pager(frames=2, host=2, disk=16, folder=tmp_path, max_sequences=2)
+    tags = {}
+    rows = [pager.add_sequence(tenant=t) for t in (0, 1)]
+    for _ in range(5):
+        for row in rows:
+            append_written(pager, row, 1, tags)
+            pager.check_invariants()
+    for row in rows:
+        pager.seal(row, 4)
+    tiers = [tier(pager, r, p) for r in rows for p in range(5)]
+    assert tiers.count(GPU) == 2 and tiers.count(HOST) == 2 and tiers.count(DISK) == 6
+    for row, page in tags:
+        assert torch.equal(read_any_copy(pager, row, page), pattern(pager, tags[(row, page)]))
+    stats = pager.stats()
+    assert stats["evictions"]["host"] == stats["pages_moved"]["host_to_disk"] == 6
+    # Every page comes back through the one frame pair, disk pages bounced through the host.
+    assert_content(pager, tags)
+    stats = pager.stats()
+    assert stats["pages_moved"]["disk_to_gpu"] >= 6
+    # With room on disk no copy is ever dropped, so each of the 10 pages reached it at most once.
+    assert stats["pages_moved"]["host_to_disk"] <= 10 and stats["evictions"]["disk"] == 0
+    assert stats["bytes_moved"]["disk_to_gpu"] == stats["pages_moved"]["disk_to_gpu"] * pager.page_bytes
+
+
+def test_full_disk_drops_copies_of_pages_resident_higher_up(tmp_path):
+    pager = make_pager(frames=2, host=2, disk=2, folder=tmp_path)
+    tags = {}
+    row = pager.add_sequence()
+    for _ in range(4):
+        append_written(pager, row, 1, tags)
+    pager.seal(row, 3)
+    pager.demote([(row, 0), (row, 1)], DISK)  # the disk is now full
+    pager.promote([(row, 0)], HOST)  # page 0's disk copy becomes droppable
+    pager.demote([(row, 2)], DISK)  # needs a disk slot: page 0's copy goes
+    assert pager.stats()["evictions"]["disk"] == 1
+    assert not pager.page_info(row, 0)["disk_valid"] and tier(pager, row, 0) == HOST
+    assert tier(pager, row, 2) == DISK
+    assert_content(pager, tags)
+
+
+def test_disk_read_failure_leaves_the_page_on_disk(tmp_path):
+    pager = make_pager(frames=2, host=2, disk=4, folder=tmp_path)
+    tags = {}
+    row = pager.add_sequence()
+    append_written(pager, row, 2, tags)
+    pager.seal(row, 1)
+    pager.demote([(row, 0)], DISK)
+    pager.disk_store.inject_fault("read_eio")
+    with pytest.raises(StoreError, match="reading pages from disk failed"):
+        pager.service([(row, 0)])
+    pager.check_invariants()
+    info = pager.page_info(row, 0)
+    assert info["tier"] == DISK and info["pins"] == 0
+    assert pager.free_frames() == 1 and pager.free_host_slots() == 2
+    assert pager.service([(row, 0)]) == 1  # the fault fired once
+    assert_content(pager, tags)
+
+
+def test_disk_write_failure_leaves_the_page_on_the_host(tmp_path):
+    pager = make_pager(frames=2, host=1, disk=4, folder=tmp_path)
+    tags = {}
+    row = pager.add_sequence()
+    append_written(pager, row, 1, tags)
+    append_written(pager, row, 1, tags)
+    append_written(pager, row, 1, tags)  # page 0 -> the host slot
+    pager.disk_store.inject_fault("write_eio")
+    with pytest.raises(StoreError, match="writing pages back to disk failed"):
+        append_written(pager, row, 1, tags)  # page 0 must go to disk to make room for page 1
+    pager.check_invariants()
+    assert tier(pager, row, 0) == HOST and not pager.page_info(row, 0)["disk_valid"]
+    assert pager.free_disk_slots() == 4 and pager.num_pages(row) == 3
+    append_written(pager, row, 1, tags)
+    assert tier(pager, row, 0) == DISK
+    assert_content(pager, tags)
+
+
+def test_disk_tier_full_is_a_clear_error(tmp_path):
+    pager = make_pager(frames=2, host=1, disk=1, folder=tmp_path)
+    tags = {}
+    row = pager.add_sequence()
+    for _ in range(4):
+        append_written(pager, row, 1, tags)  # 2 on the GPU, 1 on the host, 1 on disk
+    with pytest.raises(PagerError, match=r"all tiers are full.*disk slots: 1 of 1 in use"):
+        append_written(pager, row, 1, tags)
+    pager.check_invariants()
+    assert pager.num_pages(row) == 4
+
+
 # ---- errors ----
 
 
@@ -310,7 +429,7 @@ def test_bad_rows_and_pages_are_clear_errors():
     pager.check_invariants()
 
 
-def test_bad_configurations():
+def test_bad_configurations(tmp_path):
     pool = paged_kv.new_pool(2, 1, 1, 16, 8, torch.float32)
     host = paged_kv.new_pool(2, 1, 1, 16, 8, torch.float32)
     with pytest.raises(ValueError, match="write_through writes sealed pages to host slots"):
@@ -321,6 +440,12 @@ def test_bad_configurations():
         paged_kv.Pager(pool, host, max_sequences=1, max_pages=1, num_frames=0)
     with pytest.raises(RuntimeError, match="num_frames 3 exceeds the pool's 2 frames"):
         paged_kv.Pager(pool, host, max_sequences=1, max_pages=1, num_frames=3)
+    with pytest.raises(ValueError, match="a disk tier needs at least one host slot"):
+        store = paged_kv.store.DiskStore(str(tmp_path), 2, pool[0].numel() * 4)
+        paged_kv.Pager(pool, None, disk_store=store, max_sequences=1, max_pages=1)
+    with pytest.raises(RuntimeError, match="disk store holds pages of 100 bytes"):
+        paged_kv.Pager(pool, host, disk_store=paged_kv.store.DiskStore(str(tmp_path), 2, 100),
+                       max_sequences=1, max_pages=1)
     with pytest.raises(RuntimeError, match="num_disk_slots 2 needs a disk store"):
         paged_kv.Pager(pool, host, max_sequences=1, max_pages=1, num_disk_slots=2)
     with pytest.raises(RuntimeError, match="host_pool's dtype"):

@@ -14,6 +14,7 @@ import torch
 import paged_kv
 from paged_kv import Tier, reference
 from paged_kv.ops import new_fault_queue, read_faults
+from paged_kv.store import DiskStore
 
 PAGE_SIZE, LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 16, 2, 2, 4, 64
 DTYPE = torch.float32
@@ -27,13 +28,16 @@ class Context:
     """Sequences written token page by token page through the pager into a NaN-poisoned pool,
     and the same K/V in an unpaged reference pool (page i of row r in its own frame)."""
 
-    def __init__(self, lengths, frames, host_slots, g, write_through=False):
+    def __init__(self, lengths, frames, host_slots, g, disk_slots=0, folder=None, **pager_options):
         max_pages = max((n + PAGE_SIZE - 1) // PAGE_SIZE for n in lengths)
         self.lengths = lengths
         self.pool = paged_kv.new_pool(frames, LAYERS, KV_HEADS, PAGE_SIZE, HEAD_DIM, DTYPE).fill_(float("nan"))
         self.host_pool = paged_kv.new_pool(host_slots, LAYERS, KV_HEADS, PAGE_SIZE, HEAD_DIM, DTYPE).fill_(float("nan"))
+        store = None
+        if disk_slots:
+            store = DiskStore(str(folder), disk_slots, self.pool[0].numel() * self.pool.element_size())
         self.pager = paged_kv.Pager(self.pool, self.host_pool, max_sequences=len(lengths),
-                                    max_pages=max_pages, write_through=write_through)
+                                    max_pages=max_pages, disk_store=store, **pager_options)
         self.table = paged_kv.new_page_table(len(lengths), max_pages)
         self.ref_pool = paged_kv.new_pool(len(lengths) * max_pages, LAYERS, KV_HEADS, PAGE_SIZE, HEAD_DIM,
                                           DTYPE).fill_(float("nan"))
@@ -86,14 +90,27 @@ def _batch(lengths, queries):
             torch.tensor(lengths, dtype=torch.int32), max(queries))
 
 
+TIERS = {
+    # name: (host slots, disk slots, bounce disk reads through host slots)
+    "host": (32, 0, False),
+    "host+disk": (8, 64, False),
+    "host+disk, bounce": (8, 64, True),
+}
+
+
+@pytest.mark.parametrize("tiers", list(TIERS))
 @pytest.mark.parametrize("zero_copy", [False, True])
 @pytest.mark.parametrize("write_through", [False, True])
-def test_faults_serviced_in_batches_give_exact_attention(zero_copy, write_through):
-    g = _generator("pager-attention", zero_copy, write_through)
+def test_faults_serviced_in_batches_give_exact_attention(tmp_path, tiers, zero_copy, write_through):
+    g = _generator("pager-attention", tiers, zero_copy, write_through)
     lengths, queries = [150, 97, 163], [1, 5, 1]  # decode, an extend chunk, decode
-    ctx = Context(lengths, frames=5, host_slots=32, g=g, write_through=write_through)
+    host_slots, disk_slots, bounce = TIERS[tiers]
+    ctx = Context(lengths, frames=5, host_slots=host_slots, g=g, disk_slots=disk_slots, folder=tmp_path,
+                  write_through=write_through, bounce_through_host_slots=bounce)
     total_pages = sum((n + PAGE_SIZE - 1) // PAGE_SIZE for n in lengths)
     assert total_pages >= 5 * 5  # the context is several times the GPU frames
+    if disk_slots:
+        assert list(ctx.tiers().values()).count(Tier.DISK) >= total_pages - 5 - host_slots
     ctx.pager.check_invariants()
     ctx.pager.sync_table(ctx.table)
     batch = _batch(lengths, queries)
@@ -101,9 +118,9 @@ def test_faults_serviced_in_batches_give_exact_attention(zero_copy, write_throug
     host_pool = ctx.host_pool if zero_copy else None
 
     for layer in range(LAYERS):
-        tiers = ctx.tiers()
+        where = ctx.tiers()
         out, lse, faults = _attention(ctx, query, ctx.table, batch, layer, host_pool)
-        off_gpu = sorted(p for p, t in tiers.items() if t != Tier.GPU and not (zero_copy and t == Tier.HOST))
+        off_gpu = sorted(p for p, t in where.items() if t != Tier.GPU and not (zero_copy and t == Tier.HOST))
         assert faults == off_gpu
         outs, lses = [out], [lse]
         # Stream the faults through the frames; each batch is attended over its pages alone.
@@ -132,7 +149,9 @@ def test_faults_serviced_in_batches_give_exact_attention(zero_copy, write_throug
         ctx.pager.sync_table(ctx.table)
 
     stats = ctx.pager.stats()
-    if not zero_copy:  # with zero-copy and no disk tier, every page is readable where it is
-        assert stats["faults_serviced"] > 0 and stats["pages_moved"]["host_to_gpu"] > 0
+    if not zero_copy or disk_slots:  # with zero-copy and no disk, every page is readable in place
+        assert stats["faults_serviced"] > 0
+    if disk_slots:
+        assert stats["pages_moved"]["disk_to_gpu"] > 0
     if write_through:
         assert stats["pages_moved"]["gpu_to_host"] == stats["write_throughs"]

@@ -27,11 +27,15 @@ using engine::TensorMover;
 class PagerHandle {
  public:
   PagerHandle(const PagerConfig& config, const at::Tensor& pool, const at::Tensor& host_pool,
-              py::object disk_store)
+              py::object disk_store, bool bounce_through_host_slots)
       : disk_owner_(std::move(disk_store)) {
     store::DiskStore* disk = nullptr;
-    if (!disk_owner_.is_none()) disk = disk_owner_.cast<store::DiskStore*>();
-    mover_ = std::make_unique<TensorMover>(pool, host_pool, disk);
+    if (!disk_owner_.is_none()) {
+      TORCH_CHECK(py::isinstance<store::DiskStore>(disk_owner_), "paged_kv pager: disk_store must "
+                  "be a paged_kv.store.DiskStore, got ", std::string(py::str(py::type::of(disk_owner_))));
+      disk = disk_owner_.cast<store::DiskStore*>();
+    }
+    mover_ = std::make_unique<TensorMover>(pool, host_pool, disk, bounce_through_host_slots);
     TORCH_CHECK(config.num_frames <= mover_->num_frames(), "paged_kv pager: num_frames ",
                 config.num_frames, " exceeds the pool's ", mover_->num_frames(), " frames");
     TORCH_CHECK(config.num_host_slots <= mover_->num_host_slots(), "paged_kv pager: num_host_slots ",
@@ -164,7 +168,8 @@ void bind_engine(py::module_& m) {
   py::class_<PagerHandle>(m, "Pager", "The pager over pool tensors (see paged_kv.pager.Pager).")
       .def(py::init([](int64_t num_frames, int64_t num_host_slots, int64_t num_disk_slots,
                        int64_t max_sequences, int64_t max_pages, bool write_through,
-                       const at::Tensor& pool, const at::Tensor& host_pool, py::object disk_store) {
+                       const at::Tensor& pool, const at::Tensor& host_pool, py::object disk_store,
+                       bool bounce_through_host_slots) {
              PagerConfig c;
              c.num_frames = num_frames;
              c.num_host_slots = num_host_slots;
@@ -172,11 +177,13 @@ void bind_engine(py::module_& m) {
              c.max_sequences = max_sequences;
              c.max_pages = max_pages;
              c.write_through = write_through;
-             return std::make_unique<PagerHandle>(c, pool, host_pool, std::move(disk_store));
+             return std::make_unique<PagerHandle>(c, pool, host_pool, std::move(disk_store),
+                                                  bounce_through_host_slots);
            }),
            py::arg("num_frames"), py::arg("num_host_slots"), py::arg("num_disk_slots"),
            py::arg("max_sequences"), py::arg("max_pages"), py::arg("write_through"), py::arg("pool"),
-           py::arg("host_pool"), py::arg("disk_store") = py::none())
+           py::arg("host_pool"), py::arg("disk_store") = py::none(),
+           py::arg("bounce_through_host_slots") = false)
       .def("add_sequence",
            [](PagerHandle& h, int32_t tenant, int64_t row) { return h.pager().add_sequence(tenant, row); },
            py::arg("tenant"), py::arg("row") = -1)

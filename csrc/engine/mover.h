@@ -35,7 +35,8 @@ struct SlotDiskMove {
 };
 
 // A page from a disk slot into a GPU frame. `bounce_slot` is a host slot the pager lends for
-// the call, for movers without a direct disk-to-GPU path; its contents afterwards are undefined.
+// the call when the mover asks for one (needs_bounce_slots()), else -1; its contents afterwards
+// are undefined.
 struct DiskFrameMove {
   int64_t disk_slot = 0;
   int64_t frame = 0;
@@ -53,6 +54,9 @@ class Mover {
   virtual void disk_to_host(const std::vector<SlotDiskMove>& moves) = 0;
   // Default: disk_to_host into each move's bounce slot, then host_to_gpu from it.
   virtual void disk_to_gpu(const std::vector<DiskFrameMove>& moves);
+  // Whether disk_to_gpu needs the pager to lend host slots (true for the default). A mover with
+  // its own path (its own staging buffer, or GPUDirect Storage) overrides both.
+  virtual bool needs_bounce_slots() const { return true; }
   virtual void flush() = 0;
 };
 

@@ -259,9 +259,34 @@ void Pager::load_into_frames(const std::vector<PageId>& pages) {
     count_move(Direction::kHostToGpu, static_cast<int64_t>(from_host.size()));
   }
 
+  if (from_disk.empty()) return;
+  if (!mover_.needs_bounce_slots()) {
+    std::vector<DiskFrameMove> moves;
+    moves.reserve(from_disk.size());
+    for (const PageId& id : from_disk) {
+      DiskFrameMove move;
+      move.disk_slot = meta(id).disk_slot;
+      move.frame = frames_.allocate(owner_key(id));
+      move.bounce_slot = -1;
+      move.tag = tag_of(id);
+      moves.push_back(move);
+    }
+    try {
+      mover_.disk_to_gpu(moves);
+    } catch (...) {
+      for (size_t i = 0; i < from_disk.size(); ++i) frames_.release(moves[i].frame, owner_key(from_disk[i]));
+      throw;
+    }
+    moves_pending_ = true;
+    for (size_t i = 0; i < from_disk.size(); ++i) {
+      meta(from_disk[i]).frame = static_cast<int32_t>(moves[i].frame);
+      refresh(from_disk[i]);  // the disk copy stays valid
+    }
+    count_move(Direction::kDiskToGpu, static_cast<int64_t>(from_disk.size()));
+    return;
+  }
   // Disk pages pass through host slots lent for the call, as many at a time as are free (at
   // least one is made free). The Mover keeps calls in order, so the next batch may reuse them.
-  if (from_disk.empty()) return;
   if (host_slots_.num_free() == 0) {
     make_free_host_slots(1, "a bounce slot for " + std::to_string(from_disk.size()) +
                                 " pages read from disk");

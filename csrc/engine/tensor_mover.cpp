@@ -1,5 +1,6 @@
 #include "engine/tensor_mover.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -25,8 +26,11 @@ void check_cuda(cudaError_t status, const char* call) {
 }  // namespace
 
 TensorMover::TensorMover(const at::Tensor& gpu_pool, const at::Tensor& host_pool,
-                         store::DiskStore* disk)
-    : gpu_pool_(gpu_pool), host_pool_(host_pool), disk_(disk) {
+                         store::DiskStore* disk, bool bounce_through_host_slots)
+    : gpu_pool_(gpu_pool),
+      host_pool_(host_pool),
+      disk_(disk),
+      bounce_through_host_slots_(bounce_through_host_slots) {
   TORCH_CHECK(gpu_pool.dim() == 6, "paged_kv pager: pool must be [F, L, 2, H, P, D], got ",
               gpu_pool.dim(), " dimensions");
   TORCH_CHECK(gpu_pool.size(2) == 2, "paged_kv pager: pool's dimension 2 must be 2 (K, V), got ",
@@ -149,26 +153,93 @@ void TensorMover::gpu_to_host(const std::vector<FrameSlotMove>& moves) { copy_pa
 void TensorMover::host_to_gpu(const std::vector<FrameSlotMove>& moves) { copy_pages(moves, false); }
 
 void TensorMover::host_to_disk(const std::vector<SlotDiskMove>& moves) {
-  for (const SlotDiskMove& m : moves) {
-    check_disk_move(m, "host_to_disk");
-    slot_ptr(m.slot);
+  std::vector<store::PageWrite> writes(moves.size());
+  for (size_t i = 0; i < moves.size(); ++i) {
+    check_disk_move(moves[i], "host_to_disk");
+    writes[i].slot = moves[i].disk_slot;
+    writes[i].tag = moves[i].tag;
+    writes[i].src = slot_ptr(moves[i].slot);
   }
+  if (writes.empty()) return;
   // The slot may still be written by an earlier device-to-host copy.
   wait_for_current_stream();
   wait_for_own_stream();
-  for (const SlotDiskMove& m : moves) disk_->write_page(m.disk_slot, m.tag, slot_ptr(m.slot));
+  const std::vector<store::SlotFailure> failures = disk_->write_pages(writes);
+  if (!failures.empty()) {
+    throw store::StoreError("paged_kv pager: writing pages back to disk failed: " +
+                            store::describe_failures(failures, writes.size(), "page writes"));
+  }
 }
 
 void TensorMover::disk_to_host(const std::vector<SlotDiskMove>& moves) {
-  for (const SlotDiskMove& m : moves) {
-    check_disk_move(m, "disk_to_host");
-    slot_ptr(m.slot);
+  std::vector<store::PageRead> reads(moves.size());
+  for (size_t i = 0; i < moves.size(); ++i) {
+    check_disk_move(moves[i], "disk_to_host");
+    reads[i].slot = moves[i].disk_slot;
+    reads[i].expected = moves[i].tag;
+    reads[i].dst = slot_ptr(moves[i].slot);
   }
+  if (reads.empty()) return;
   // An earlier host-to-device copy, or a kernel reading the slot zero-copy on the current
   // stream, may still read the slot.
   wait_for_current_stream();
   wait_for_own_stream();
-  for (const SlotDiskMove& m : moves) disk_->read_page(m.disk_slot, m.tag, slot_ptr(m.slot));
+  read_disk(reads);
+}
+
+void TensorMover::read_disk(const std::vector<store::PageRead>& reads) {
+  const std::vector<store::SlotFailure> failures = disk_->read_pages(reads);
+  if (!failures.empty()) {
+    throw store::StoreError("paged_kv pager: reading pages from disk failed: " +
+                            store::describe_failures(failures, reads.size(), "page reads"));
+  }
+}
+
+void TensorMover::disk_to_gpu(const std::vector<DiskFrameMove>& moves) {
+  if (bounce_through_host_slots_) {
+    Mover::disk_to_gpu(moves);
+    return;
+  }
+  for (const DiskFrameMove& m : moves) {
+    check_disk_move(SlotDiskMove{-1, m.disk_slot, m.tag}, "disk_to_gpu");
+    frame_ptr(m.frame);
+  }
+  if (moves.empty()) return;
+  wait_for_current_stream();  // a kernel may still read the frames being overwritten
+  if (!on_cuda_) {
+    // The frames are host memory: read straight into them.
+    std::vector<store::PageRead> reads(moves.size());
+    for (size_t i = 0; i < moves.size(); ++i) {
+      reads[i].slot = moves[i].disk_slot;
+      reads[i].expected = moves[i].tag;
+      reads[i].dst = frame_ptr(moves[i].frame);
+    }
+    read_disk(reads);
+    return;
+  }
+  // A few pages at a time into the pinned staging buffer (the store reads them in parallel),
+  // then asynchronous copies to the frames; the buffer is reused once those copies are done.
+  const int64_t staging_pages = std::min<int64_t>(4, std::max(1, disk_->io_threads()));
+  if (!staging_.defined()) {
+    staging_ = at::empty({staging_pages * page_bytes_},
+                         at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  }
+  char* staging = static_cast<char*>(staging_.data_ptr());
+  for (size_t begin = 0; begin < moves.size(); begin += static_cast<size_t>(staging_pages)) {
+    const size_t end = std::min(moves.size(), begin + static_cast<size_t>(staging_pages));
+    std::vector<store::PageRead> reads(end - begin);
+    for (size_t i = begin; i < end; ++i) {
+      reads[i - begin].slot = moves[i].disk_slot;
+      reads[i - begin].expected = moves[i].tag;
+      reads[i - begin].dst = staging + static_cast<int64_t>(i - begin) * page_bytes_;
+    }
+    wait_for_own_stream();  // the previous batch's copies out of the buffer
+    read_disk(reads);
+    for (size_t i = begin; i < end; ++i) {
+      copy_bytes(frame_ptr(moves[i].frame), staging + static_cast<int64_t>(i - begin) * page_bytes_,
+                 page_bytes_);
+    }
+  }
 }
 
 void TensorMover::flush() { wait_for_own_stream(); }

@@ -1,6 +1,11 @@
 // A Mover over pool tensors (torch glue): the GPU frame pool, the host slot pool and, when
 // given, a disk store.
 //
+// Disk reads into frames go straight into the frames when the pool is on the CPU, and through a
+// pinned staging buffer of a few pages that the mover owns when it is on CUDA (read in parallel
+// by the store, then copied asynchronously), so the pager lends no host slots for them; with
+// bounce_through_host_slots they take the Mover default through lent host slots instead.
+//
 // On CUDA, copies between frames and slots are cudaMemcpyAsync calls on a stream the mover owns;
 // each batch first waits for the work already queued on the current stream (which may still be
 // writing a frame the batch reads, or reading a frame or slot it overwrites); disk transfers,
@@ -29,7 +34,8 @@ class TensorMover : public Mover {
   //   gpu_pool is on CUDA.
   // disk: optional (null for none, not owned); its page_bytes() must be one frame's bytes.
   // Raises c10::Error (RuntimeError in Python) naming the tensor when a check fails.
-  TensorMover(const at::Tensor& gpu_pool, const at::Tensor& host_pool, store::DiskStore* disk);
+  TensorMover(const at::Tensor& gpu_pool, const at::Tensor& host_pool, store::DiskStore* disk,
+              bool bounce_through_host_slots = false);
   ~TensorMover() override;
   TensorMover(const TensorMover&) = delete;
   TensorMover& operator=(const TensorMover&) = delete;
@@ -44,6 +50,8 @@ class TensorMover : public Mover {
   void host_to_gpu(const std::vector<FrameSlotMove>& moves) override;
   void host_to_disk(const std::vector<SlotDiskMove>& moves) override;
   void disk_to_host(const std::vector<SlotDiskMove>& moves) override;
+  void disk_to_gpu(const std::vector<DiskFrameMove>& moves) override;
+  bool needs_bounce_slots() const override { return bounce_through_host_slots_; }
   void flush() override;
 
  private:
@@ -53,6 +61,8 @@ class TensorMover : public Mover {
   // Copies whole pages between frames and slots, merging runs of consecutive indices.
   void copy_pages(const std::vector<FrameSlotMove>& moves, bool to_host);
   void copy_bytes(void* dst, const void* src, int64_t bytes);
+  // Reads the pages into the given host buffers; raises StoreError naming every failed slot.
+  void read_disk(const std::vector<store::PageRead>& reads);
   void wait_for_current_stream();
   void wait_for_own_stream();
 
@@ -63,6 +73,8 @@ class TensorMover : public Mover {
   int64_t num_frames_ = 0;
   int64_t num_host_slots_ = 0;
   bool on_cuda_ = false;
+  bool bounce_through_host_slots_ = false;
+  at::Tensor staging_;  // pinned, a few pages: disk reads into CUDA frames (allocated on first use)
 #ifdef PKV_WITH_CUDA
   int device_ = -1;
   cudaStream_t stream_ = nullptr;
