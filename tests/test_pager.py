@@ -432,6 +432,12 @@ def test_bad_rows_and_pages_are_clear_errors():
 def test_bad_configurations(tmp_path):
     pool = paged_kv.new_pool(2, 1, 1, 16, 8, torch.float32)
     host = paged_kv.new_pool(2, 1, 1, 16, 8, torch.float32)
+    no_host = paged_kv.Pager(pool, None, max_sequences=1, max_pages=2)
+    row = no_host.add_sequence()
+    no_host.append_pages(row, 1)
+    no_host.seal(row, 0)
+    with pytest.raises(ValueError, match="no host slots"):
+        no_host.demote([(row, 0)], HOST)
     with pytest.raises(ValueError, match="write_through writes sealed pages to host slots"):
         paged_kv.Pager(pool, None, max_sequences=1, max_pages=1, write_through=True)
     with pytest.raises(ValueError, match="max_pages must be in"):

@@ -113,7 +113,9 @@ class PagerMachine(RuleBasedStateMachine):
         try:
             self.pager.demote(batch, tier)
         except ValueError as e:
-            assert "no disk slots" in str(e) and self.pager.config["num_disk_slots"] == 0
+            config = self.pager.config
+            assert ("no disk slots" in str(e) and config["num_disk_slots"] == 0) or (
+                "no host slots" in str(e) and config["num_host_slots"] == 0)
             return
         except PagerError:
             return

@@ -15,7 +15,8 @@
 // the device page table.
 //
 // Every public call either completes (its moves flushed) or raises and leaves the pager in a
-// consistent state: check_invariants() holds after every call.
+// consistent state: check_invariants() holds after every call. A pager is not thread-safe: one
+// thread (or a lock around it) drives it.
 #pragma once
 
 #include <cstdint>

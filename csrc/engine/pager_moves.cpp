@@ -419,6 +419,9 @@ void Pager::demote(const std::vector<PageId>& pages, Tier tier) {
   if (tier == Tier::kDisk && config_.num_disk_slots == 0) {
     throw std::invalid_argument("paged_kv pager: demote: the pager has no disk slots");
   }
+  if (config_.num_host_slots == 0) {  // also the way down to the disk
+    throw std::invalid_argument("paged_kv pager: demote: the pager has no host slots");
+  }
   const std::string why = "demote of " + std::to_string(distinct.size()) + " pages to the " +
                           (tier == Tier::kHost ? "host" : "disk");
   CallScope scope(*this, distinct);
