@@ -17,6 +17,7 @@
 namespace py = pybind11;
 
 namespace paged_kv { void bind_store(pybind11::module_& m); }
+namespace paged_kv { void bind_engine(pybind11::module_& m); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "paged_kv compiled library";
@@ -40,4 +41,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sync_checks", &paged_kv::cuda::sync_checks);
 #endif
   paged_kv::bind_store(m);
+  paged_kv::bind_engine(m);  // after the store: the pager takes its DiskStore
 }

@@ -1,0 +1,196 @@
+// The pager: which tier holds each page, who owns every frame and slot, what to evict, and the
+// page-table entries that say so (torch-free).
+//
+// Sequences are page-table rows. A sequence's pages are appended at its end; the newest pages
+// are open (being written: GPU-resident, never evicted) until a later append or seal() seals
+// them. Sealed pages move between the GPU frames, the host slots and the disk slots:
+//   - service() makes a set of pages GPU-resident (the fault path), evicting least recently
+//     used pages; an evicted page with a valid lower copy just gives up its frame (its PTE then
+//     names that copy), any other is written back to a host slot, and the host makes room the
+//     same way by moving its least recently used pages to disk. A sealed page is written to each
+//     lower tier at most once.
+//   - promote() and demote() move pages up or down explicitly.
+// Every PTE change is mirrored into an int32 [max_sequences * max_pages] host array in PTE
+// encoding (core/pte.h), and its row is marked dirty so the caller can copy just those rows to
+// the device page table.
+//
+// Every public call either completes (its moves flushed) or raises and leaves the pager in a
+// consistent state: check_invariants() holds after every call. A pager is not thread-safe: one
+// thread (or a lock around it) drives it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/pte.h"
+#include "engine/index_allocator.h"
+#include "engine/lru_list.h"
+#include "engine/mover.h"
+#include "engine/page_meta.h"
+#include "engine/pager_stats.h"
+
+namespace paged_kv::engine {
+
+struct PagerConfig {
+  int64_t num_frames = 0;      // GPU frames the pager may use
+  int64_t num_host_slots = 0;  // host slots (0: no host tier)
+  int64_t num_disk_slots = 0;  // disk slots (0: no disk tier)
+  int64_t max_sequences = 0;   // page-table rows
+  int64_t max_pages = 0;       // page-table columns (pages per sequence)
+  bool write_through = false;  // seal() writes the page to a host slot at once
+  int64_t page_bytes = 0;      // bytes of one page, for the byte counters only
+};
+
+class Pager {
+ public:
+  // Raises std::invalid_argument for a bad configuration. `mover` must outlive the pager.
+  Pager(const PagerConfig& config, Mover& mover);
+
+  const PagerConfig& config() const { return config_; }
+
+  // Sequences.
+  // Takes a free row (the lowest free one when row < 0) for `tenant` (>= 0); returns it.
+  int64_t add_sequence(int32_t tenant, int64_t row = -1);
+  // Frees the row and every frame and slot of its pages; its PTEs become unmapped.
+  void remove_sequence(int64_t row);
+  // Appends n open pages in GPU frames (evicting as needed) after sealing the row's open pages.
+  // Returns the first new page's index.
+  int64_t append_pages(int64_t row, int64_t n);
+  // Seals an open page and the open pages before it (a no-op for a sealed page); with
+  // write_through, writes them to host slots.
+  void seal(int64_t row, int64_t page);
+  bool is_live(int64_t row) const;
+  int64_t num_pages(int64_t row) const;
+  int32_t tenant(int64_t row) const;
+
+  // Use and pinning.
+  // Records `tick` as the pages' last use and makes them the most recently used in their tiers.
+  // Ticks are expected to grow; the LRU order is the order of touches.
+  void touch(const std::vector<PageId>& pages, int64_t tick);
+  // A pinned page stays in its current tier until unpinned (pins nest).
+  void pin(const std::vector<PageId>& pages);
+  void unpin(const std::vector<PageId>& pages);
+
+  // Fault service: makes every listed page GPU-resident (duplicates allowed) and returns how
+  // many were not. The pages are pinned for the call, so they never evict each other. Raises
+  // PagerError, naming the tiers, when more pages are asked for than max_serviceable() or when
+  // no tier below has room for a page that must be written back.
+  int64_t service(const std::vector<PageId>& pages);
+  // How many GPU frames can be made free now: free frames, frames of sealed unpinned pages
+  // with a lower copy, and as many of the other sealed unpinned pages' frames as the host and
+  // disk tiers can take written back. A service() of that many pages succeeds unless the
+  // batch's own host-resident pages are what fills the host tier (pinned for the call, their
+  // slots cannot be reused). A caller with more faults streams them in batches.
+  int64_t max_serviceable() const;
+
+  // Moves pages up to `tier` (kGpu or kHost); pages already there or higher stay.
+  void promote(const std::vector<PageId>& pages, Tier tier);
+  // Moves sealed, unpinned pages down to `tier` (kHost or kDisk); pages already there or lower
+  // stay. Raises std::invalid_argument for an open or pinned page.
+  void demote(const std::vector<PageId>& pages, Tier tier);
+
+  // The page table mirror, row-major int32 [max_sequences * max_pages] in PTE encoding.
+  const std::vector<int32_t>& pte_mirror() const { return ptes_; }
+  int32_t pte(int64_t row, int64_t page) const;
+  // Rows whose PTEs changed since the last call, sorted; clears the set.
+  std::vector<int64_t> take_dirty_rows();
+  // Marks every row dirty (for a fresh device table).
+  void mark_all_rows_dirty();
+
+  const PageMeta& page_meta(int64_t row, int64_t page) const;
+  // The page (row, page) after checking that it exists; raises std::invalid_argument naming
+  // `op` otherwise.
+  PageId page_id(int64_t row, int64_t page, const char* op) const;
+  const PagerStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = PagerStats(); }
+  int64_t free_frames() const { return frames_.num_free(); }
+  int64_t free_host_slots() const { return host_slots_.num_free(); }
+  int64_t free_disk_slots() const { return disk_slots_.num_free(); }
+  // Frames, host slots and disk slots in LRU order (least recent first) of evictable pages.
+  std::vector<int64_t> lru_order(Tier tier) const;
+
+  // Raises PagerInternalError describing every inconsistency: a frame or slot owned twice or by
+  // the wrong page, a PTE that disagrees with its page's metadata, a free list out of step, an
+  // open page off the GPU, an LRU list holding what it must not.
+  void check_invariants() const;
+  // Bytes of every structure the pager keeps (metadata, allocators, LRU links, PTE mirror).
+  int64_t bytes_of_metadata() const;
+  static constexpr int64_t kMetadataBytesPerPage = sizeof(PageMeta);
+
+ private:
+  class CallScope;  // pins a call's pages and flushes its moves (pager_moves.cpp)
+
+  struct Row {
+    int32_t tenant = 0;
+    std::vector<PageMeta> pages;
+  };
+
+  // Arguments.
+  void check_row(int64_t row, const char* op) const;
+  void check_page(PageId id, const char* op) const;
+  std::vector<PageId> distinct_pages(const std::vector<PageId>& pages, const char* op) const;
+
+  PageMeta& meta(PageId id) { return rows_[id.row].pages[id.page]; }
+  const PageMeta& meta(PageId id) const { return rows_[id.row].pages[id.page]; }
+  store::SlotTag tag_of(PageId id) const;
+
+  // Bookkeeping after a page's copies changed: its tier and PTE, then its place in the LRU lists.
+  void refresh(PageId id);
+  void update_tier(PageId id, PageMeta& m);
+  void relink(PageId id, const PageMeta& m);
+  void unlink_all(const PageMeta& m);
+  void add_pin(PageId id);
+  void drop_pin(PageId id);
+  void count_move(Direction d, int64_t pages);
+
+  // Drop one copy (no bytes move); the caller refreshes.
+  void drop_frame(PageId id, PageMeta& m);
+  void drop_host_copy(PageId id, PageMeta& m);
+  void drop_disk_copy(PageId id, PageMeta& m);
+
+  // How many indices of each tier could be made free now: the free ones, those of evictable
+  // pages with a lower copy, and as many of the dirty ones as the tiers below can take.
+  int64_t disk_room() const;
+  int64_t host_room() const;
+  int64_t frame_room() const;
+  // Room in each tier: evict until `count` indices are free, or raise PagerError. `why` names
+  // the request for the message.
+  void make_free_frames(int64_t count, const std::string& why);
+  void make_free_host_slots(int64_t count, const std::string& why);
+  void make_free_disk_slots(int64_t count, const std::string& why);
+  [[noreturn]] void raise_no_frames(int64_t count, const std::string& why) const;
+  [[noreturn]] void raise_tiers_full(const std::string& why, const char* tier) const;
+
+  // Moves (the pages are pinned by the caller and the destinations have room).
+  void write_back_to_host(const std::vector<PageId>& pages);  // GPU pages without a host copy
+  void write_back_to_disk(const std::vector<PageId>& pages);  // host pages without a disk copy
+  void load_into_frames(const std::vector<PageId>& pages);    // host or disk pages
+  void load_into_host(const std::vector<PageId>& pages);      // disk pages
+  void make_gpu_resident(const std::vector<PageId>& pages, const std::string& why);
+  void demote_to_host(const std::vector<PageId>& pages, const std::string& why);
+  void seal_pages(const std::vector<PageId>& pages);
+  void flush_moves();
+
+  PagerConfig config_;  // first: the members below are sized from it
+  Mover& mover_;
+  std::vector<Row> rows_;
+  IndexAllocator row_ids_;  // owner key: the tenant
+  IndexAllocator frames_;
+  IndexAllocator host_slots_;
+  IndexAllocator disk_slots_;
+  // Evictable pages, by tier: sealed unpinned GPU pages (by frame); host copies, except those
+  // of pinned pages whose PTE names them (by host slot); disk copies of pages whose PTE names a
+  // higher tier (by disk slot). A node is dirty when evicting it needs a write.
+  LruList gpu_lru_;
+  LruList host_lru_;
+  LruList disk_lru_;
+  std::vector<int32_t> ptes_;
+  std::vector<uint8_t> row_dirty_;
+  std::vector<int64_t> dirty_rows_;
+  uint64_t next_generation_ = 0;
+  bool moves_pending_ = false;
+  PagerStats stats_;
+};
+
+}  // namespace paged_kv::engine

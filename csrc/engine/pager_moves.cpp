@@ -1,0 +1,458 @@
+// Eviction and the moves between tiers: service, promote, demote.
+//
+// Each move runs in three steps: take the destinations, issue one batched Mover call, then
+// commit the new copies to the metadata. When the Mover raises, the destinations are given back
+// and the pages keep the copies they had, so a failed call leaves the pager consistent.
+#include <algorithm>
+#include <chrono>
+#include <sstream>
+#include <stdexcept>
+
+#include "engine/pager.h"
+#include "engine/pager_call_scope.h"
+#include "engine/pager_errors.h"
+
+namespace paged_kv::engine {
+namespace {
+
+std::string words_of(PageId id) {
+  return "page " + std::to_string(id.page) + " of sequence " + std::to_string(id.row);
+}
+
+}  // namespace
+
+// ---- room in each tier ----
+
+int64_t Pager::disk_room() const { return disk_slots_.num_free() + disk_lru_.size(); }
+
+int64_t Pager::host_room() const {
+  const int64_t dirty = host_lru_.num_dirty();
+  return host_slots_.num_free() + (host_lru_.size() - dirty) + std::min(dirty, disk_room());
+}
+
+int64_t Pager::frame_room() const {
+  const int64_t dirty = gpu_lru_.num_dirty();
+  return frames_.num_free() + (gpu_lru_.size() - dirty) + std::min(dirty, host_room());
+}
+
+void Pager::raise_no_frames(int64_t count, const std::string& why) const {
+  const int64_t free = frames_.num_free();
+  const int64_t evictable = gpu_lru_.size();
+  if (count <= free + evictable) {
+    raise_tiers_full(why + " (needs " + std::to_string(count) + " GPU frames; " +
+                         std::to_string(gpu_lru_.num_dirty()) + " of the " + std::to_string(evictable) +
+                         " evictable pages have no copy below and " + std::to_string(host_room()) +
+                         " can be written back)",
+                     "host slot");
+  }
+  std::ostringstream m;
+  m << "paged_kv pager: " << why << " needs " << count << " GPU frames, but only " << free
+    << " are free and " << evictable << " can be evicted: the other "
+    << config_.num_frames - free - evictable << " of the " << config_.num_frames
+    << " GPU frames hold open or pinned pages. Service at most max_serviceable() pages per call "
+       "(stream the rest in batches), or seal, unpin or remove pages";
+  throw PagerError(m.str());
+}
+
+void Pager::raise_tiers_full(const std::string& why, const char* tier) const {
+  std::ostringstream m;
+  m << "paged_kv pager: " << why << ": all tiers are full: no " << tier
+    << " can be freed to take a page written back. GPU frames: " << frames_.num_owned() << " of "
+    << config_.num_frames << " in use; host slots: " << host_slots_.num_owned() << " of "
+    << config_.num_host_slots << " in use (" << host_lru_.size() - host_lru_.num_dirty()
+    << " hold copies of pages on the GPU or on disk, " << host_lru_.num_dirty()
+    << " a page's only copy, the rest pinned pages); disk slots: " << disk_slots_.num_owned()
+    << " of " << config_.num_disk_slots << " in use (" << disk_lru_.size()
+    << " hold copies of pages resident higher up, the rest a page's only copy). Remove "
+       "sequences, unpin pages, or give the pager more host or disk slots";
+  throw PagerError(m.str());
+}
+
+// Victims are taken in LRU order; a dirty one (it needs a write-back) is passed over while the
+// tier below has no room left for it, so the walk is O(1) per victim unless the tiers are
+// nearly full.
+void Pager::make_free_frames(int64_t count, const std::string& why) {
+  if (count > frame_room()) raise_no_frames(count, why);
+  std::vector<PageId> write_backs;
+  try {
+    int64_t frame = gpu_lru_.front();
+    for (int64_t short_by = count - frames_.num_free(); short_by > 0;) {
+      if (frame < 0) raise_no_frames(count, why);
+      const int64_t next = gpu_lru_.next(frame);
+      const PageId victim = page_of_owner(frames_.owner(frame));
+      PageMeta& m = meta(victim);
+      if (!gpu_lru_.is_dirty(frame)) {
+        // Written back before (sealed pages never change): just give up the frame.
+        drop_frame(victim, m);
+        refresh(victim);
+        ++stats_.evictions_gpu;
+        ++stats_.evictions_without_write;
+        --short_by;
+      } else if (static_cast<int64_t>(write_backs.size()) < host_room()) {
+        gpu_lru_.remove(frame);
+        write_backs.push_back(victim);
+        --short_by;
+      }
+      frame = next;
+    }
+    if (write_backs.empty()) return;
+    make_free_host_slots(static_cast<int64_t>(write_backs.size()), why);
+    write_back_to_host(write_backs);
+  } catch (...) {
+    for (const PageId& id : write_backs) refresh(id);  // back into the GPU LRU list
+    throw;
+  }
+  for (const PageId& id : write_backs) {
+    drop_frame(id, meta(id));
+    refresh(id);
+  }
+  stats_.evictions_gpu += static_cast<int64_t>(write_backs.size());
+}
+
+void Pager::make_free_host_slots(int64_t count, const std::string& why) {
+  if (count > host_room()) raise_tiers_full(why, "host slot");
+  std::vector<PageId> write_backs;
+  try {
+    int64_t slot = host_lru_.front();
+    for (int64_t short_by = count - host_slots_.num_free(); short_by > 0;) {
+      if (slot < 0) raise_tiers_full(why, "host slot");
+      const int64_t next = host_lru_.next(slot);
+      const PageId victim = page_of_owner(host_slots_.owner(slot));
+      PageMeta& m = meta(victim);
+      if (!host_lru_.is_dirty(slot)) {
+        // The page has another valid copy (its frame above or its disk copy below).
+        drop_host_copy(victim, m);
+        refresh(victim);
+        ++stats_.evictions_host;
+        ++stats_.evictions_without_write;
+        --short_by;
+      } else if (static_cast<int64_t>(write_backs.size()) < disk_room()) {
+        host_lru_.remove(slot);
+        write_backs.push_back(victim);
+        --short_by;
+      }
+      slot = next;
+    }
+    if (write_backs.empty()) return;
+    make_free_disk_slots(static_cast<int64_t>(write_backs.size()), why);
+    write_back_to_disk(write_backs);
+  } catch (...) {
+    for (const PageId& id : write_backs) refresh(id);
+    throw;
+  }
+  for (const PageId& id : write_backs) {
+    drop_host_copy(id, meta(id));
+    refresh(id);
+  }
+  stats_.evictions_host += static_cast<int64_t>(write_backs.size());
+}
+
+void Pager::make_free_disk_slots(int64_t count, const std::string& why) {
+  if (count > disk_room()) raise_tiers_full(why, "disk slot");
+  for (int64_t short_by = count - disk_slots_.num_free(); short_by > 0; --short_by) {
+    const int64_t slot = disk_lru_.front();
+    const PageId victim = page_of_owner(disk_slots_.owner(slot));
+    // Only copies of pages resident higher up are listed, so dropping one loses nothing.
+    drop_disk_copy(victim, meta(victim));
+    refresh(victim);
+    ++stats_.evictions_disk;
+  }
+}
+
+// ---- moves ----
+
+void Pager::write_back_to_host(const std::vector<PageId>& pages) {
+  if (pages.empty()) return;
+  std::vector<FrameSlotMove> moves;
+  moves.reserve(pages.size());
+  for (const PageId& id : pages) {
+    moves.push_back(FrameSlotMove{meta(id).frame, host_slots_.allocate(owner_key(id))});
+  }
+  try {
+    mover_.gpu_to_host(moves);
+  } catch (...) {
+    for (size_t i = 0; i < pages.size(); ++i) host_slots_.release(moves[i].slot, owner_key(pages[i]));
+    throw;
+  }
+  moves_pending_ = true;
+  for (size_t i = 0; i < pages.size(); ++i) {
+    PageMeta& m = meta(pages[i]);
+    m.host_slot = static_cast<int32_t>(moves[i].slot);
+    m.set_flag(kPageHostValid, true);
+    refresh(pages[i]);
+  }
+  count_move(Direction::kGpuToHost, static_cast<int64_t>(pages.size()));
+}
+
+void Pager::write_back_to_disk(const std::vector<PageId>& pages) {
+  if (pages.empty()) return;
+  std::vector<SlotDiskMove> moves;
+  moves.reserve(pages.size());
+  for (const PageId& id : pages) {
+    moves.push_back(SlotDiskMove{meta(id).host_slot, disk_slots_.allocate(owner_key(id)), tag_of(id)});
+  }
+  try {
+    mover_.host_to_disk(moves);
+  } catch (...) {
+    for (size_t i = 0; i < pages.size(); ++i) disk_slots_.release(moves[i].disk_slot, owner_key(pages[i]));
+    throw;
+  }
+  moves_pending_ = true;
+  for (size_t i = 0; i < pages.size(); ++i) {
+    PageMeta& m = meta(pages[i]);
+    m.disk_slot = static_cast<int32_t>(moves[i].disk_slot);
+    m.set_flag(kPageDiskValid, true);
+    refresh(pages[i]);
+  }
+  count_move(Direction::kHostToDisk, static_cast<int64_t>(pages.size()));
+}
+
+void Pager::load_into_host(const std::vector<PageId>& pages) {
+  if (pages.empty()) return;
+  std::vector<SlotDiskMove> moves;
+  moves.reserve(pages.size());
+  for (const PageId& id : pages) {
+    moves.push_back(SlotDiskMove{host_slots_.allocate(owner_key(id)), meta(id).disk_slot, tag_of(id)});
+  }
+  try {
+    mover_.disk_to_host(moves);
+  } catch (...) {
+    for (size_t i = 0; i < pages.size(); ++i) host_slots_.release(moves[i].slot, owner_key(pages[i]));
+    throw;
+  }
+  moves_pending_ = true;
+  for (size_t i = 0; i < pages.size(); ++i) {
+    PageMeta& m = meta(pages[i]);
+    m.host_slot = static_cast<int32_t>(moves[i].slot);
+    m.set_flag(kPageHostValid, true);
+    refresh(pages[i]);
+  }
+  count_move(Direction::kDiskToHost, static_cast<int64_t>(pages.size()));
+}
+
+void Pager::load_into_frames(const std::vector<PageId>& pages) {
+  std::vector<PageId> from_host;
+  std::vector<PageId> from_disk;
+  for (const PageId& id : pages) {
+    const Tier tier = meta(id).current_tier();
+    if (tier == Tier::kHost) from_host.push_back(id);
+    if (tier == Tier::kDisk) from_disk.push_back(id);
+  }
+
+  if (!from_host.empty()) {
+    std::vector<FrameSlotMove> moves;
+    moves.reserve(from_host.size());
+    for (const PageId& id : from_host) {
+      moves.push_back(FrameSlotMove{frames_.allocate(owner_key(id)), meta(id).host_slot});
+    }
+    try {
+      mover_.host_to_gpu(moves);
+    } catch (...) {
+      for (size_t i = 0; i < from_host.size(); ++i) frames_.release(moves[i].frame, owner_key(from_host[i]));
+      throw;
+    }
+    moves_pending_ = true;
+    for (size_t i = 0; i < from_host.size(); ++i) {
+      meta(from_host[i]).frame = static_cast<int32_t>(moves[i].frame);
+      refresh(from_host[i]);  // the host copy stays valid: evicting the page later is free
+    }
+    count_move(Direction::kHostToGpu, static_cast<int64_t>(from_host.size()));
+  }
+
+  if (from_disk.empty()) return;
+  if (!mover_.needs_bounce_slots()) {
+    std::vector<DiskFrameMove> moves;
+    moves.reserve(from_disk.size());
+    for (const PageId& id : from_disk) {
+      DiskFrameMove move;
+      move.disk_slot = meta(id).disk_slot;
+      move.frame = frames_.allocate(owner_key(id));
+      move.bounce_slot = -1;
+      move.tag = tag_of(id);
+      moves.push_back(move);
+    }
+    try {
+      mover_.disk_to_gpu(moves);
+    } catch (...) {
+      for (size_t i = 0; i < from_disk.size(); ++i) frames_.release(moves[i].frame, owner_key(from_disk[i]));
+      throw;
+    }
+    moves_pending_ = true;
+    for (size_t i = 0; i < from_disk.size(); ++i) {
+      meta(from_disk[i]).frame = static_cast<int32_t>(moves[i].frame);
+      refresh(from_disk[i]);  // the disk copy stays valid
+    }
+    count_move(Direction::kDiskToGpu, static_cast<int64_t>(from_disk.size()));
+    return;
+  }
+  // Disk pages pass through host slots lent for the call, as many at a time as are free (at
+  // least one is made free). The Mover keeps calls in order, so the next batch may reuse them.
+  if (host_slots_.num_free() == 0) {
+    make_free_host_slots(1, "a bounce slot for " + std::to_string(from_disk.size()) +
+                                " pages read from disk");
+  }
+  const size_t batch = static_cast<size_t>(host_slots_.num_free());
+  for (size_t begin = 0; begin < from_disk.size(); begin += batch) {
+    const size_t end = std::min(from_disk.size(), begin + batch);
+    std::vector<DiskFrameMove> moves;
+    moves.reserve(end - begin);
+    for (size_t i = begin; i < end; ++i) {
+      const PageId id = from_disk[i];
+      DiskFrameMove move;
+      move.disk_slot = meta(id).disk_slot;
+      move.frame = frames_.allocate(owner_key(id));
+      move.bounce_slot = host_slots_.allocate(kBounceOwner);
+      move.tag = tag_of(id);
+      moves.push_back(move);
+    }
+    try {
+      mover_.disk_to_gpu(moves);
+    } catch (...) {
+      for (size_t i = begin; i < end; ++i) {
+        frames_.release(moves[i - begin].frame, owner_key(from_disk[i]));
+        host_slots_.release(moves[i - begin].bounce_slot, kBounceOwner);
+      }
+      throw;
+    }
+    moves_pending_ = true;
+    for (size_t i = begin; i < end; ++i) {
+      host_slots_.release(moves[i - begin].bounce_slot, kBounceOwner);
+      meta(from_disk[i]).frame = static_cast<int32_t>(moves[i - begin].frame);
+      refresh(from_disk[i]);  // the disk copy stays valid
+    }
+    count_move(Direction::kDiskToGpu, static_cast<int64_t>(end - begin));
+  }
+}
+
+void Pager::make_gpu_resident(const std::vector<PageId>& pages, const std::string& why) {
+  std::vector<PageId> missing;
+  for (const PageId& id : pages) {
+    if (meta(id).current_tier() != Tier::kGpu) missing.push_back(id);
+  }
+  if (missing.empty()) return;
+  make_free_frames(static_cast<int64_t>(missing.size()), why);
+  load_into_frames(missing);
+}
+
+void Pager::demote_to_host(const std::vector<PageId>& pages, const std::string& why) {
+  std::vector<PageId> write_backs;
+  for (const PageId& id : pages) {
+    PageMeta& m = meta(id);
+    if (m.current_tier() != Tier::kGpu) continue;
+    if (m.host_valid()) {
+      drop_frame(id, m);
+      refresh(id);
+    } else {
+      write_backs.push_back(id);
+    }
+  }
+  if (write_backs.empty()) return;
+  make_free_host_slots(static_cast<int64_t>(write_backs.size()), why);
+  write_back_to_host(write_backs);
+  for (const PageId& id : write_backs) {
+    drop_frame(id, meta(id));
+    refresh(id);
+  }
+}
+
+// ---- the public calls ----
+
+int64_t Pager::max_serviceable() const { return frame_room(); }
+
+int64_t Pager::service(const std::vector<PageId>& pages) {
+  const auto start = std::chrono::steady_clock::now();
+  const std::vector<PageId> distinct = distinct_pages(pages, "service");
+  int64_t missing = 0;
+  for (const PageId& id : distinct) missing += meta(id).current_tier() != Tier::kGpu ? 1 : 0;
+  {
+    CallScope scope(*this, distinct);
+    make_gpu_resident(distinct, "service of " + std::to_string(distinct.size()) + " pages");
+    flush_moves();
+  }
+  ++stats_.service_calls;
+  stats_.faults_serviced += missing;
+  stats_.service_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                           std::chrono::steady_clock::now() - start).count();
+  return missing;
+}
+
+void Pager::promote(const std::vector<PageId>& pages, Tier tier) {
+  if (tier != Tier::kGpu && tier != Tier::kHost) {
+    throw std::invalid_argument(std::string("paged_kv pager: promote: the tier must be the GPU or "
+                                            "the host, got ") + tier_name(tier));
+  }
+  const std::vector<PageId> distinct = distinct_pages(pages, "promote");
+  const std::string why = "promote of " + std::to_string(distinct.size()) + " pages to the " +
+                          (tier == Tier::kGpu ? "GPU" : "host");
+  CallScope scope(*this, distinct);
+  if (tier == Tier::kGpu) {
+    make_gpu_resident(distinct, why);
+  } else {
+    std::vector<PageId> from_disk;
+    for (const PageId& id : distinct) {
+      if (meta(id).current_tier() == Tier::kDisk) from_disk.push_back(id);
+    }
+    if (!from_disk.empty()) {
+      make_free_host_slots(static_cast<int64_t>(from_disk.size()), why);
+      load_into_host(from_disk);
+    }
+  }
+  flush_moves();
+}
+
+void Pager::demote(const std::vector<PageId>& pages, Tier tier) {
+  if (tier != Tier::kHost && tier != Tier::kDisk) {
+    throw std::invalid_argument(std::string("paged_kv pager: demote: the tier must be the host or "
+                                            "the disk, got ") + tier_name(tier));
+  }
+  const std::vector<PageId> distinct = distinct_pages(pages, "demote");
+  for (const PageId& id : distinct) {
+    const PageMeta& m = meta(id);
+    if (!m.sealed()) {
+      throw std::invalid_argument("paged_kv pager: demote: " + words_of(id) +
+                                  " is open (still being written); seal it first");
+    }
+    if (m.pins > 0) {
+      throw std::invalid_argument("paged_kv pager: demote: " + words_of(id) + " is pinned");
+    }
+  }
+  if (tier == Tier::kDisk && config_.num_disk_slots == 0) {
+    throw std::invalid_argument("paged_kv pager: demote: the pager has no disk slots");
+  }
+  if (config_.num_host_slots == 0) {  // also the way down to the disk
+    throw std::invalid_argument("paged_kv pager: demote: the pager has no host slots");
+  }
+  const std::string why = "demote of " + std::to_string(distinct.size()) + " pages to the " +
+                          (tier == Tier::kHost ? "host" : "disk");
+  CallScope scope(*this, distinct);
+  if (tier == Tier::kHost) {
+    demote_to_host(distinct, why);
+  } else {
+    // Pages with a disk copy just give up their frames and host slots.
+    std::vector<PageId> rest;
+    for (const PageId& id : distinct) {
+      PageMeta& m = meta(id);
+      if (m.current_tier() == Tier::kDisk) continue;
+      if (m.disk_valid()) {
+        if (m.frame >= 0) drop_frame(id, m);
+        if (m.host_slot >= 0) drop_host_copy(id, m);
+        refresh(id);
+      } else {
+        rest.push_back(id);
+      }
+    }
+    // The rest reach the disk through the host.
+    demote_to_host(rest, why);
+    if (!rest.empty()) {
+      make_free_disk_slots(static_cast<int64_t>(rest.size()), why);
+      write_back_to_disk(rest);
+      for (const PageId& id : rest) {
+        drop_host_copy(id, meta(id));
+        refresh(id);
+      }
+    }
+  }
+  flush_moves();
+}
+
+}  // namespace paged_kv::engine

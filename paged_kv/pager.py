@@ -1,0 +1,241 @@
+"""The pager: demand paging of KV pages between GPU frames, host slots and disk slots.
+
+A thin wrapper of the compiled paged_kv._C.Pager (csrc/engine/). Sequences are page-table rows.
+Pages are appended at a sequence's end; the newest pages are *open* (being written: GPU-resident,
+never evicted) until the next append or seal() seals them. Sealed pages never change, so each is
+written to a lower tier at most once: a page evicted with a valid lower copy just gives up its
+frame, and its PTE names that copy.
+
+The pager keeps a host mirror of the page table (int32 [max_sequences, max_pages], PTE encoding
+of paged_kv.pte) and the rows that changed; sync_table() copies those rows into the device page
+table that paged_kv.attention reads.
+
+Pages are given as an int32/int64 tensor [n, 2] of (row, page), such as paged_kv.ops.read_faults
+returns, or as a list of (row, page) pairs.
+
+Errors: ValueError for a bad argument (unknown row, page past a sequence's end, an open page
+demoted); PagerError (a RuntimeError) when the tiers cannot satisfy a request (every frame
+pinned or open, or every tier full); PagerInternalError when the pager's own bookkeeping is
+inconsistent (a bug, never expected).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Tuple, Union
+
+import torch
+
+from paged_kv import _library
+from paged_kv.pte import Tier
+
+if _library._C is not None:
+    PagerError = _library._C.PagerError
+    PagerInternalError = _library._C.PagerInternalError
+else:  # the library is missing; Pager() raises the reason
+
+    class PagerError(RuntimeError):
+        pass
+
+    class PagerInternalError(RuntimeError):
+        pass
+
+
+#: (row, page) pairs: an int32/int64 tensor [n, 2] or an iterable of pairs.
+Pages = Union[torch.Tensor, Iterable[Tuple[int, int]]]
+
+#: Bytes of pager metadata per page (besides about 24 bytes per frame or slot and 4 per PTE).
+METADATA_BYTES_PER_PAGE = 32
+
+
+def _pages(pages) -> torch.Tensor:
+    if isinstance(pages, torch.Tensor):
+        return pages
+    pairs = [(int(row), int(page)) for row, page in pages]
+    return torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+
+
+class Pager:
+    """Demand paging of one pool of GPU frames, with host slots and an optional disk store.
+
+    Args:
+        pool: the GPU frame pool [F, L, 2, H, P, D] (CUDA, or CPU for tests), contiguous.
+        host_pool: the host slots [S, L, 2, H, P, D], CPU, the pool's dtype, pinned when the pool
+            is on CUDA; None for no host tier.
+        max_sequences, max_pages: the page table's shape (rows, pages per row).
+        num_frames: frames the pager may use (default: all of the pool's).
+        num_host_slots: host slots it may use (default: all of host_pool's).
+        disk_store: a paged_kv disk store whose page size is one frame's bytes, or None.
+        num_disk_slots: disk slots it may use (default: all of the store's).
+        write_through: write each page to a host slot as soon as it is sealed, so that evicting
+            it never waits for a write-back.
+        bounce_through_host_slots: read disk pages into frames through host slots the pager
+            lends for the call (the generic Mover path) rather than straight into the frames
+            (CPU pool) or through the mover's own pinned staging buffer (CUDA pool). For tests.
+    """
+
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        host_pool: torch.Tensor | None = None,
+        *,
+        max_sequences: int,
+        max_pages: int,
+        num_frames: int | None = None,
+        num_host_slots: int | None = None,
+        disk_store=None,
+        num_disk_slots: int | None = None,
+        write_through: bool = False,
+        bounce_through_host_slots: bool = False,
+    ):
+        _library.require_library()
+        if host_pool is None:
+            host_pool = torch.empty((0, *pool.shape[1:]), dtype=pool.dtype)
+        if num_frames is None:
+            num_frames = pool.shape[0]
+        if num_host_slots is None:
+            num_host_slots = host_pool.shape[0]
+        if num_disk_slots is None:
+            num_disk_slots = disk_store.num_slots if disk_store is not None else 0
+            num_disk_slots = num_disk_slots() if callable(num_disk_slots) else num_disk_slots
+        self.pool = pool
+        self.host_pool = host_pool
+        self.disk_store = disk_store
+        self._pager = _library._C.Pager(
+            num_frames, num_host_slots, num_disk_slots, max_sequences, max_pages, write_through,
+            pool, host_pool, disk_store, bounce_through_host_slots,
+        )
+
+    # ---- sequences ----
+
+    def add_sequence(self, tenant: int = 0, row: int | None = None) -> int:
+        """Take a free page-table row (or `row`) for a new sequence of `tenant`; returns the row."""
+        return self._pager.add_sequence(tenant, -1 if row is None else row)
+
+    def remove_sequence(self, row: int) -> None:
+        """Free the row and every frame and slot of its pages; its PTEs become unmapped."""
+        self._pager.remove_sequence(row)
+
+    def append_pages(self, row: int, n: int = 1) -> int:
+        """Seal the sequence's open pages, then append n open pages in GPU frames (evicting least
+        recently used pages as needed). Returns the first new page's index. Write the new pages
+        (paged_kv.append_kv through a synced page table) before the next pager call that may
+        evict them, i.e. before they are sealed."""
+        return self._pager.append_pages(row, n)
+
+    def seal(self, row: int, page: int) -> None:
+        """Seal an open page and the open pages before it: they never change again and may now
+        be evicted. With write_through, they are written to host slots at once. A no-op for a
+        sealed page."""
+        self._pager.seal(row, page)
+
+    def is_live(self, row: int) -> bool:
+        return self._pager.is_live(row)
+
+    def num_pages(self, row: int) -> int:
+        return self._pager.num_pages(row)
+
+    def tenant(self, row: int) -> int:
+        return self._pager.tenant(row)
+
+    # ---- use, pins, residency ----
+
+    def touch(self, pages: Pages, tick: int) -> None:
+        """Record a use at `tick`: the pages become the most recently used in their tiers."""
+        self._pager.touch(_pages(pages), tick)
+
+    def pin(self, pages: Pages) -> None:
+        """Keep pages in their current tier until unpinned (pins nest)."""
+        self._pager.pin(_pages(pages))
+
+    def unpin(self, pages: Pages) -> None:
+        self._pager.unpin(_pages(pages))
+
+    def service(self, pages: Pages) -> int:
+        """Make every listed page GPU-resident (the fault path) and return how many were not.
+
+        The pages are pinned for the call, so they never evict each other. Raises PagerError when
+        more pages are missing than max_serviceable() or when no lower tier has room for a page
+        that must be written back. The moves are complete when it returns; call sync_table()
+        before the kernel reads the page table.
+        """
+        return self._pager.service(_pages(pages))
+
+    def max_serviceable(self) -> int:
+        """How many pages one service() call can make GPU-resident (free frames plus frames of
+        sealed, unpinned pages). Stream more faults than this in batches."""
+        return self._pager.max_serviceable()
+
+    def promote(self, pages: Pages, tier: Tier | int) -> None:
+        """Move pages up to `tier` (GPU or HOST); pages already there or higher stay."""
+        self._pager.promote(_pages(pages), int(tier))
+
+    def demote(self, pages: Pages, tier: Tier | int) -> None:
+        """Move sealed, unpinned pages down to `tier` (HOST or DISK); pages already there or lower
+        stay. A page with a valid copy there is not written again."""
+        self._pager.demote(_pages(pages), int(tier))
+
+    # ---- page table ----
+
+    def page_table(self) -> torch.Tensor:
+        """A copy of the page-table mirror, int32 [max_sequences, max_pages] on the CPU."""
+        return self._pager.page_table()
+
+    def pte(self, row: int, page: int) -> int:
+        return self._pager.pte(row, page)
+
+    def sync_table(self, page_table: torch.Tensor, all_rows: bool = False) -> int:
+        """Copy the rows whose PTEs changed since the last sync (or every row) into `page_table`
+        (int32 [max_sequences, max_pages], any device); returns how many rows were copied. It
+        consumes the dirty rows, as take_dirty_rows() does."""
+        return self._pager.sync_table(page_table, all_rows)
+
+    def take_dirty_rows(self) -> list[int]:
+        """The rows whose PTEs changed since the last call (or sync_table), sorted."""
+        return self._pager.take_dirty_rows()
+
+    # ---- inspection ----
+
+    def page_info(self, row: int, page: int) -> dict:
+        """The page's metadata: tier, pte, frame, host_slot, disk_slot (-1 when none), sealed,
+        host_valid, disk_valid, pins, tenant, last_use, generation."""
+        return self._pager.page_info(row, page)
+
+    def stats(self) -> dict:
+        """Counters: service_calls, faults_serviced, pages_moved and bytes_moved per direction
+        (gpu_to_host, host_to_gpu, host_to_disk, disk_to_host, disk_to_gpu), evictions per tier,
+        evictions_without_write, write_throughs, service_seconds."""
+        return self._pager.stats()
+
+    def reset_stats(self) -> None:
+        self._pager.reset_stats()
+
+    def free_frames(self) -> int:
+        return self._pager.free_frames()
+
+    def free_host_slots(self) -> int:
+        return self._pager.free_host_slots()
+
+    def free_disk_slots(self) -> int:
+        return self._pager.free_disk_slots()
+
+    def lru_order(self, tier: Tier | int) -> list[int]:
+        """The evictable frames (GPU) or slots (HOST, DISK), least recently used first."""
+        return self._pager.lru_order(int(tier))
+
+    def check_invariants(self) -> None:
+        """Raise PagerInternalError if any bookkeeping is inconsistent (for tests)."""
+        self._pager.check_invariants()
+
+    def bytes_of_metadata(self) -> int:
+        """Bytes of every structure the pager keeps: page metadata, allocators, LRU links and
+        the page-table mirror."""
+        return self._pager.bytes_of_metadata()
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page (one frame of the pool)."""
+        return self._pager.page_bytes
+
+    @property
+    def config(self) -> dict:
+        return self._pager.config
