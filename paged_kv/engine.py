@@ -1,0 +1,508 @@
+"""The engine: a Policy turned into tiers, a pager and a page table, with exact attention over
+contexts larger than the GPU frames (docs/DESIGN.md, "The fault protocol").
+
+    with Engine(policy, num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                device="cuda", max_sequences=64, max_pages=512) as engine:
+        row = engine.new_sequence()
+        for layer in range(32):                      # one forward step of T new tokens
+            engine.append(row, key[layer], value[layer], layer)        # [T, H, D] each
+            out = engine.attention(query[layer], [row], [0, T], layer)  # [T, Hq, D]
+
+Appending. All layers of a token live in one page, so pages are allocated per token range, not
+per layer. Each sequence has a *reserved* token count (pages exist for it) and, per layer, a
+*written* count. append(row, key, value, layer) writes the T tokens after that layer's written
+count; when those go past the reservation and every layer has caught up with it, the engine
+reserves T more tokens first (so the first layer written in a step allocates, the others reuse
+those pages). reserve(row, n) does the same explicitly. Writing a layer past the reservation
+while another layer lags behind it is an error. attention at `layer` sees the tokens written
+at that layer, so the usual loop "append layer l, attend layer l" works step by step.
+
+A step whose tokens start inside a partly written page and spill into new pages needs that page
+writable while the new ones are appended, but the pager seals a row's open pages when it
+appends. The engine pins that page across the step (a sealed, pinned page stays in its frame and,
+under write_back, has no lower copy yet), and unpins it once every layer has written it. Under
+write_through sealing copies the page to the host at once, so such a step is refused: start
+each multi-token step on a page boundary (decode steps of one token always qualify).
+
+Faults: attention runs paged_kv.attention with a fault queue. The pager's mirror of the page
+table tells on the host whether any page of the batch is out of reach; only then are the faults
+read (a synchronisation). With fault_mode "service" they are made GPU-resident in batches of at
+most pager.max_serviceable(); each batch is attended on a page table mapping that batch alone,
+and every partial state is merged with paged_kv.merge_states, which gives exact attention over
+the whole context. With fault_mode "forbid" a fault raises FaultError naming the pages.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from typing import Sequence
+
+import torch
+
+from paged_kv import ops
+from paged_kv.pager import Pager
+from paged_kv.policy import Policy
+from paged_kv.pte import TIER_SHIFT, Tier, UNMAPPED, new_page_table, new_pool
+
+__all__ = ["Engine", "FaultError"]
+
+HEAD_DIMS = (64, 128, 256)
+CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class FaultError(RuntimeError):
+    """A page the attention needed was not readable and the policy forbids servicing faults."""
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Engine: {name} must be a positive int, got {value!r}")
+    return value
+
+
+class _Sequence:
+    __slots__ = ("reserved", "written", "pinned_page")
+
+    def __init__(self, num_layers: int):
+        self.reserved = 0  # tokens that have pages
+        self.written = [0] * num_layers  # tokens written, per layer
+        self.pinned_page = None  # a sealed page pinned until every layer has written it
+
+
+class Engine:
+    """Tiers, pager and device page table built from a Policy; see the module docstring.
+
+    Args:
+        policy: the Policy; its budgets are floored to whole pages of this model's geometry.
+        num_layers, num_kv_heads, head_dim: the model's KV geometry (head_dim 64, 128 or 256).
+        dtype: K/V dtype (float16 or bfloat16; float32 also on CPU).
+        device: where the GPU frames and the page table live (CUDA, or CPU for tests).
+        max_sequences, max_pages: the page table's shape (rows, pages per row).
+
+    Attributes: policy, device, dtype, page_bytes, num_frames, num_host_slots, num_disk_slots,
+    pool, host_pool (None without a host tier), disk_store (None without a disk tier), disk_path,
+    io_backend ("posix", or None without a disk tier), pager, page_table.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_sequences: int,
+        max_pages: int,
+    ):
+        self._closed = True  # until construction succeeds
+        self._temp_dir = None
+        if not isinstance(policy, Policy):
+            raise TypeError(f"Engine needs a paged_kv.Policy, got {type(policy).__name__}")
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("max_sequences", max_sequences),
+                            ("max_pages", max_pages)):
+            _positive(name, value)
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"Engine: head_dim must be one of {HEAD_DIMS} (the attention kernels), got {head_dim}")
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"Engine: dtype must be a torch.dtype, got {type(dtype).__name__} {dtype!r}")
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"Engine: device {device} requested but CUDA is not available")
+            if device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            allowed = CUDA_DTYPES
+        elif device.type == "cpu":
+            allowed = CPU_DTYPES
+        else:
+            raise ValueError(f"Engine: device must be a CUDA device or the CPU, got {device}")
+        if dtype not in allowed:
+            raise ValueError(
+                f"Engine: dtype {dtype} is not supported on {device.type}; use one of "
+                f"{', '.join(str(d) for d in allowed)}"
+            )
+
+        self.policy = policy
+        self.device = device
+        self.dtype = dtype
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.page_size = policy.page_size
+        self.max_sequences, self.max_pages = max_sequences, max_pages
+        element_size = torch.empty((), dtype=dtype).element_size()
+        self.page_bytes = policy.page_bytes(num_layers, num_kv_heads, head_dim, element_size)
+        frames = policy.frames(self.page_bytes)
+        self.num_frames, self.num_host_slots, self.num_disk_slots = frames["gpu"], frames["host"], frames["disk"]
+        if self.num_disk_slots and not self.num_host_slots:
+            raise ValueError(
+                "Engine: Policy.disk_budget is set but Policy.host_budget is 0; pages reach the "
+                "disk through host slots, so give the host tier at least one page "
+                f"({self.page_bytes} bytes) or set disk_budget to 0"
+            )
+        if self.num_disk_slots:
+            if policy.io_backend == "cufile":
+                raise ValueError(
+                    "Engine: Policy.io_backend='cufile' is not available: the disk store has only "
+                    "the POSIX backend so far; use io_backend='posix' or 'auto'"
+                )
+            self.io_backend = "posix"  # "auto" and "posix"
+        else:
+            self.io_backend = None
+
+        pin = device.type == "cuda"
+        self.pool = new_pool(self.num_frames, num_layers, num_kv_heads, self.page_size, head_dim, dtype, device)
+        self.host_pool = None
+        if self.num_host_slots:
+            self.host_pool = torch.empty((self.num_host_slots, *self.pool.shape[1:]), dtype=dtype, pin_memory=pin)
+        self.disk_store = None
+        self.disk_path = None
+        if self.num_disk_slots:
+            from paged_kv.store import DiskStore
+
+            if policy.disk_path is None:
+                self._temp_dir = tempfile.mkdtemp(prefix="paged_kv_")
+                self.disk_path = self._temp_dir
+            else:
+                self.disk_path = policy.disk_path
+            try:
+                self.disk_store = DiskStore(self.disk_path, self.num_disk_slots, self.page_bytes)
+            except BaseException:
+                self._remove_temp_dir()
+                raise
+        self.pager = Pager(
+            self.pool, self.host_pool, max_sequences=max_sequences, max_pages=max_pages,
+            disk_store=self.disk_store, write_through=policy.write_policy == "write_through",
+        )
+        self.page_table = new_page_table(max_sequences, max_pages, device)
+        self._sequences: dict[int, _Sequence] = {}
+        self._tick = 0
+        self._counters = {
+            "attention_calls": 0,
+            "tokens_appended": 0,
+            "faults_seen": 0,
+            "fault_services": 0,  # attention calls that serviced faults
+            "fault_batches": 0,
+            "fault_service_seconds": 0.0,
+        }
+        self._closed = False
+
+    # ---- sequences ----
+
+    def new_sequence(self, tenant: int = 0) -> int:
+        """A new, empty sequence of `tenant`; returns its page-table row."""
+        self._check_open()
+        row = self.pager.add_sequence(tenant)
+        self._sequences[row] = _Sequence(self.num_layers)
+        return row
+
+    def free_sequence(self, row: int) -> None:
+        """Free the row and all its pages."""
+        seq = self._sequence(row)
+        if seq.pinned_page is not None:
+            self.pager.unpin([(row, seq.pinned_page)])
+        self.pager.remove_sequence(row)
+        del self._sequences[row]
+        self.pager.sync_table(self.page_table)
+
+    def num_tokens(self, row: int, layer: int | None = None) -> int:
+        """Tokens written to every layer of the sequence (or to `layer`)."""
+        seq = self._sequence(row)
+        return min(seq.written) if layer is None else seq.written[self._layer(layer)]
+
+    def reserve(self, row: int, num_tokens: int) -> None:
+        """Allocate pages for the next `num_tokens` tokens of the sequence. Every layer must have
+        written the tokens reserved before (append reserves by itself when they have)."""
+        seq = self._sequence(row)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"Engine.reserve: num_tokens must be an int >= 0, got {num_tokens!r}")
+        behind = [layer for layer, n in enumerate(seq.written) if n != seq.reserved]
+        if behind:
+            raise ValueError(
+                f"Engine.reserve: sequence {row} has {seq.reserved} tokens reserved but layer(s) "
+                f"{behind} have written only {[seq.written[layer] for layer in behind]}; write every "
+                f"layer of the reserved tokens before reserving more"
+            )
+        target = seq.reserved + num_tokens
+        if target > self.max_pages * self.page_size:
+            raise ValueError(
+                f"Engine.reserve: sequence {row} would hold {target} tokens, more than max_pages * "
+                f"page_size = {self.max_pages * self.page_size}"
+            )
+        have = self.pager.num_pages(row)
+        need = -(-target // self.page_size)
+        if need > have:
+            partial = seq.reserved % self.page_size != 0  # the last page still has slots to fill
+            if partial and self.policy.write_policy == "write_through":
+                raise ValueError(
+                    f"Engine: a step of {num_tokens} tokens from position {seq.reserved} of sequence {row} "
+                    f"fills the rest of page {have - 1} and spills into new pages; under "
+                    f"Policy.write_policy='write_through' appending seals (and copies) that page "
+                    f"before the other layers write it. Start multi-token steps on a page boundary "
+                    f"(a multiple of {self.page_size} tokens) or use write_policy='write_back'"
+                )
+            if partial:
+                self.pager.pin([(row, have - 1)])
+                seq.pinned_page = have - 1
+            try:
+                self.pager.append_pages(row, need - have)
+            except BaseException:
+                if partial:
+                    self.pager.unpin([(row, have - 1)])
+                    seq.pinned_page = None
+                raise
+            finally:
+                self.pager.sync_table(self.page_table)
+        seq.reserved = target
+        self._release_if_done(row, seq)
+
+    def append(self, row: int, key: torch.Tensor, value: torch.Tensor, layer: int) -> None:
+        """Write K and V ([T, H, D] each, the engine's dtype and device) of the sequence's next T
+        tokens into `layer`. Reserves pages for them when every layer has written the tokens
+        reserved before."""
+        seq = self._sequence(row)
+        layer = self._layer(layer)
+        for name, t in (("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Engine.append: {name} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 3 or tuple(t.shape[1:]) != (self.num_kv_heads, self.head_dim):
+                raise ValueError(
+                    f"Engine.append: {name} must be [T, {self.num_kv_heads}, {self.head_dim}], got {tuple(t.shape)}"
+                )
+            if t.dtype != self.dtype or t.device != self.device:
+                raise ValueError(
+                    f"Engine.append: {name} must be {self.dtype} on {self.device}, got {t.dtype} on {t.device}"
+                )
+        if key.shape != value.shape:
+            raise ValueError(f"Engine.append: key {tuple(key.shape)} and value {tuple(value.shape)} differ")
+        n = key.shape[0]
+        start = seq.written[layer]
+        if start + n > seq.reserved:
+            if start == seq.reserved and all(w == seq.reserved for w in seq.written):
+                self.reserve(row, n)
+            else:
+                raise ValueError(
+                    f"Engine.append: layer {layer} of sequence {row} would write tokens {start}..{start + n - 1} "
+                    f"but only {seq.reserved} are reserved and other layers have not written them all "
+                    f"(written per layer: {seq.written}); write the same tokens to every layer of a step"
+                )
+        if n:
+            positions = torch.arange(start, start + n, dtype=torch.int32, device=self.device)
+            sequences = torch.full((n,), row, dtype=torch.int32, device=self.device)
+            ops.append_kv(key, value, self.pool, self.page_table, sequences, positions, layer)
+        seq.written[layer] = start + n
+        if layer == 0:
+            self._counters["tokens_appended"] += n
+        self._release_if_done(row, seq)
+
+    def _release_if_done(self, row: int, seq: _Sequence) -> None:
+        if not all(w == seq.reserved for w in seq.written):
+            return
+        if seq.pinned_page is not None:
+            self.pager.unpin([(row, seq.pinned_page)])
+            seq.pinned_page = None
+        # Every layer is written: the full pages will not change again. Sealing them now (the
+        # partly written last page stays open) lets them be evicted before the next append.
+        full = seq.reserved // self.page_size
+        if full:
+            self.pager.seal(row, full - 1)
+            # A write-through may push another page's host copy to disk and reuse its slot.
+            self.pager.sync_table(self.page_table)
+
+    # ---- attention ----
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        rows: Sequence[int] | torch.Tensor,
+        query_starts: Sequence[int] | torch.Tensor,
+        layer: int,
+        *,
+        scale: float | None = None,
+        window: int = 0,
+        sinks: int = 0,
+        return_lse: bool = False,
+    ):
+        """Exact attention of a batch of query chunks over every token written at `layer`.
+
+        Entry b has the queries query[query_starts[b]:query_starts[b + 1]] ([N, Hq, D] in all),
+        which are the newest tokens of sequence rows[b] (append them first). Pages off the GPU
+        fault and are serviced (or raise FaultError under fault_mode "forbid"); see
+        paged_kv.attention for the masking. Returns output [N, Hq, D] and, with return_lse, the
+        float32 LSE [N, Hq].
+        """
+        self._check_open()
+        layer = self._layer(layer)
+        rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
+        starts = [int(s) for s in (query_starts.tolist() if isinstance(query_starts, torch.Tensor) else query_starts)]
+        if len(starts) != len(rows) + 1 or not rows:
+            raise ValueError(
+                f"Engine.attention: query_starts needs len(rows) + 1 = {len(rows) + 1} entries and rows "
+                f"at least one, got {len(starts)} and {len(rows)}"
+            )
+        if not isinstance(query, torch.Tensor) or query.dtype != self.dtype or query.device != self.device:
+            raise ValueError(
+                f"Engine.attention: query must be {self.dtype} on {self.device}, got "
+                f"{getattr(query, 'dtype', type(query).__name__)} on {getattr(query, 'device', '-')}"
+            )
+        kv_lens = [self._sequence(r).written[layer] for r in rows]
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+        for b, (q, kv) in enumerate(zip(lengths, kv_lens)):
+            if q > kv:
+                raise ValueError(
+                    f"Engine.attention: entry {b} (sequence {rows[b]}) has {q} queries but only {kv} "
+                    f"tokens written at layer {layer}; append the new tokens' K/V first"
+                )
+        self._counters["attention_calls"] += 1
+        self._tick += 1
+        dev = self.device
+        sequences_t = torch.tensor(rows, dtype=torch.int32, device=dev)
+        starts_t = torch.tensor(starts, dtype=torch.int32, device=dev)
+        kv_lens_t = torch.tensor(kv_lens, dtype=torch.int32, device=dev)
+        max_query_len = max(max(lengths), 1)
+        pages_per_entry = [-(-kv // self.page_size) for kv in kv_lens]
+        capacity = sum(pages_per_entry) + 1
+        used = sorted({(r, p) for r, n in zip(rows, pages_per_entry) for p in range(n)})
+
+        def run(table, host_pool, queue):
+            return ops.attention(
+                query, self.pool, table, sequences_t, starts_t, kv_lens_t, layer, max_query_len,
+                scale=scale, window=window, sinks=sinks, host_pool=host_pool,
+                fault_queue=queue[0] if queue else None, fault_count=queue[1] if queue else None,
+                return_lse=True,
+            )
+
+        zero_copy = self.policy.zero_copy and self.host_pool is not None
+        host_pool = self.host_pool if zero_copy else None
+        # The mirror says on the host whether any page is out of reach; only then is the fault
+        # count read, so the common case never synchronises.
+        if not self._unreachable(used, zero_copy):
+            out, lse = run(self.page_table, host_pool, None)
+        else:
+            queue = ops.new_fault_queue(capacity, dev)
+            out, lse = run(self.page_table, host_pool, queue)
+            faults = [tuple(f) for f in ops.read_faults(*queue).tolist()]
+            if faults:
+                self._counters["faults_seen"] += len(faults)
+                if self.policy.fault_mode == "forbid":
+                    shown = ", ".join(f"(row {r}, page {p})" for r, p in faults[:16])
+                    more = f" and {len(faults) - 16} more" if len(faults) > 16 else ""
+                    raise FaultError(
+                        f"Engine.attention: {len(faults)} page(s) not readable at layer {layer} with "
+                        f"Policy.fault_mode='forbid': {shown}{more}; keep them in the GPU frames "
+                        f"(or host slots with zero_copy) before the step, or use fault_mode='service'"
+                    )
+                out, lse = self._service(faults, out, lse, run, capacity)
+        self.pager.touch(used, self._tick)
+        return (out, lse) if return_lse else out
+
+    def _unreachable(self, pages, zero_copy: bool) -> bool:
+        if not pages:
+            return False
+        mirror = self.pager.page_table()
+        index = torch.tensor(pages, dtype=torch.int64)
+        ptes = mirror[index[:, 0], index[:, 1]].to(torch.int64) & 0xFFFFFFFF
+        tiers = ptes >> TIER_SHIFT
+        reachable = (tiers == Tier.GPU) | ((tiers == Tier.HOST) & zero_copy)
+        return not bool(reachable.all())
+
+    def _service(self, faults, out, lse, run, capacity):
+        began = time.perf_counter()
+        outs, lses = [out], [lse]
+        try:
+            while faults:
+                limit = self.pager.max_serviceable()
+                if limit < 1:
+                    raise RuntimeError(
+                        "Engine.attention: no GPU frame can be freed to service faults (every frame "
+                        "holds an open or pinned page); raise Policy.gpu_budget or free sequences"
+                    )
+                batch, faults = faults[:limit], faults[limit:]
+                self.pager.service(batch)
+                self.pager.pin(batch)
+                try:
+                    # A table mapping this batch alone: the op reads it and faults (skips) the rest.
+                    only = torch.full((self.max_sequences, self.max_pages), UNMAPPED, dtype=torch.int32)
+                    for r, p in batch:
+                        only[r, p] = self.pager.pte(r, p)
+                    queue = ops.new_fault_queue(capacity, self.device)
+                    part, part_lse = run(only.to(self.device), None, queue)
+                    outs.append(part)
+                    lses.append(part_lse)
+                    if self.device.type == "cuda":
+                        # The frames may be refilled by the next batch's moves.
+                        torch.cuda.current_stream(self.device).synchronize()
+                finally:
+                    self.pager.unpin(batch)
+                self._counters["fault_batches"] += 1
+            self._counters["fault_services"] += 1
+        finally:
+            self.pager.sync_table(self.page_table)
+            self._counters["fault_service_seconds"] += time.perf_counter() - began
+        return ops.merge_states(torch.stack(outs), torch.stack(lses))
+
+    # ---- inspection, lifetime ----
+
+    def stats(self) -> dict:
+        """The pager's counters (Pager.stats) plus the engine's: attention_calls,
+        tokens_appended, faults_seen (distinct faulted pages, summed over calls), fault_services
+        (calls that serviced faults), fault_batches, fault_service_seconds."""
+        self._check_open()
+        stats = dict(self.pager.stats())
+        stats.update(self._counters)
+        return stats
+
+    def close(self) -> None:
+        """Release the pager, the pools and the disk store; remove the temporary disk folder."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sequences.clear()
+        # The store's file is deleted with the store; the pager holds a reference to it.
+        self.pager = None
+        self.disk_store = None
+        self.pool = self.host_pool = self.page_table = None
+        self._remove_temp_dir()
+
+    def _remove_temp_dir(self) -> None:
+        if self._temp_dir is not None:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- helpers ----
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("Engine is closed")
+
+    def _sequence(self, row) -> _Sequence:
+        self._check_open()
+        seq = self._sequences.get(row) if isinstance(row, int) and not isinstance(row, bool) else None
+        if seq is None:
+            raise ValueError(f"Engine: {row!r} is not a live sequence row (rows: {sorted(self._sequences)})")
+        return seq
+
+    def _layer(self, layer) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"Engine: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return layer

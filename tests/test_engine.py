@@ -1,0 +1,333 @@
+"""paged_kv.Engine: tiers sized from a Policy, appends through the pager, and exact attention over
+contexts ten times the GPU frames (the rest on host slots, or on host slots and disk), against
+the float64 reference over an unpaged copy of the K/V the test appended."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+import paged_kv
+from paged_kv import Engine, FaultError, Policy, Tier, reference
+from paged_kv.policy import format_bytes
+
+from conftest import DEVICES
+
+PAGE_SIZE, LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 16, 2, 2, 4, 64
+GPU_PAGES = 6
+
+
+def _dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _tolerance(dtype):
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5)
+    u = 2.0 ** -(torch.finfo(dtype).nmant + 1)  # unit roundoff
+    return dict(rtol=2 * u, atol=2 * u)
+
+
+def _page_bytes(dtype):
+    return LAYERS * 2 * KV_HEADS * PAGE_SIZE * HEAD_DIM * torch.empty((), dtype=dtype).element_size()
+
+
+def _policy(dtype, host_pages=0, disk_pages=0, **options):
+    pb = _page_bytes(dtype)
+    return Policy(page_size=PAGE_SIZE, gpu_budget=format_bytes(GPU_PAGES * pb),
+                  host_budget=format_bytes(host_pages * pb), disk_budget=format_bytes(disk_pages * pb), **options)
+
+
+def _engine(policy, device, max_sequences=3, max_pages=64):
+    return Engine(policy, num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=_dtype(device),
+                  device=device, max_sequences=max_sequences, max_pages=max_pages)
+
+
+def _generator(*params):
+    return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
+
+
+class Model:
+    """Drives an engine the way a forward pass does (per step: for each layer, append then
+    attend) and keeps the same K/V unpaged in a reference pool (page p of row r in its own
+    frame)."""
+
+    def __init__(self, engine, g):
+        self.engine, self.g = engine, g
+        self.dtype, self.device = engine.dtype, engine.device
+        rows, pages = engine.max_sequences, engine.max_pages
+        self.ref_pool = paged_kv.new_pool(rows * pages, LAYERS, KV_HEADS, PAGE_SIZE, HEAD_DIM, self.dtype)
+        self.ref_pool.fill_(float("nan"))
+        self.ref_table = paged_kv.new_page_table(rows, pages)
+        for r in range(rows):
+            for p in range(pages):
+                self.ref_table[r, p] = paged_kv.make_pte(Tier.GPU, r * pages + p)
+
+    def _randn(self, *shape):
+        return torch.randn(*shape, generator=self.g).to(self.dtype)
+
+    def append(self, row, n, layer):
+        key, value = self._randn(n, KV_HEADS, HEAD_DIM), self._randn(n, KV_HEADS, HEAD_DIM)
+        start = self.engine.num_tokens(row, layer)
+        self.engine.append(row, key.to(self.device), value.to(self.device), layer)
+        positions = torch.arange(start, start + n, dtype=torch.int32)
+        paged_kv.append_kv(key, value, self.ref_pool, self.ref_table, torch.full((n,), row, dtype=torch.int32),
+                           positions, layer)
+
+    def fill(self, rows, length, chunk):
+        """Grow every row to `length` tokens in steps of `chunk`, rows interleaved."""
+        while any(self.engine.num_tokens(r) < length for r in rows):
+            for r in rows:
+                n = min(chunk, length - self.engine.num_tokens(r))
+                for layer in range(LAYERS):
+                    if n:
+                        self.append(r, n, layer)
+
+    def step(self, rows, queries, check=True, **kwargs):
+        """One forward step: entry b appends queries[b] tokens, then each layer attends them
+        (checked against the reference). Returns the outputs per layer."""
+        starts = [0]
+        for q in queries:
+            starts.append(starts[-1] + q)
+        outs = []
+        for layer in range(LAYERS):
+            for r, q in zip(rows, queries):
+                self.append(r, q, layer)
+            query = self._randn(starts[-1], Q_HEADS, HEAD_DIM)
+            out, lse = self.engine.attention(query.to(self.device), rows, starts, layer, return_lse=True, **kwargs)
+            if check:
+                self.check(query, rows, starts, layer, out, lse, **kwargs)
+            outs.append(out)
+        return outs
+
+    def check(self, query, rows, starts, layer, out, lse, **kwargs):
+        kv_lens = torch.tensor([self.engine.num_tokens(r, layer) for r in rows], dtype=torch.int32)
+        ref_out, ref_lse, faults, _ = reference.paged_attention(
+            query, self.ref_pool, self.ref_table, torch.tensor(rows, dtype=torch.int32),
+            torch.tensor(starts, dtype=torch.int32), kv_lens, layer, faults=False, **kwargs)
+        assert faults == []
+        tol = _tolerance(self.dtype)
+        torch.testing.assert_close(out.cpu().double(), ref_out.double(), **tol)
+        torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=tol["rtol"], atol=max(tol["atol"], 1e-4))
+
+
+def _tiers(engine, row):
+    return [Tier(engine.pager.page_info(row, p)["tier"]) for p in range(engine.pager.num_pages(row))]
+
+
+# ---- construction and errors ----
+
+def test_construction_from_policy_with_byte_strings():
+    policy = Policy(page_size=16, gpu_budget="128KiB", host_budget="1 MiB", disk_budget="2MiB")
+    with Engine(policy, num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, device="cpu",
+                max_sequences=4, max_pages=32) as engine:
+        assert engine.page_bytes == 32 * 1024
+        assert (engine.num_frames, engine.num_host_slots, engine.num_disk_slots) == (4, 32, 64)
+        assert engine.pool.shape == (4, 2, 2, 2, 16, 64) and engine.pool.dtype == torch.float32
+        assert engine.host_pool.shape == (32, 2, 2, 2, 16, 64) and engine.host_pool.device.type == "cpu"
+        assert engine.page_table.shape == (4, 32) and engine.page_table.dtype == torch.int32
+        assert bool((engine.page_table == paged_kv.UNMAPPED).all())
+        assert engine.io_backend == "posix"
+        folder = engine.disk_path
+        assert os.path.isdir(folder) and os.listdir(folder)
+        assert engine.pager.config is not None
+    assert engine.closed and not os.path.exists(folder)
+
+
+def test_disk_path_is_used_and_kept(tmp_path):
+    policy = Policy(page_size=16, gpu_budget="128KiB", host_budget="128KiB", disk_budget="256KiB",
+                    disk_path=str(tmp_path), io_backend="posix")
+    engine = Engine(policy, num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, device="cpu",
+                    max_sequences=1, max_pages=8)
+    assert engine.disk_path == str(tmp_path) and os.listdir(tmp_path)
+    engine.close()
+    engine.close()  # idempotent
+    assert os.path.isdir(tmp_path)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.new_sequence()
+
+
+def test_no_disk_tier():
+    with _engine(_policy(torch.float32, host_pages=2), "cpu") as engine:
+        assert engine.disk_store is None and engine.io_backend is None and engine.disk_path is None
+    with _engine(_policy(torch.float32), "cpu") as engine:
+        assert engine.host_pool is None and engine.num_host_slots == 0
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(io_backend="cufile"), "io_backend='cufile'.*POSIX"),
+    (dict(host_budget=0), "disk_budget is set but Policy.host_budget is 0"),
+    (dict(gpu_budget="1KiB"), "gpu_budget of 1 KiB holds no whole page"),
+])
+def test_policy_errors(changes, match):
+    policy = _policy(torch.float32, host_pages=2, disk_pages=4).replace(**changes)
+    with pytest.raises(ValueError, match=match):
+        _engine(policy, "cpu")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype=torch.float64), "dtype torch.float64 is not supported on cpu"),
+    (dict(head_dim=96), "head_dim must be one of"),
+    (dict(num_layers=0), "num_layers must be a positive int"),
+    (dict(device="meta"), "CUDA device or the CPU"),
+])
+def test_argument_errors(kwargs, match):
+    args = dict(num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=torch.float32, device="cpu",
+                max_sequences=2, max_pages=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        Engine(_policy(torch.float32), **args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_gpu_is_an_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        Engine(_policy(torch.bfloat16), num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+               dtype=torch.bfloat16, device="cuda", max_sequences=2, max_pages=8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_append_and_attention_errors(device):
+    dtype = _dtype(device)
+    with _engine(_policy(dtype, host_pages=8), device) as engine:
+        row = engine.new_sequence()
+        kv = torch.zeros(3, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        with pytest.raises(ValueError, match="must be"):
+            engine.append(row, kv.float() if dtype != torch.float32 else kv.double(), kv, 0)
+        with pytest.raises(ValueError, match=r"must be \[T, 2, 64\]"):
+            engine.append(row, kv[:, :1], kv[:, :1], 0)
+        with pytest.raises(ValueError, match="layer must be"):
+            engine.append(row, kv, kv, LAYERS)
+        with pytest.raises(ValueError, match="not a live sequence"):
+            engine.append(row + 1, kv, kv, 0)
+        engine.append(row, kv, kv, 0)
+        # Layer 0 may not run ahead of the reservation while layer 1 lags behind it.
+        with pytest.raises(ValueError, match="other layers have not written"):
+            engine.append(row, kv, kv, 0)
+        with pytest.raises(ValueError, match="layer\\(s\\) \\[1\\]"):
+            engine.reserve(row, 4)
+        query = torch.zeros(4, Q_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        with pytest.raises(ValueError, match="4 queries but only 3 tokens"):
+            engine.attention(query, [row], [0, 4], 0)
+        with pytest.raises(ValueError, match="query_starts needs"):
+            engine.attention(query, [row], [0], 0)
+        engine.append(row, kv, kv, 1)
+        assert engine.num_tokens(row) == 3
+        engine.free_sequence(row)
+        with pytest.raises(ValueError, match="not a live sequence"):
+            engine.num_tokens(row)
+
+
+# ---- exact attention over contexts larger than the GPU ----
+
+# name: (host pages, disk pages); the context is ten times the GPU frames (first) or ten times
+# the GPU frames plus host slots (second), the rest on disk.
+# Each tier has a spare page per GPU frame: servicing a page keeps its lower copy, so evicting a
+# frame in exchange may need a free slot below.
+TIERS = {"host": (11 * GPU_PAGES, 0), "host+disk": (GPU_PAGES, 10 * 2 * GPU_PAGES + 2 * GPU_PAGES)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tiers", list(TIERS))
+@pytest.mark.parametrize("zero_copy", [True, False])
+@pytest.mark.parametrize("write_policy", ["write_back", "write_through"])
+def test_decode_and_prefill_are_exact_over_a_context_ten_times_the_budget(device, tiers, zero_copy, write_policy):
+    dtype = _dtype(device)
+    host_pages, disk_pages = TIERS[tiers]
+    policy = _policy(dtype, host_pages, disk_pages, zero_copy=zero_copy, write_policy=write_policy)
+    g = _generator("engine", device, tiers, zero_copy, write_policy)
+    with _engine(policy, device, max_sequences=2, max_pages=96) as engine:
+        model = Model(engine, g)
+        rows = [engine.new_sequence(tenant=7), engine.new_sequence()]
+        resident = GPU_PAGES + (GPU_PAGES if disk_pages else 0)
+        total_pages = 10 * resident
+        length = total_pages // 2 * PAGE_SIZE - PAGE_SIZE // 2  # each row ends inside a page
+        # write_through refuses steps that spill out of a partly written page: page-sized steps.
+        chunk = PAGE_SIZE if write_policy == "write_through" else 13
+        model.fill(rows, length, chunk)
+        where = _tiers(engine, rows[0]) + _tiers(engine, rows[1])
+        assert len(where) == total_pages
+        assert where.count(Tier.GPU) <= GPU_PAGES
+        if disk_pages:
+            assert where.count(Tier.DISK) >= total_pages - GPU_PAGES - host_pages
+        engine.pager.check_invariants()
+
+        model.step(rows, [1, 1])  # decode
+        # Prefill/extend chunks: 20 tokens spill out of row 0's partly written page.
+        if write_policy == "write_through":
+            with pytest.raises(ValueError, match="page boundary"):
+                engine.append(rows[0], *(torch.zeros(20, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),) * 2, 0)
+            model.step(rows, [PAGE_SIZE - PAGE_SIZE // 2 - 1, 1])  # fill row 0's page up to its end
+            model.step(rows, [2 * PAGE_SIZE, 1])  # from a page boundary
+        else:
+            model.step(rows, [20, 1])
+            model.step(rows, [1, 30])
+        model.step(rows, [1, 1], window=3 * PAGE_SIZE, sinks=4)
+        engine.pager.check_invariants()
+
+        stats = engine.stats()
+        assert stats["attention_calls"] == 4 * LAYERS
+        if zero_copy and not disk_pages:  # every page is readable in place
+            assert stats["faults_seen"] == 0 and stats["fault_batches"] == 0
+        else:
+            assert stats["faults_seen"] > 0 and stats["fault_batches"] >= 2
+            assert stats["fault_services"] > 0 and stats["fault_service_seconds"] > 0
+            assert stats["faults_serviced"] > 0 and stats["service_calls"] >= stats["fault_batches"]
+        if disk_pages:
+            assert stats["pages_moved"]["disk_to_gpu"] > 0
+        if write_policy == "write_through":
+            assert stats["write_throughs"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_copy_reads_host_pages_without_faults(device):
+    """Everything on the GPU or the host with zero-copy: exact, and no fault at all."""
+    dtype = _dtype(device)
+    with _engine(_policy(dtype, host_pages=10 * GPU_PAGES, zero_copy=True), device, max_sequences=1) as engine:
+        model = Model(engine, _generator("zero-copy", device))
+        row = engine.new_sequence()
+        model.fill([row], 9 * GPU_PAGES * PAGE_SIZE + 5, PAGE_SIZE)
+        assert _tiers(engine, row).count(Tier.HOST) >= 8 * GPU_PAGES
+        model.step([row], [1])
+        model.step([row], [9])
+        stats = engine.stats()
+        assert stats["faults_seen"] == 0 and stats["fault_batches"] == 0 and stats["faults_serviced"] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_forbid_raises_naming_the_faulted_pages(device, zero_copy):
+    dtype = _dtype(device)
+    policy = _policy(dtype, host_pages=GPU_PAGES, disk_pages=8 * GPU_PAGES, zero_copy=zero_copy, fault_mode="forbid")
+    with _engine(policy, device, max_sequences=1) as engine:
+        model = Model(engine, _generator("forbid", device, zero_copy))
+        row = engine.new_sequence()
+        model.fill([row], 6 * GPU_PAGES * PAGE_SIZE, PAGE_SIZE)
+        model.append(row, 1, 0)
+        query = torch.zeros(1, Q_HEADS, HEAD_DIM, dtype=dtype, device=device)
+        with pytest.raises(FaultError, match=r"fault_mode='forbid': \(row 0, page 0\)"):
+            engine.attention(query, [row], [0, 1], 0)
+        model.append(row, 1, 1)
+        assert engine.stats()["faults_seen"] > 0 and engine.stats()["fault_batches"] == 0
+        # A window that keeps every seen page on the GPU does not fault.
+        model.step([row], [1], window=PAGE_SIZE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_free_sequence_returns_its_pages(device):
+    dtype = _dtype(device)
+    with _engine(_policy(dtype, host_pages=2 * GPU_PAGES), device) as engine:
+        model = Model(engine, _generator("free", device))
+        a, b = engine.new_sequence(), engine.new_sequence()
+        model.fill([a, b], 5 * PAGE_SIZE + 3, 13)
+        engine.free_sequence(a)
+        assert bool((engine.page_table[a].cpu() == paged_kv.UNMAPPED).all())
+        assert engine.pager.free_frames() + engine.pager.free_host_slots() >= 6
+        model.step([b], [1])
+        c = engine.new_sequence()
+        model.fill([c], 2 * PAGE_SIZE, PAGE_SIZE)
+        model.step([b, c], [3, 1])
+        engine.pager.check_invariants()
