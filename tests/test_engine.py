@@ -27,7 +27,7 @@ def _dtype(device):
 def _tolerance(dtype):
     if dtype == torch.float32:
         return dict(rtol=1e-5, atol=1e-5)
-    u = 2.0 ** -(torch.finfo(dtype).nmant + 1)  # unit roundoff
+    u = torch.finfo(dtype).eps / 2  # unit roundoff
     return dict(rtol=2 * u, atol=2 * u)
 
 
