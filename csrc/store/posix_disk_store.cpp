@@ -71,6 +71,8 @@ class PosixDiskStore final : public DiskStore {
   std::vector<SlotFailure> read_pages(const std::vector<PageRead>& pages) override;
 
  private:
+  template <typename Request, typename One>
+  std::vector<SlotFailure> run_batch(const std::vector<Request>& requests, const One& one);
   void check_slot(int64_t slot, const char* call, const void* pointer,
                   const char* pointer_name) const;
   int64_t offset_of(int64_t slot) const { return slot * slot_bytes_; }
@@ -243,13 +245,17 @@ void PosixDiskStore::verify(const unsigned char* header, const SlotTag& expected
   }
 }
 
-std::vector<SlotFailure> PosixDiskStore::write_pages(const std::vector<PageWrite>& pages) {
-  check_batch(pages);
-  std::vector<std::string> errors(pages.size());
-  std::vector<char> failed(pages.size(), 0);
-  io_pool_.run(pages.size(), [&](size_t i) {
+// Runs `one(i)` for every request on the I/O threads; a request that throws becomes a failure
+// naming its index and slot, and the others go on.
+template <typename Request, typename One>
+std::vector<SlotFailure> PosixDiskStore::run_batch(const std::vector<Request>& requests,
+                                                   const One& one) {
+  check_batch(requests);
+  std::vector<std::string> errors(requests.size());
+  std::vector<char> failed(requests.size(), 0);
+  io_pool_.run(requests.size(), [&](size_t i) {
     try {
-      write_page(pages[i].slot, pages[i].tag, pages[i].src);
+      one(requests[i]);
     } catch (const std::exception& e) {
       errors[i] = e.what();
       failed[i] = 1;
@@ -259,32 +265,18 @@ std::vector<SlotFailure> PosixDiskStore::write_pages(const std::vector<PageWrite
     }
   });
   std::vector<SlotFailure> failures;
-  for (size_t i = 0; i < pages.size(); ++i) {
-    if (failed[i]) failures.push_back(SlotFailure{i, pages[i].slot, std::move(errors[i])});
+  for (size_t i = 0; i < requests.size(); ++i) {
+    if (failed[i]) failures.push_back(SlotFailure{i, requests[i].slot, std::move(errors[i])});
   }
   return failures;
 }
 
+std::vector<SlotFailure> PosixDiskStore::write_pages(const std::vector<PageWrite>& pages) {
+  return run_batch(pages, [this](const PageWrite& w) { write_page(w.slot, w.tag, w.src); });
+}
+
 std::vector<SlotFailure> PosixDiskStore::read_pages(const std::vector<PageRead>& pages) {
-  check_batch(pages);
-  std::vector<std::string> errors(pages.size());
-  std::vector<char> failed(pages.size(), 0);
-  io_pool_.run(pages.size(), [&](size_t i) {
-    try {
-      read_page(pages[i].slot, pages[i].expected, pages[i].dst);
-    } catch (const std::exception& e) {
-      errors[i] = e.what();
-      failed[i] = 1;
-    } catch (...) {
-      errors[i] = "unknown error";
-      failed[i] = 1;
-    }
-  });
-  std::vector<SlotFailure> failures;
-  for (size_t i = 0; i < pages.size(); ++i) {
-    if (failed[i]) failures.push_back(SlotFailure{i, pages[i].slot, std::move(errors[i])});
-  }
-  return failures;
+  return run_batch(pages, [this](const PageRead& r) { read_page(r.slot, r.expected, r.dst); });
 }
 
 }  // namespace
