@@ -159,6 +159,20 @@ class Pager {
   void make_free_frames(int64_t count, const std::string& why);
   void make_free_host_slots(int64_t count, const std::string& why);
   void make_free_disk_slots(int64_t count, const std::string& why);
+  // One tier's eviction: its LRU list and indices, how a copy there is dropped, and the tier
+  // below that takes its dirty pages.
+  struct EvictionTier {
+    LruList& lru;
+    const IndexAllocator& indices;
+    int64_t& evictions;
+    void (Pager::*drop)(PageId, PageMeta&);
+    int64_t (Pager::*lower_room)() const;
+    void (Pager::*make_lower_room)(int64_t, const std::string&);
+    void (Pager::*write_back)(const std::vector<PageId>&);
+  };
+  template <typename OutOfVictims>
+  void evict_for_room(const EvictionTier& tier, int64_t count, const std::string& why,
+                      const OutOfVictims& out_of_victims);
   [[noreturn]] void raise_no_frames(int64_t count, const std::string& why) const;
   [[noreturn]] void raise_tiers_full(const std::string& why, const char* tier) const;
 

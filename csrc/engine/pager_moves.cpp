@@ -70,81 +70,61 @@ void Pager::raise_tiers_full(const std::string& why, const char* tier) const {
 
 // Victims are taken in LRU order; a dirty one (it needs a write-back) is passed over while the
 // tier below has no room left for it, so the walk is O(1) per victim unless the tiers are
-// nearly full.
-void Pager::make_free_frames(int64_t count, const std::string& why) {
-  if (count > frame_room()) raise_no_frames(count, why);
+// nearly full. `out_of_victims` raises when the list ends before enough indices are free.
+template <typename OutOfVictims>
+void Pager::evict_for_room(const EvictionTier& tier, int64_t count, const std::string& why,
+                           const OutOfVictims& out_of_victims) {
   std::vector<PageId> write_backs;
   try {
-    int64_t frame = gpu_lru_.front();
-    for (int64_t short_by = count - frames_.num_free(); short_by > 0;) {
-      if (frame < 0) raise_no_frames(count, why);
-      const int64_t next = gpu_lru_.next(frame);
-      const PageId victim = page_of_owner(frames_.owner(frame));
-      PageMeta& m = meta(victim);
-      if (!gpu_lru_.is_dirty(frame)) {
-        // Written back before (sealed pages never change): just give up the frame.
-        drop_frame(victim, m);
+    int64_t node = tier.lru.front();
+    for (int64_t short_by = count - tier.indices.num_free(); short_by > 0;) {
+      if (node < 0) out_of_victims();
+      const int64_t next = tier.lru.next(node);
+      const PageId victim = page_of_owner(tier.indices.owner(node));
+      if (!tier.lru.is_dirty(node)) {
+        // The page has another valid copy (sealed pages never change): give this one up.
+        (this->*tier.drop)(victim, meta(victim));
         refresh(victim);
-        ++stats_.evictions_gpu;
+        ++tier.evictions;
         ++stats_.evictions_without_write;
         --short_by;
-      } else if (static_cast<int64_t>(write_backs.size()) < host_room()) {
-        gpu_lru_.remove(frame);
+      } else if (static_cast<int64_t>(write_backs.size()) < (this->*tier.lower_room)()) {
+        tier.lru.remove(node);
         write_backs.push_back(victim);
         --short_by;
       }
-      frame = next;
+      node = next;
     }
     if (write_backs.empty()) return;
-    make_free_host_slots(static_cast<int64_t>(write_backs.size()), why);
-    write_back_to_host(write_backs);
+    (this->*tier.make_lower_room)(static_cast<int64_t>(write_backs.size()), why);
+    (this->*tier.write_back)(write_backs);
   } catch (...) {
-    for (const PageId& id : write_backs) refresh(id);  // back into the GPU LRU list
+    for (const PageId& id : write_backs) refresh(id);  // back into the tier's LRU list
     throw;
   }
   for (const PageId& id : write_backs) {
-    drop_frame(id, meta(id));
+    (this->*tier.drop)(id, meta(id));
     refresh(id);
   }
-  stats_.evictions_gpu += static_cast<int64_t>(write_backs.size());
+  tier.evictions += static_cast<int64_t>(write_backs.size());
+}
+
+void Pager::make_free_frames(int64_t count, const std::string& why) {
+  if (count > frame_room()) raise_no_frames(count, why);
+  const EvictionTier gpu{gpu_lru_,           frames_,
+                         stats_.evictions_gpu, &Pager::drop_frame,
+                         &Pager::host_room,  &Pager::make_free_host_slots,
+                         &Pager::write_back_to_host};
+  evict_for_room(gpu, count, why, [&] { raise_no_frames(count, why); });
 }
 
 void Pager::make_free_host_slots(int64_t count, const std::string& why) {
   if (count > host_room()) raise_tiers_full(why, "host slot");
-  std::vector<PageId> write_backs;
-  try {
-    int64_t slot = host_lru_.front();
-    for (int64_t short_by = count - host_slots_.num_free(); short_by > 0;) {
-      if (slot < 0) raise_tiers_full(why, "host slot");
-      const int64_t next = host_lru_.next(slot);
-      const PageId victim = page_of_owner(host_slots_.owner(slot));
-      PageMeta& m = meta(victim);
-      if (!host_lru_.is_dirty(slot)) {
-        // The page has another valid copy (its frame above or its disk copy below).
-        drop_host_copy(victim, m);
-        refresh(victim);
-        ++stats_.evictions_host;
-        ++stats_.evictions_without_write;
-        --short_by;
-      } else if (static_cast<int64_t>(write_backs.size()) < disk_room()) {
-        host_lru_.remove(slot);
-        write_backs.push_back(victim);
-        --short_by;
-      }
-      slot = next;
-    }
-    if (write_backs.empty()) return;
-    make_free_disk_slots(static_cast<int64_t>(write_backs.size()), why);
-    write_back_to_disk(write_backs);
-  } catch (...) {
-    for (const PageId& id : write_backs) refresh(id);
-    throw;
-  }
-  for (const PageId& id : write_backs) {
-    drop_host_copy(id, meta(id));
-    refresh(id);
-  }
-  stats_.evictions_host += static_cast<int64_t>(write_backs.size());
+  const EvictionTier host{host_lru_,            host_slots_,
+                          stats_.evictions_host, &Pager::drop_host_copy,
+                          &Pager::disk_room,    &Pager::make_free_disk_slots,
+                          &Pager::write_back_to_disk};
+  evict_for_room(host, count, why, [&] { raise_tiers_full(why, "host slot"); });
 }
 
 void Pager::make_free_disk_slots(int64_t count, const std::string& why) {
