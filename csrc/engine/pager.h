@@ -176,6 +176,9 @@ class Pager {
   [[noreturn]] void raise_no_frames(int64_t count, const std::string& why) const;
   [[noreturn]] void raise_tiers_full(const std::string& why, const char* tier) const;
 
+  template <typename Move, typename MakeMove, typename Issue, typename Commit>
+  void move_batch(const std::vector<PageId>& pages, IndexAllocator& to, const MakeMove& make_move,
+                  const Issue& issue, const Commit& commit, Direction direction);
   // Moves (the pages are pinned by the caller and the destinations have room).
   void write_back_to_host(const std::vector<PageId>& pages);  // GPU pages without a host copy
   void write_back_to_disk(const std::vector<PageId>& pages);  // host pages without a disk copy

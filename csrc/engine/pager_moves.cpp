@@ -141,73 +141,72 @@ void Pager::make_free_disk_slots(int64_t count, const std::string& why) {
 
 // ---- moves ----
 
-void Pager::write_back_to_host(const std::vector<PageId>& pages) {
+// One batched move: a destination from `to` for every page, one Mover call, then either the
+// destinations are given back (the Mover raised; the pages keep the copies they had) or
+// `commit(meta, destination)` records the new copies.
+template <typename Move, typename MakeMove, typename Issue, typename Commit>
+void Pager::move_batch(const std::vector<PageId>& pages, IndexAllocator& to,
+                       const MakeMove& make_move, const Issue& issue, const Commit& commit,
+                       Direction direction) {
   if (pages.empty()) return;
-  std::vector<FrameSlotMove> moves;
+  std::vector<int64_t> destinations;
+  std::vector<Move> moves;
+  destinations.reserve(pages.size());
   moves.reserve(pages.size());
   for (const PageId& id : pages) {
-    moves.push_back(FrameSlotMove{meta(id).frame, host_slots_.allocate(owner_key(id))});
+    destinations.push_back(to.allocate(owner_key(id)));
+    moves.push_back(make_move(id, destinations.back()));
   }
   try {
-    mover_.gpu_to_host(moves);
+    issue(moves);
   } catch (...) {
-    for (size_t i = 0; i < pages.size(); ++i) host_slots_.release(moves[i].slot, owner_key(pages[i]));
+    for (size_t i = 0; i < pages.size(); ++i) to.release(destinations[i], owner_key(pages[i]));
     throw;
   }
   moves_pending_ = true;
   for (size_t i = 0; i < pages.size(); ++i) {
-    PageMeta& m = meta(pages[i]);
-    m.host_slot = static_cast<int32_t>(moves[i].slot);
-    m.set_flag(kPageHostValid, true);
+    commit(meta(pages[i]), destinations[i]);
     refresh(pages[i]);
   }
-  count_move(Direction::kGpuToHost, static_cast<int64_t>(pages.size()));
+  count_move(direction, static_cast<int64_t>(pages.size()));
+}
+
+void Pager::write_back_to_host(const std::vector<PageId>& pages) {
+  move_batch<FrameSlotMove>(
+      pages, host_slots_,
+      [this](PageId id, int64_t slot) { return FrameSlotMove{meta(id).frame, slot}; },
+      [this](const std::vector<FrameSlotMove>& moves) { mover_.gpu_to_host(moves); },
+      [](PageMeta& m, int64_t slot) {
+        m.host_slot = static_cast<int32_t>(slot);
+        m.set_flag(kPageHostValid, true);
+      },
+      Direction::kGpuToHost);
 }
 
 void Pager::write_back_to_disk(const std::vector<PageId>& pages) {
-  if (pages.empty()) return;
-  std::vector<SlotDiskMove> moves;
-  moves.reserve(pages.size());
-  for (const PageId& id : pages) {
-    moves.push_back(SlotDiskMove{meta(id).host_slot, disk_slots_.allocate(owner_key(id)), tag_of(id)});
-  }
-  try {
-    mover_.host_to_disk(moves);
-  } catch (...) {
-    for (size_t i = 0; i < pages.size(); ++i) disk_slots_.release(moves[i].disk_slot, owner_key(pages[i]));
-    throw;
-  }
-  moves_pending_ = true;
-  for (size_t i = 0; i < pages.size(); ++i) {
-    PageMeta& m = meta(pages[i]);
-    m.disk_slot = static_cast<int32_t>(moves[i].disk_slot);
-    m.set_flag(kPageDiskValid, true);
-    refresh(pages[i]);
-  }
-  count_move(Direction::kHostToDisk, static_cast<int64_t>(pages.size()));
+  move_batch<SlotDiskMove>(
+      pages, disk_slots_,
+      [this](PageId id, int64_t disk_slot) {
+        return SlotDiskMove{meta(id).host_slot, disk_slot, tag_of(id)};
+      },
+      [this](const std::vector<SlotDiskMove>& moves) { mover_.host_to_disk(moves); },
+      [](PageMeta& m, int64_t disk_slot) {
+        m.disk_slot = static_cast<int32_t>(disk_slot);
+        m.set_flag(kPageDiskValid, true);
+      },
+      Direction::kHostToDisk);
 }
 
 void Pager::load_into_host(const std::vector<PageId>& pages) {
-  if (pages.empty()) return;
-  std::vector<SlotDiskMove> moves;
-  moves.reserve(pages.size());
-  for (const PageId& id : pages) {
-    moves.push_back(SlotDiskMove{host_slots_.allocate(owner_key(id)), meta(id).disk_slot, tag_of(id)});
-  }
-  try {
-    mover_.disk_to_host(moves);
-  } catch (...) {
-    for (size_t i = 0; i < pages.size(); ++i) host_slots_.release(moves[i].slot, owner_key(pages[i]));
-    throw;
-  }
-  moves_pending_ = true;
-  for (size_t i = 0; i < pages.size(); ++i) {
-    PageMeta& m = meta(pages[i]);
-    m.host_slot = static_cast<int32_t>(moves[i].slot);
-    m.set_flag(kPageHostValid, true);
-    refresh(pages[i]);
-  }
-  count_move(Direction::kDiskToHost, static_cast<int64_t>(pages.size()));
+  move_batch<SlotDiskMove>(
+      pages, host_slots_,
+      [this](PageId id, int64_t slot) { return SlotDiskMove{slot, meta(id).disk_slot, tag_of(id)}; },
+      [this](const std::vector<SlotDiskMove>& moves) { mover_.disk_to_host(moves); },
+      [](PageMeta& m, int64_t slot) {
+        m.host_slot = static_cast<int32_t>(slot);
+        m.set_flag(kPageHostValid, true);
+      },
+      Direction::kDiskToHost);
 }
 
 void Pager::load_into_frames(const std::vector<PageId>& pages) {
@@ -218,51 +217,28 @@ void Pager::load_into_frames(const std::vector<PageId>& pages) {
     if (tier == Tier::kHost) from_host.push_back(id);
     if (tier == Tier::kDisk) from_disk.push_back(id);
   }
-
-  if (!from_host.empty()) {
-    std::vector<FrameSlotMove> moves;
-    moves.reserve(from_host.size());
-    for (const PageId& id : from_host) {
-      moves.push_back(FrameSlotMove{frames_.allocate(owner_key(id)), meta(id).host_slot});
-    }
-    try {
-      mover_.host_to_gpu(moves);
-    } catch (...) {
-      for (size_t i = 0; i < from_host.size(); ++i) frames_.release(moves[i].frame, owner_key(from_host[i]));
-      throw;
-    }
-    moves_pending_ = true;
-    for (size_t i = 0; i < from_host.size(); ++i) {
-      meta(from_host[i]).frame = static_cast<int32_t>(moves[i].frame);
-      refresh(from_host[i]);  // the host copy stays valid: evicting the page later is free
-    }
-    count_move(Direction::kHostToGpu, static_cast<int64_t>(from_host.size()));
-  }
+  // A page loaded into a frame keeps its lower copy: evicting it later is free.
+  const auto take_frame = [](PageMeta& m, int64_t frame) { m.frame = static_cast<int32_t>(frame); };
+  move_batch<FrameSlotMove>(
+      from_host, frames_,
+      [this](PageId id, int64_t frame) { return FrameSlotMove{frame, meta(id).host_slot}; },
+      [this](const std::vector<FrameSlotMove>& moves) { mover_.host_to_gpu(moves); }, take_frame,
+      Direction::kHostToGpu);
 
   if (from_disk.empty()) return;
   if (!mover_.needs_bounce_slots()) {
-    std::vector<DiskFrameMove> moves;
-    moves.reserve(from_disk.size());
-    for (const PageId& id : from_disk) {
-      DiskFrameMove move;
-      move.disk_slot = meta(id).disk_slot;
-      move.frame = frames_.allocate(owner_key(id));
-      move.bounce_slot = -1;
-      move.tag = tag_of(id);
-      moves.push_back(move);
-    }
-    try {
-      mover_.disk_to_gpu(moves);
-    } catch (...) {
-      for (size_t i = 0; i < from_disk.size(); ++i) frames_.release(moves[i].frame, owner_key(from_disk[i]));
-      throw;
-    }
-    moves_pending_ = true;
-    for (size_t i = 0; i < from_disk.size(); ++i) {
-      meta(from_disk[i]).frame = static_cast<int32_t>(moves[i].frame);
-      refresh(from_disk[i]);  // the disk copy stays valid
-    }
-    count_move(Direction::kDiskToGpu, static_cast<int64_t>(from_disk.size()));
+    move_batch<DiskFrameMove>(
+        from_disk, frames_,
+        [this](PageId id, int64_t frame) {
+          DiskFrameMove move;
+          move.disk_slot = meta(id).disk_slot;
+          move.frame = frame;
+          move.bounce_slot = -1;
+          move.tag = tag_of(id);
+          return move;
+        },
+        [this](const std::vector<DiskFrameMove>& moves) { mover_.disk_to_gpu(moves); }, take_frame,
+        Direction::kDiskToGpu);
     return;
   }
   // Disk pages pass through host slots lent for the call, as many at a time as are free (at
