@@ -1,7 +1,7 @@
 """Builds paged_kv._C: a CUDA extension when torch has CUDA and nvcc is found, else CPU only.
 
 No GPU is needed at build time. Environment:
-  TORCH_CUDA_ARCH_LIST   extra architectures; Hopper (9.0) is always built
+  TORCH_CUDA_ARCH_LIST   extra architectures; Hopper (9.0a: 9.0 with wgmma) is always built
   PAGED_KV_CPU_ONLY=1    build the CPU extension even where CUDA is available
   MAX_JOBS               parallel compile jobs (ninja)
 """
@@ -17,7 +17,9 @@ import tempfile
 from setuptools import find_packages, setup
 
 ROOT = pathlib.Path(__file__).resolve().parent
-DEFAULT_ARCHES = ["9.0"]
+# 9.0a is Hopper with its architecture-specific instructions (wgmma), which the prefill kernel
+# uses; its code runs on every 9.0 GPU, so a plain 9.0 beside it is dropped.
+DEFAULT_ARCHES = ["9.0a"]
 
 
 def _locate_cuda_home():
@@ -65,12 +67,12 @@ def _arch_list():
     import torch
 
     arches = list(DEFAULT_ARCHES)
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";").split(";")
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        if f"{major}.{minor}" not in arches:
-            arches.append(f"{major}.{minor}")
-    for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";").split(";"):
-        if a and a not in arches:
+        wanted.append(f"{major}.{minor}")
+    for a in wanted:
+        if a and a not in arches and f"{a}a" not in arches:
             arches.append(a)
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arches)
     return arches
@@ -136,6 +138,8 @@ def _extension():
     if link_dir:
         library_dirs.append(link_dir)
     defines = ["-DPKV_WITH_CUDA", f'-DPKV_CUDA_ARCH_LIST="{";".join(arches)}"']
+    if "9.0a" in arches:
+        defines.append("-DPKV_HAS_SM90A")  # the wgmma prefill kernel is built
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension(
         "paged_kv._C",

@@ -27,10 +27,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["cuda"] = true;
     info["cuda_runtime_compiled"] = CUDART_VERSION;
     info["cuda_arch_list"] = std::string(PKV_CUDA_ARCH_LIST);
+#ifdef PKV_HAS_SM90A
+    info["wgmma_prefill"] = true;  // the Hopper prefill kernel (sm_90a) is built
+#else
+    info["wgmma_prefill"] = false;
+#endif
 #else
     info["cuda"] = false;
     info["cuda_runtime_compiled"] = py::none();
     info["cuda_arch_list"] = std::string();
+    info["wgmma_prefill"] = false;
 #endif
     return info;
   });

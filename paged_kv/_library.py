@@ -30,6 +30,7 @@ def require_library() -> None:
 
 
 def build_info() -> dict:
-    """What the library was built with: {'cuda': bool, 'cuda_runtime_compiled', 'cuda_arch_list'}."""
+    """What the library was built with: {'cuda': bool, 'cuda_runtime_compiled', 'cuda_arch_list',
+    'wgmma_prefill': whether the Hopper (sm_90a) prefill kernel is in it}."""
     require_library()
     return dict(_C.build_info())

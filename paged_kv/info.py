@@ -48,6 +48,9 @@ def collect() -> dict:
             v = build["cuda_runtime_compiled"]
             info["compiled_cuda_runtime"] = f"{v // 1000}.{(v % 1000) // 10}"
             info["cuda_arch_list"] = build["cuda_arch_list"]
+            info["prefill_kernel"] = (
+                "wgmma on compute capability 9.0, mma.sync elsewhere" if build["wgmma_prefill"]
+                else "mma.sync (no sm_90a build)")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = (

@@ -18,7 +18,7 @@ PY="$VENV/bin/python"
 
 # With no GPU visible, name the architectures explicitly (torch would otherwise probe for one).
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  export TORCH_CUDA_ARCH_LIST="9.0"
+  export TORCH_CUDA_ARCH_LIST="9.0a"
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 echo "paged_kv: building (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-from the GPU}, MAX_JOBS=$MAX_JOBS)"

@@ -34,3 +34,15 @@ def same_bits(a, b):
     """Bitwise equality (NaN payloads included) of two tensors of one dtype."""
     as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return a.dtype == b.dtype and torch.equal(a.view(as_int), b.view(as_int))
+
+
+@pytest.fixture(params=["default", "mma"])
+def prefill_kernel(request, monkeypatch):
+    """Runs a test with the default prefill kernel (wgmma on Hopper) and, on CUDA, again with the
+    portable mma.sync one that other GPUs use (PAGED_KV_PREFILL_KERNEL=mma)."""
+    if request.param == "mma":
+        device = request.node.callspec.params.get("device")
+        if device != "cuda":
+            pytest.skip("the prefill kernel choice is a CUDA matter")
+        monkeypatch.setenv("PAGED_KV_PREFILL_KERNEL", "mma")
+    return request.param

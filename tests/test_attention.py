@@ -72,7 +72,7 @@ def _reference(batch, **kwargs):
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("heads", HEAD_CONFIGS)
-def test_matches_reference(device, dtype, page_size, head_dim, heads):
+def test_matches_reference(device, dtype, page_size, head_dim, heads, prefill_kernel):
     """A batch of 1 to 4 entries mixing decode steps, extend chunks and prefills, of random
     lengths (1 included, most ending mid-page) in random frames."""
     _skip_unsupported(device, dtype)
@@ -90,12 +90,18 @@ def test_matches_reference(device, dtype, page_size, head_dim, heads):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_long_prefill_chunks(device, dtype):
-    """Chunks of about 100 queries after a history that ends mid-page, causal against it all."""
+@pytest.mark.parametrize("page_size, head_dim, specs", [
+    (32, 64, [(130 + 97, 97), (100, 100), (61 + 88, 88)]),
+    # Many query tiles and key tiles of 128 keys, pages larger and smaller than a tile.
+    (256, 128, [(1000 + 300, 300), (129, 129)]),
+    (16, 128, [(700 + 170, 170)]),
+])
+def test_long_prefill_chunks(device, dtype, page_size, head_dim, specs, prefill_kernel):
+    """Chunks of about 100 to 300 queries after a history that ends mid-page, causal against it
+    all."""
     _skip_unsupported(device, dtype)
-    g = _generator("prefill", dtype)
-    specs = [(130 + 97, 97), (100, 100), (61 + 88, 88)]
-    batch = make_batch(device, dtype, 32, 64, 8, 2, specs, g)
+    g = _generator("prefill", dtype, page_size, head_dim)
+    batch = make_batch(device, dtype, page_size, head_dim, 8, 2, specs, g)
     out, lse = _attention(batch)
     ref_out, ref_lse, _, _ = _reference(batch)
     _assert_matches(out, lse, ref_out, ref_lse, dtype)
@@ -115,7 +121,7 @@ WINDOW_CASES = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window, sinks, page_size", WINDOW_CASES)
-def test_window_sinks_and_scale(device, dtype, window, sinks, page_size):
+def test_window_sinks_and_scale(device, dtype, window, sinks, page_size, prefill_kernel):
     _skip_unsupported(device, dtype)
     g = _generator("window", dtype, window, sinks, page_size)
     specs = random_specs(g, 3, page_size) + [(3 * page_size + 5, 1), (2 * page_size + 3, 30)]
@@ -130,7 +136,7 @@ def test_window_sinks_and_scale(device, dtype, window, sinks, page_size):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_poisoned_memory_is_never_read(device, dtype):
+def test_poisoned_memory_is_never_read(device, dtype, prefill_kernel):
     """The poison is really there (unused frames, page tails, other layers, a sequence outside
     the batch), and the output is finite and right."""
     _skip_unsupported(device, dtype)
@@ -165,7 +171,7 @@ def _frame(table, row, page):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
-def test_faults_serviced_and_merged(device, dtype, page_size):
+def test_faults_serviced_and_merged(device, dtype, page_size, prefill_kernel):
     """Half the pages on disk: the call lists exactly the needed ones and covers the rest; the
     test services the faults into free frames, runs again over those pages alone, and the merge
     of the two partial states is exact attention."""
@@ -406,3 +412,27 @@ def test_cuda_matches_cpu():
     tol = TOLERANCE[torch.bfloat16]
     torch.testing.assert_close(out.cpu(), cpu_out, rtol=tol, atol=tol)
     torch.testing.assert_close(lse.cpu(), cpu_lse, rtol=1e-5, atol=LSE_TOLERANCE)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("head_dim, expected", [(64, "wgmma"), (128, "wgmma"), (256, "paged_attention_kernel")])
+def test_hopper_prefill_runs_the_wgmma_kernel(head_dim, expected, monkeypatch):
+    """On compute capability 9.0 with an sm_90a build, prefill of head_dim 64 and 128 runs the
+    wgmma kernel (and PAGED_KV_PREFILL_KERNEL=mma the portable one): the kernel names the
+    profiler records say which ran."""
+    if torch.cuda.get_device_capability() != (9, 0) or not paged_kv.build_info()["wgmma_prefill"]:
+        pytest.skip("needs compute capability 9.0 and an sm_90a build")
+    g = _generator("which kernel", head_dim)
+    batch = make_batch("cuda", torch.bfloat16, 64, head_dim, 8, 2, [(300, 200)], g)
+
+    def kernels():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _attention(batch)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if "paged_attention" in e.name]
+
+    names = kernels()
+    assert names and all(expected in n for n in names), names
+    monkeypatch.setenv("PAGED_KV_PREFILL_KERNEL", "mma")
+    names = kernels()
+    assert names and all("wgmma" not in n for n in names), names

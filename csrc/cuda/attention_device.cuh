@@ -1,0 +1,650 @@
+// Device code shared by the paged attention kernels (attention.cu: mma.sync, every GPU;
+// attention_wgmma.cu: Hopper prefill): the block's scope over its sequence, rows and keys, page
+// resolution with the fault queue, K/V tile copies, the online softmax of one key tile, and the
+// output stores. A kernel configuration `Cfg` names D (head_dim), KT (keys per tile), kRows
+// (query rows per block), MW (16-row MMA tiles per warp), kChunks (D / 8), kLoaders (threads
+// that copy one tile) and tile_offset(row, chunk) (its shared-memory layout).
+//
+// Rows. A block owns kRows query rows of one (sequence, KV head): row r is query token
+// (row_base + r) / group and query head kv_head * group + (row_base + r) % group, so all query
+// heads of a group share every K/V tile. Warp w holds rows (w * MW + mi) * 16 + g (+ 8), g =
+// lane / 4, in the m16n8 accumulator layout.
+//
+// Keys. The keys a block visits are the tiles (KT tokens, aligned) of at most two segments: the
+// sink tokens and the window [lo, hi) of its rows, intersected with its split. Tiles never
+// overlap, so every key, fault and telemetry chunk is seen once. Per-element masks apply the
+// exact causal, window and sink rules.
+//
+// Pages. A tile's pages are resolved once per tile (one lane per page): tier 0 reads the GPU
+// pool, tier 1 the pinned host pool when given (zero-copy, through UVA), anything else is a
+// fault: skipped, and appended to the fault queue by exactly one block (KV head 0, the first
+// query tile that needs the page, the tile holding the first visited token of the page).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/attention.h"
+#include "cuda/device_error.cuh"
+
+namespace paged_kv::cuda::detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core and async-copy primitives.
+
+template <typename T>
+__device__ inline uint32_t pack2(float a, float b);
+template <>
+__device__ inline uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ inline uint32_t pack2<__half>(float a, float b) {
+  __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// c += a * b for one m16n8k16 tile, float32 accumulation.
+template <typename T>
+__device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ inline void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ inline void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// 16-byte asynchronous copy to shared memory; with `valid` false it writes zeros and reads
+// nothing (the source address is not dereferenced).
+__device__ inline void cp_async_16(uint32_t smem_addr, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(src),
+               "r"(src_bytes));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Programmatic dependent launch (Hopper): a kernel launched with it may start while the kernel
+// before it in the stream finishes; it waits here before touching memory that kernel wrote.
+__device__ inline void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ inline void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ inline uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 2^x with the hardware approximation (2 ulp); exp2f(-inf) = 0 as needed for masked keys.
+__device__ inline float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ inline float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ inline float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel configuration.
+
+struct Params {
+  AttentionProblem pr;
+  int page_shift;  // log2(page_size): pages are powers of two, so no divisions in the loop
+  int64_t query_tiles;
+  int64_t num_splits;
+  int64_t chunk_tokens;
+  int64_t max_chunks;
+  void* out;
+  float* lse;
+  float* partial_out;
+  float* partial_lse;
+  float* chunk_lse;
+  OpError* error;
+};
+
+// Everything a block knows about its sequence, rows and keys.
+struct BlockScope {
+  int b, kv_head, query_tile, split;
+  int64_t row;  // page-table row
+  int q_start, q_len, kv_len, total_rows, row_base;
+  int first_pos, last_pos;  // positions of the block's first and last query rows
+  int lo;                   // first key of the window of the first row (0 without a window)
+  // Visited key tiles: n1 from seg1 = [s1_lo, ...), then n2 from seg2 = [s2_lo, ...).
+  int s1_lo, n1, s2_lo, n2;
+  int seg1_hi;  // end of the whole sink segment (before the split), 0 when there is none
+};
+
+__device__ inline int ceil_to(int x, int a) { return (x + a - 1) / a * a; }
+__device__ inline int floor_to(int x, int a) { return x / a * a; }
+
+template <int KT>
+__device__ inline int tile_start(const BlockScope& s, int k) {
+  return k < s.n1 ? s.s1_lo + k * KT : s.s2_lo + (k - s.n1) * KT;
+}
+
+// Whether any row of the block sees a key of page `page` (tokens [p0, p0 + P)).
+__device__ inline bool page_needed(const Params& p, const BlockScope& s, int page) {
+  const int P = static_cast<int>(p.pr.geometry.page_size);
+  const int p0 = page * P;
+  if (p0 >= s.kv_len || p0 > s.last_pos) return false;
+  if (p.pr.window == 0) return true;
+  return p0 + P - 1 >= s.lo || p0 < p.pr.sinks;
+}
+
+// Resolves one page of the block's sequence to its K rows (its V rows follow H * P * D elements
+// later), or null when the page is not read in this call. Records faults and bad PTEs. `k` is
+// the visited tile in which the caller met the page.
+template <typename T, typename Cfg>
+__device__ const T* resolve_page(const Params& p, const BlockScope& s, int page, int k,
+                                 bool may_record, int32_t pte) {
+  const AttentionProblem& pr = p.pr;
+  if (!page_needed(p, s, page)) return nullptr;
+  const Tier tier = pte_tier(pte);
+  const int64_t index = pte_index(pte);
+  const PageGeometry& g = pr.geometry;
+  if (tier == Tier::kGpu) {
+    if (index < g.num_frames) {
+      return static_cast<const T*>(pr.pool) + g.row_offset(index, pr.layer, 0, s.kv_head, 0);
+    }
+    record_op_error(p.error, OpErrorCode::kFrameOutOfRange, OpId::kAttention, s.b, s.row, page,
+                    pte, g, pr.table);
+    return nullptr;
+  }
+  if (tier == Tier::kHost && pr.has_host_pool) {
+    if (index < pr.host_slots) {
+      return static_cast<const T*>(pr.host_pool) + g.row_offset(index, pr.layer, 0, s.kv_head, 0);
+    }
+    PageGeometry host = g;
+    host.num_frames = pr.host_slots;
+    record_op_error(p.error, OpErrorCode::kSlotOutOfRange, OpId::kAttention, s.b, s.row, page,
+                    pte, host, pr.table);
+    return nullptr;
+  }
+  if (pr.fault_queue == nullptr) {
+    record_op_error(p.error, OpErrorCode::kPageNotReadable, OpId::kAttention, s.b, s.row, page,
+                    pte, g, pr.table);
+    return nullptr;
+  }
+  // A fault, recorded by exactly one block and tile: KV head 0; the first query tile that needs
+  // the page (tiles needing it are contiguous, the first being the one holding the first query
+  // whose position reaches the page); the visited tile holding the page's first visited token;
+  // and, for a page shared by the sink and window segments, the sink segment.
+  if (!may_record || s.kv_head != 0) return nullptr;
+  const int P = static_cast<int>(g.page_size);
+  const int p0 = page * P;
+  const int history = s.kv_len - s.q_len;  // position of query token 0
+  const int first_token = p0 > history ? p0 - history : 0;
+  const int64_t first_tile = static_cast<int64_t>(first_token) * pr.group / Cfg::kRows;
+  if (first_tile != s.query_tile) return nullptr;
+  const bool in_seg1 = k < s.n1;
+  if (!in_seg1 && p0 < s.seg1_hi) return nullptr;
+  const int seg_lo = in_seg1 ? s.s1_lo : s.s2_lo;
+  const int first_visited = p0 > seg_lo ? p0 : seg_lo;
+  const int t0 = tile_start<Cfg::KT>(s, k);
+  if (first_visited < t0 || first_visited >= t0 + Cfg::KT) return nullptr;
+  const int slot = atomicAdd(pr.fault_count, 1);
+  if (slot >= 0 && slot < pr.fault_capacity) {
+    pr.fault_queue[2 * static_cast<int64_t>(slot)] = static_cast<int32_t>(s.row);
+    pr.fault_queue[2 * static_cast<int64_t>(slot) + 1] = page;
+  }
+  return nullptr;
+}
+
+// Reads, ahead of its use, the PTE of this lane's page of visited tile `k` (lane j holds page j
+// of the tile), so the page-table latency hides behind the previous tile's math.
+template <typename Cfg>
+__device__ inline int32_t read_tile_pte(const Params& p, const BlockScope& s, int k) {
+  const int lane = threadIdx.x & 31;
+  const int P = static_cast<int>(p.pr.geometry.page_size);
+  const int pages = Cfg::KT > P ? Cfg::KT / P : 1;
+  const int page = (tile_start<Cfg::KT>(s, k) >> p.page_shift) + lane;
+  if (lane >= pages || !page_needed(p, s, page)) return kPteUnmapped;
+  return p.pr.table.ptes[s.row * p.pr.table.row_stride + page];
+}
+
+// The pages of visited tile `k`, resolved by lanes 0 .. pages - 1 of every calling warp: `base`
+// is this lane's page's K rows (null when the page is not read), bit j of `read_mask` tells
+// page j of the tile was read. Faults are recorded here, so a tile is resolved once.
+template <typename T>
+struct TilePages {
+  const T* base;
+  uint32_t read_mask;
+};
+
+template <typename T, typename Cfg>
+__device__ inline TilePages<T> resolve_tile(const Params& p, const BlockScope& s, int k,
+                                            bool may_record, int32_t pte) {
+  const int lane = threadIdx.x & 31;
+  const int P = static_cast<int>(p.pr.geometry.page_size);
+  const int pages = Cfg::KT > P ? Cfg::KT / P : 1;
+  const int first_page = tile_start<Cfg::KT>(s, k) >> p.page_shift;
+  const T* base = nullptr;
+  if (lane < pages) base = resolve_page<T, Cfg>(p, s, first_page + lane, k, may_record, pte);
+  const uint32_t read_mask = __ballot_sync(0xffffffffu, base != nullptr) & ((1u << pages) - 1u);
+  return {base, read_mask};
+}
+
+// Issues the cp.async copies of K (part 0) or V (part 1) of visited tile `k` into shared memory
+// at `dst` (rows laid out by Cfg::tile_offset), by `Cfg::kLoaders` threads (`loader` is this
+// thread's index among them; lanes of one warp always load together). Rows of unread pages and
+// rows past the sequence are zero-filled.
+template <typename T, typename Cfg>
+__device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int k,
+                                      const TilePages<T>& pages, int part, uint32_t dst,
+                                      int loader) {
+  constexpr int KT = Cfg::KT, D = Cfg::D, C = Cfg::kChunks, L = Cfg::kLoaders;
+  static_assert(L % C == 0 && (KT * C) % L == 0, "each loader keeps one chunk column");
+  constexpr int kPerPart = KT * C / L;  // copies per loader
+  constexpr int kRowStep = L / C;
+  const int P = static_cast<int>(p.pr.geometry.page_size);
+  const int t0 = tile_start<KT>(s, k);
+  const int64_t part_offset = part ? p.pr.geometry.num_kv_heads * P * D : 0;
+  const int c = loader % C;
+  const int r0 = loader / C;
+  const int rows_left = s.kv_len - t0;  // rows at or past this are beyond the sequence
+  if (KT <= P) {
+    // The tile lies in one page: one base for every row, fixed offsets per loader.
+    const uint64_t page_base = __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), 0);
+    const T* src_base = reinterpret_cast<const T*>(page_base) + part_offset +
+                        static_cast<int64_t>(t0 & (P - 1)) * D + c * 8;
+#pragma unroll
+    for (int i = 0; i < kPerPart; ++i) {
+      const int r = r0 + i * kRowStep;
+      const bool valid = page_base != 0 && r < rows_left;
+      cp_async_16(dst + Cfg::tile_offset(r, c), valid ? src_base + r * D : p.pr.pool, valid);
+    }
+  } else {
+    // Several pages per tile: each row takes its page's base from the lane that resolved it.
+#pragma unroll
+    for (int i = 0; i < kPerPart; ++i) {
+      const int r = r0 + i * kRowStep;
+      const uint64_t page_base =
+          __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), r >> p.page_shift);
+      const bool valid = page_base != 0 && r < rows_left;
+      const T* src = reinterpret_cast<const T*>(page_base) + part_offset +
+                     static_cast<int64_t>(r & (P - 1)) * D + c * 8;
+      cp_async_16(dst + Cfg::tile_offset(r, c), valid ? src : p.pr.pool, valid);
+    }
+  }
+}
+
+// Resolves visited tile `k` and issues the copies of its K and V into `sk` and `sv`; returns the
+// mask of the tile's pages that were read. `pte` is read_tile_pte's value for this tile.
+template <typename T, typename Cfg>
+__device__ inline uint32_t load_tile(const Params& p, const BlockScope& s, int k, T* sk, T* sv,
+                                     int loader, bool may_record, int32_t pte) {
+  const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, k, may_record, pte);
+  copy_tile_part<T, Cfg>(p, s, k, pages, 0, smem_u32(sk), loader);
+  copy_tile_part<T, Cfg>(p, s, k, pages, 1, smem_u32(sv), loader);
+  return pages.read_mask;
+}
+
+// Online-softmax state of one warp: MW 16-row tiles, each thread holding rows g and g + 8.
+template <typename Cfg>
+struct WarpState {
+  float o[Cfg::MW][Cfg::D / 8][4];
+  float m[Cfg::MW][2];  // running max of the raw scores q.k (log2 domain after the loop)
+  float l[Cfg::MW][2];  // this thread's part of the running sum
+};
+
+// Masks one key tile's scores (tile start t0, pages read per `read_mask`) for this warp's rows,
+// folds them into the running max and sum, and leaves p = 2^(s c - m c) in `sc`; `alphas` get
+// the factors the outputs must be scaled by before this tile's P V is added. Also writes the
+// telemetry chunk LSEs of the newest query's rows. `pos[mi][h]` is the position of row g
+// (h = 0) or g + 8 (h = 1) of MMA tile mi, -1 for rows past the block's queries.
+template <typename Cfg>
+__device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0,
+                                    uint32_t read_mask, const int (&pos)[Cfg::MW][2],
+                                    const bool (&newest)[Cfg::MW][2], int warp_m,
+                                    float (&sc)[Cfg::MW][Cfg::KT / 8][4], WarpState<Cfg>& st,
+                                    float (&alphas)[Cfg::MW][2]) {
+  constexpr int KT = Cfg::KT, MW = Cfg::MW, NT = KT / 8;
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const float scale_log2 = p.pr.scale * kLog2e;
+  const int P = static_cast<int>(p.pr.geometry.page_size);
+  const int pages = KT > P ? KT / P : 1;
+  const int window = static_cast<int>(p.pr.window), sinks = static_cast<int>(p.pr.sinks);
+
+  // Whether every key of the tile is visible to every row (then no mask is needed).
+  const bool full = t0 + KT <= s.kv_len && read_mask == (1u << pages) - 1u &&
+                    t0 + KT - 1 <= s.first_pos &&
+                    (window == 0 || t0 > s.last_pos - window || t0 + KT <= sinks);
+
+  // Mask, and update the running max and sum. The max is taken over raw scores (the scale is
+  // positive), and p = 2^(s c - m c) with c = scale * log2(e) is one FFMA and one MUFU.
+#pragma unroll
+  for (int mi = 0; mi < MW; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int x = pos[mi][h];
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = sc[mi][j][2 * h + e];
+          if (!full) {
+            const int key = t0 + j * 8 + 2 * t + e;
+            const int jp = KT > P ? (key - t0) >> p.page_shift : 0;
+            const bool visible = x >= 0 && key <= x && key < s.kv_len &&
+                                 ((read_mask >> jp) & 1u) &&
+                                 (window == 0 || key > x - window || key < sinks);
+            if (!visible) v = -INFINITY;
+          }
+          sc[mi][j][2 * h + e] = v;
+          tile_max = fmaxf(tile_max, v);
+        }
+      }
+      tile_max = quad_max(tile_max);
+      const float m_new = fmaxf(st.m[mi][h], tile_max);
+      // All masked so far: subtract 0, keeping every p at 0 and alpha at 1.
+      const float ref = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+      const float alpha = fast_exp2(st.m[mi][h] * scale_log2 - ref);
+      st.m[mi][h] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = fast_exp2(fmaf(sc[mi][j][2 * h + e], scale_log2, -ref));
+          sc[mi][j][2 * h + e] = pv;
+          sum += pv;
+        }
+      }
+      st.l[mi][h] = st.l[mi][h] * alpha + sum;
+      alphas[mi][h] = alpha;
+      // Telemetry: log-sum-exp of each chunk's scores for the newest query's rows.
+      if (p.pr.telemetry) {
+        const int ct = static_cast<int>(p.chunk_tokens);
+        for (int c = 0; c < KT / ct; ++c) {
+          float csum = 0.f;
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            if (j * 8 >= c * ct && j * 8 < (c + 1) * ct) {
+              csum += sc[mi][j][2 * h] + sc[mi][j][2 * h + 1];
+            }
+          }
+          csum = quad_sum(csum);
+          if (t == 0 && newest[mi][h] && t0 / ct + c < p.max_chunks) {
+            const int row = (warp_m * MW + mi) * 16 + g + 8 * h;
+            const int head = s.kv_head * static_cast<int>(p.pr.group) +
+                             (s.row_base + row) % static_cast<int>(p.pr.group);
+            float* dst = p.chunk_lse +
+                         (static_cast<int64_t>(s.b) * p.pr.num_q_heads + head) * p.max_chunks +
+                         t0 / ct + c;
+            *dst = csum > 0.f ? (log2f(csum) + ref) * kLn2 : -INFINITY;
+          }
+        }
+      }
+    }
+  }
+
+}
+
+// Scales the outputs by softmax_tile's factors, unless no running max of the warp moved (the
+// common case once the large scores are found).
+template <typename Cfg>
+__device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[Cfg::MW][2]) {
+  constexpr int MW = Cfg::MW, D = Cfg::D;
+  bool moved = false;
+#pragma unroll
+  for (int mi = 0; mi < MW; ++mi) moved |= alphas[mi][0] != 1.f || alphas[mi][1] != 1.f;
+  if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+    for (int mi = 0; mi < MW; ++mi)
+#pragma unroll
+      for (int dj = 0; dj < D / 8; ++dj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st.o[mi][dj][e] *= alphas[mi][e >> 1];
+  }
+
+}
+
+// Writes one finished row: the final output (one split) or the split's partial state.
+template <typename T, typename Cfg>
+__device__ inline void store_pair(const Params& p, const BlockScope& s, int row, int d, float o0,
+                                  float o1) {
+  const int group = static_cast<int>(p.pr.group);
+  const int64_t query = s.q_start + (s.row_base + row) / group;
+  const int64_t head = static_cast<int64_t>(s.kv_head) * group + (s.row_base + row) % group;
+  const int64_t at = (query * p.pr.num_q_heads + head) * Cfg::D + d;
+  if (p.num_splits == 1) {
+    *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + at) = pack2<T>(o0, o1);
+  } else {
+    const int64_t split_stride = p.pr.total_queries * p.pr.num_q_heads * Cfg::D;
+    *reinterpret_cast<float2*>(p.partial_out + s.split * split_stride + at) = make_float2(o0, o1);
+  }
+}
+
+template <typename Cfg>
+__device__ inline void store_lse(const Params& p, const BlockScope& s, int row, float lse) {
+  const int group = static_cast<int>(p.pr.group);
+  const int64_t query = s.q_start + (s.row_base + row) / group;
+  const int64_t head = static_cast<int64_t>(s.kv_head) * group + (s.row_base + row) % group;
+  const int64_t at = query * p.pr.num_q_heads + head;
+  if (p.num_splits == 1) {
+    p.lse[at] = lse;
+  } else {
+    p.partial_lse[s.split * p.pr.total_queries * p.pr.num_q_heads + at] = lse;
+  }
+}
+
+// Checks the batch entry's values and fills the block's scope; false when the block has no work
+// (or the entry is bad, which is recorded).
+template <typename Cfg>
+__device__ bool make_scope(const Params& p, BlockScope& s) {
+  const AttentionProblem& pr = p.pr;
+  int64_t bx = blockIdx.x;
+  s.b = static_cast<int>(bx % pr.batch);
+  bx /= pr.batch;
+  s.kv_head = static_cast<int>(bx % pr.geometry.num_kv_heads);
+  // Heaviest (latest) query tiles first: under causal masking they have the most keys.
+  s.query_tile = static_cast<int>(p.query_tiles - 1 - bx / pr.geometry.num_kv_heads);
+  s.split = blockIdx.y;
+  s.row = pr.sequences[s.b];
+  const int q0 = pr.query_starts[s.b], q1 = pr.query_starts[s.b + 1];
+  s.kv_len = pr.kv_lens[s.b];
+  s.q_start = q0;
+  s.q_len = q1 - q0;
+  const PageGeometry& g = pr.geometry;
+  const bool reporter = threadIdx.x == 0 && s.kv_head == 0 && s.query_tile == 0 && s.split == 0;
+  if (s.row < 0 || s.row >= pr.table.max_sequences) {
+    if (reporter) {
+      record_op_error(p.error, OpErrorCode::kSequenceOutOfRange, OpId::kAttention, s.b, s.row, 0,
+                      -1, g, pr.table);
+    }
+    return false;
+  }
+  if (s.kv_len < 0 || s.kv_len > pr.table.max_pages * g.page_size) {
+    if (reporter) {
+      record_op_error(p.error, OpErrorCode::kKvLengthOutOfRange, OpId::kAttention, s.b, s.row,
+                      s.kv_len, -1, g, pr.table);
+    }
+    return false;
+  }
+  if (reporter && s.b == 0 && q0 != 0) {
+    record_op_error(p.error, OpErrorCode::kQueryStartsInvalid, OpId::kAttention, 0, s.row, q0,
+                    static_cast<int32_t>(pr.total_queries), g, pr.table);
+  }
+  if (reporter && s.b == pr.batch - 1 && q1 != pr.total_queries) {
+    record_op_error(p.error, OpErrorCode::kQueryStartsInvalid, OpId::kAttention, pr.batch, s.row,
+                    q1, static_cast<int32_t>(pr.total_queries), g, pr.table);
+  }
+  if (q0 < 0 || q1 < q0 || q1 > pr.total_queries || s.q_len > pr.max_query_len ||
+      s.q_len > s.kv_len) {
+    if (reporter) {
+      record_op_error(p.error, OpErrorCode::kQueryLengthOutOfRange, OpId::kAttention, s.b, s.row,
+                      s.q_len, s.kv_len, g, pr.table);
+    }
+    return false;
+  }
+  const int group = static_cast<int>(pr.group);
+  s.total_rows = s.q_len * group;
+  s.row_base = s.query_tile * Cfg::kRows;
+  if (s.row_base >= s.total_rows) return false;
+  const int history = s.kv_len - s.q_len;
+  s.first_pos = history + s.row_base / group;
+  s.last_pos = history + (min(s.row_base + Cfg::kRows, s.total_rows) - 1) / group;
+
+  constexpr int KT = Cfg::KT;
+  const int window = static_cast<int>(pr.window);
+  s.lo = window > 0 ? max(0, s.first_pos - window + 1) : 0;
+  const int hi = ceil_to(s.last_pos + 1, KT);
+  int seg2_lo = floor_to(s.lo, KT);
+  const int sink_end = min(static_cast<int>(pr.sinks), s.lo);
+  int seg1_hi = sink_end > 0 ? ceil_to(sink_end, KT) : 0;
+  if (seg1_hi >= seg2_lo) {  // the segments touch: visit [0, hi) as one
+    seg1_hi = 0;
+    seg2_lo = 0;
+  }
+  s.seg1_hi = seg1_hi;
+  // This block's split: aligned to whole pages and tiles, so pages never straddle splits.
+  const int align = max(static_cast<int>(g.page_size), KT);
+  const int per_split =
+      ceil_to((s.kv_len + static_cast<int>(p.num_splits) - 1) / static_cast<int>(p.num_splits),
+              align);
+  const int sp_lo = s.split * per_split, sp_hi = sp_lo + per_split;
+  s.s1_lo = sp_lo;
+  s.n1 = max(0, min(seg1_hi, sp_hi) - sp_lo) / KT;
+  s.s2_lo = max(seg2_lo, sp_lo);
+  s.n2 = max(0, min(hi, sp_hi) - s.s2_lo) / KT;
+  return true;
+}
+
+// After the last tile: the row sums are gathered from the quad and the running max is turned
+// into the log2 domain of the scaled scores.
+template <typename Cfg>
+__device__ inline void finish_state(const Params& p, WarpState<Cfg>& st) {
+  const float scale_log2 = p.pr.scale * kLog2e;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MW; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      st.l[mi][h] = quad_sum(st.l[mi][h]);
+      st.m[mi][h] = st.m[mi][h] == -INFINITY ? -INFINITY : st.m[mi][h] * scale_log2;
+    }
+  }
+}
+
+// Writes this warp's finished rows (finish_state done): outputs divided by the row sums, and
+// the LSE.
+template <typename T, typename Cfg>
+__device__ inline void store_rows(const Params& p, const BlockScope& s, const WarpState<Cfg>& st,
+                                  const int (&pos)[Cfg::MW][2], int warp_m) {
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < Cfg::MW; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = (warp_m * Cfg::MW + mi) * 16 + g + 8 * h;
+      if (pos[mi][h] < 0) continue;
+      const float l = st.l[mi][h];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int dj = 0; dj < Cfg::D / 8; ++dj) {
+        store_pair<T, Cfg>(p, s, row, dj * 8 + 2 * t, st.o[mi][dj][2 * h] * inv,
+                           st.o[mi][dj][2 * h + 1] * inv);
+      }
+      if (t == 0) store_lse<Cfg>(p, s, row, l > 0.f ? (st.m[mi][h] + log2f(l)) * kLn2 : -INFINITY);
+    }
+  }
+}
+
+// Launches `kernel` with programmatic stream serialization: its blocks may be scheduled while
+// the previous kernel in the stream drains (each kernel waits in wait_for_prior_grid()).
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+
+// Allows `kernel` `smem` bytes of dynamic shared memory (once per device; `cache` keeps the
+// answer) and returns how many of its blocks of `threads` threads fit on one multiprocessor, or
+// 0 on a CUDA error.
+constexpr int kMaxDevices = 256;
+template <typename... KernelArgs>
+int blocks_per_sm(void (*kernel)(KernelArgs...), int threads, int smem, int (&cache)[kMaxDevices]) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (device < kMaxDevices && cache[device] > 0) return cache[device];
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+      cudaSuccess) {
+    return 0;
+  }
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) !=
+      cudaSuccess) {
+    return 0;
+  }
+  if (device < kMaxDevices) cache[device] = blocks;
+  return blocks;
+}
+
+// The status to return when blocks_per_sm failed: the pending CUDA error, or a configuration
+// error when there is none (no block fits).
+inline int launch_config_error() {
+  const cudaError_t e = cudaGetLastError();
+  return static_cast<int>(e == cudaSuccess ? cudaErrorInvalidConfiguration : e);
+}
+
+}  // namespace paged_kv::cuda::detail
