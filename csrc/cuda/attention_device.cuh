@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "cuda/attention.h"
@@ -349,61 +350,81 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const float scale_log2 = p.pr.scale * kLog2e;
-  const int P = static_cast<int>(p.pr.geometry.page_size);
-  const int pages = KT > P ? KT / P : 1;
+  const int pages = KT >> p.page_shift > 0 ? KT >> p.page_shift : 1;
   const int window = static_cast<int>(p.pr.window), sinks = static_cast<int>(p.pr.sinks);
 
-  // Whether every key of the tile is visible to every row (then no mask is needed).
+  // Each pass below is one straight run of independent instructions over the whole tile (no
+  // branch per element), which the scheduler interleaves; the mask pass runs only for tiles
+  // some key of which some row must not see.
   const bool full = t0 + KT <= s.kv_len && read_mask == (1u << pages) - 1u &&
                     t0 + KT - 1 <= s.first_pos &&
                     (window == 0 || t0 > s.last_pos - window || t0 + KT <= sinks);
+  if (!full) {
+    // Row r sees key k when lo_r <= k <= hi_r (or k is a sink) and k's page was read.
+    const bool multi_page = KT > (1 << p.page_shift);
+#pragma unroll
+    for (int mi = 0; mi < MW; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int x = pos[mi][h];
+        const int hi = min(x, s.kv_len - 1) - t0;  // x < 0 (no query): hi < 0, nothing seen
+        const int lo = window == 0 ? INT_MIN : x - window + 1 - t0;
+        const int sink_end = sinks - t0;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int k = j * 8 + 2 * t + e;  // key - t0
+            const uint32_t page_bit = multi_page ? (read_mask >> (k >> p.page_shift)) & 1u : read_mask & 1u;
+            const bool visible = (k <= hi) & ((k >= lo) | (k < sink_end)) & (page_bit != 0);
+            sc[mi][j][2 * h + e] = visible ? sc[mi][j][2 * h + e] : -INFINITY;
+          }
+        }
+      }
+    }
+  }
 
-  // Mask, and update the running max and sum. The max is taken over raw scores (the scale is
-  // positive), and p = 2^(s c - m c) with c = scale * log2(e) is one FFMA and one MUFU.
+  // Running max and sum. The max is taken over raw scores (the scale is positive), and
+  // p = 2^(s c - m c) with c = scale * log2(e) is one FFMA and one MUFU.
+  float refs[MW][2];
 #pragma unroll
   for (int mi = 0; mi < MW; ++mi) {
+    float row_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) row_max[i >> 1] = fmaxf(row_max[i >> 1], sc[mi][j][i]);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int x = pos[mi][h];
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = sc[mi][j][2 * h + e];
-          if (!full) {
-            const int key = t0 + j * 8 + 2 * t + e;
-            const int jp = KT > P ? (key - t0) >> p.page_shift : 0;
-            const bool visible = x >= 0 && key <= x && key < s.kv_len &&
-                                 ((read_mask >> jp) & 1u) &&
-                                 (window == 0 || key > x - window || key < sinks);
-            if (!visible) v = -INFINITY;
-          }
-          sc[mi][j][2 * h + e] = v;
-          tile_max = fmaxf(tile_max, v);
-        }
-      }
-      tile_max = quad_max(tile_max);
+      const float tile_max = quad_max(row_max[h]);
       const float m_new = fmaxf(st.m[mi][h], tile_max);
       // All masked so far: subtract 0, keeping every p at 0 and alpha at 1.
-      const float ref = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-      const float alpha = fast_exp2(st.m[mi][h] * scale_log2 - ref);
+      refs[mi][h] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+      alphas[mi][h] = fast_exp2(st.m[mi][h] * scale_log2 - refs[mi][h]);
       st.m[mi][h] = m_new;
-      float sum = 0.f;
+    }
+    float row_sum[2] = {0.f, 0.f};
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
+    for (int j = 0; j < NT; ++j) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = fast_exp2(fmaf(sc[mi][j][2 * h + e], scale_log2, -ref));
-          sc[mi][j][2 * h + e] = pv;
-          sum += pv;
-        }
+      for (int i = 0; i < 4; ++i) {
+        const float pv = fast_exp2(fmaf(sc[mi][j][i], scale_log2, -refs[mi][i >> 1]));
+        sc[mi][j][i] = pv;
+        row_sum[i >> 1] += pv;
       }
-      st.l[mi][h] = st.l[mi][h] * alpha + sum;
-      alphas[mi][h] = alpha;
-      // Telemetry: log-sum-exp of each chunk's scores for the newest query's rows.
-      if (p.pr.telemetry) {
-        const int ct = static_cast<int>(p.chunk_tokens);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) st.l[mi][h] = st.l[mi][h] * alphas[mi][h] + row_sum[h];
+  }
+
+  // Telemetry: log-sum-exp of each chunk's scores for the newest query's rows.
+  if (p.pr.telemetry) {
+    const int ct = static_cast<int>(p.chunk_tokens);
+#pragma unroll
+    for (int mi = 0; mi < MW; ++mi) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
         for (int c = 0; c < KT / ct; ++c) {
           float csum = 0.f;
 #pragma unroll
@@ -420,13 +441,12 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
             float* dst = p.chunk_lse +
                          (static_cast<int64_t>(s.b) * p.pr.num_q_heads + head) * p.max_chunks +
                          t0 / ct + c;
-            *dst = csum > 0.f ? (log2f(csum) + ref) * kLn2 : -INFINITY;
+            *dst = csum > 0.f ? (log2f(csum) + refs[mi][h]) * kLn2 : -INFINITY;
           }
         }
       }
     }
   }
-
 }
 
 // Scales the outputs by softmax_tile's factors, unless no running max of the warp moved (the
