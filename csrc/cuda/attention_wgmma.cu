@@ -8,8 +8,8 @@
 // Per key tile j (128 keys), each warpgroup issues S_j = Q K_j^T (Q and K from shared memory)
 // and then O += P_{j-1} V_{j-1} (P from registers, V from shared memory, read transposed), and
 // runs the softmax of S_j while the second product is still in flight: the tensor cores and the
-// exponentials overlap. Every thread copies K and V tiles with cp.async, one tile ahead, into
-// two K buffers and three V buffers (V_{j-1} is still read while V_{j+1} arrives).
+// exponentials overlap. Every thread copies tiles with cp.async into three K and three V
+// buffers, K two tiles ahead and V one (V_{j-1} is still read while V_{j+1} arrives).
 #include "cuda/attention_wgmma.h"
 
 #include <cstdlib>
@@ -31,7 +31,7 @@ struct WgmmaConfig {
   static constexpr int kThreads = kWarpgroups * 128;
   static constexpr int kChunks = D / 8;
   static constexpr int kLoaders = kThreads;
-  static constexpr int kKBuffers = 2, kVBuffers = 3;
+  static constexpr int kKBuffers = 3, kVBuffers = 3;
   static constexpr int kQueryBytes = kRows * D * 2;
   static constexpr int kTileBytes = KT * D * 2;
   // 1024 bytes of slack to align the tiles for the 128-byte swizzle.
@@ -98,20 +98,30 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   auto k_buffer = [&](int j) { return sk + (j % Cfg::kKBuffers) * Cfg::kTileBytes; };
   auto v_buffer = [&](int j) { return sv + (j % Cfg::kVBuffers) * Cfg::kTileBytes; };
 
-  // Two commit groups per tile, K then V: the wait at the top of iteration j needs K_j and
-  // V_{j-1} and leaves V_j in flight.
-  uint32_t mask_cur = 0, mask_next = 0;
+  // K runs two tiles ahead and V one: iteration j loads K_{j+2} and V_{j+1}, each its own commit
+  // group, so the wait at its top needs K_j and V_{j-1} and leaves the two newest groups
+  // (K_{j+1}, V_j) in flight. Tile t's pages are resolved once, with its K, and kept for its V;
+  // masks[i] is the read mask of tile j + i.
+  uint32_t masks[3] = {0, 0, 0};
+  TilePages<T> v_pages{nullptr, 0};  // the pages of tile j + 1
   if (count > 0) {
     const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, 0, may_record, read_tile_pte<Cfg>(p, s, 0));
     copy_tile_part<T, Cfg>(p, s, 0, pages, 0, k_buffer(0), loader);
     cp_async_commit();
+    if (count > 1) {
+      v_pages = resolve_tile<T, Cfg>(p, s, 1, may_record, read_tile_pte<Cfg>(p, s, 1));
+      copy_tile_part<T, Cfg>(p, s, 1, v_pages, 0, k_buffer(1), loader);
+      masks[1] = v_pages.read_mask;
+    }
+    cp_async_commit();
     copy_tile_part<T, Cfg>(p, s, 0, pages, 1, v_buffer(0), loader);
-    mask_cur = pages.read_mask;
+    masks[0] = pages.read_mask;
   } else {
+    cp_async_commit();
     cp_async_commit();
   }
   cp_async_commit();
-  int32_t pte_ahead = count > 1 ? read_tile_pte<Cfg>(p, s, 1) : kPteUnmapped;
+  int32_t pte_ahead = count > 2 ? read_tile_pte<Cfg>(p, s, 2) : kPteUnmapped;
 
   // wgmma descriptors. Q and K are K-major (eight-row groups 1024 bytes apart; 16 elements
   // along the head dimension are 32 bytes inside the swizzle atom, the next 64 columns a block
@@ -131,21 +141,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   float(&s_acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(sc[0]);
   uint32_t pa[KT / 16][4];  // P of the previous tile, as A fragments
   for (int j = 0; j < count; ++j) {
-    cp_async_wait<1>();
+    cp_async_wait<2>();
     fence_async_shared();
     __syncthreads();  // K_j and V_{j-1} are in; every warpgroup is done with K_{j-1}, V_{j-2}
-    if (j + 1 < count) {
-      const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, j + 1, may_record, pte_ahead);
-      copy_tile_part<T, Cfg>(p, s, j + 1, pages, 0, k_buffer(j + 1), loader);
+    if (j + 2 < count) {
+      const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, j + 2, may_record, pte_ahead);
+      copy_tile_part<T, Cfg>(p, s, j + 2, pages, 0, k_buffer(j + 2), loader);
+      masks[2] = pages.read_mask;
+      if (j + 3 < count) pte_ahead = read_tile_pte<Cfg>(p, s, j + 3);
       cp_async_commit();
-      copy_tile_part<T, Cfg>(p, s, j + 1, pages, 1, v_buffer(j + 1), loader);
-      cp_async_commit();
-      mask_next = pages.read_mask;
-      if (j + 2 < count) pte_ahead = read_tile_pte<Cfg>(p, s, j + 2);
+      copy_tile_part<T, Cfg>(p, s, j + 1, v_pages, 1, v_buffer(j + 1), loader);
+      v_pages = pages;
     } else {
       cp_async_commit();
-      cp_async_commit();
+      if (j + 1 < count) copy_tile_part<T, Cfg>(p, s, j + 1, v_pages, 1, v_buffer(j + 1), loader);
     }
+    cp_async_commit();
 
     wgmma_fence();
 #pragma unroll
@@ -164,7 +175,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     pin_registers(s_acc);
 
     float alphas[1][2];
-    softmax_tile<Cfg>(p, s, tile_start<KT>(s, j), mask_cur, pos, newest, warp, sc, st, alphas);
+    softmax_tile<Cfg>(p, s, tile_start<KT>(s, j), masks[0], pos, newest, warp, sc, st, alphas);
     wgmma_wait<0>();
     pin_registers(o_acc);
     rescale_output<Cfg>(st, alphas);
@@ -175,7 +186,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       pa[kk][2] = pack2<T>(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
       pa[kk][3] = pack2<T>(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
     }
-    mask_cur = mask_next;
+    masks[0] = masks[1];
+    masks[1] = masks[2];
   }
   if (count > 0) {
     cp_async_wait<0>();
