@@ -389,33 +389,36 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
   float refs[MW][2];
 #pragma unroll
   for (int mi = 0; mi < MW; ++mi) {
-    float row_max[2] = {-INFINITY, -INFINITY};
+    // Four independent chains (row half h, column parity e) keep the dependent latency short.
+    float part_max[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) row_max[i >> 1] = fmaxf(row_max[i >> 1], sc[mi][j][i]);
+      for (int i = 0; i < 4; ++i) part_max[i] = fmaxf(part_max[i], sc[mi][j][i]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float tile_max = quad_max(row_max[h]);
+      const float tile_max = quad_max(fmaxf(part_max[2 * h], part_max[2 * h + 1]));
       const float m_new = fmaxf(st.m[mi][h], tile_max);
       // All masked so far: subtract 0, keeping every p at 0 and alpha at 1.
       refs[mi][h] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
       alphas[mi][h] = fast_exp2(st.m[mi][h] * scale_log2 - refs[mi][h]);
       st.m[mi][h] = m_new;
     }
-    float row_sum[2] = {0.f, 0.f};
+    float part_sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float pv = fast_exp2(fmaf(sc[mi][j][i], scale_log2, -refs[mi][i >> 1]));
         sc[mi][j][i] = pv;
-        row_sum[i >> 1] += pv;
+        part_sum[i] += pv;
       }
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) st.l[mi][h] = st.l[mi][h] * alphas[mi][h] + row_sum[h];
+    for (int h = 0; h < 2; ++h) {
+      st.l[mi][h] = st.l[mi][h] * alphas[mi][h] + (part_sum[2 * h] + part_sum[2 * h + 1]);
+    }
   }
 
   // Telemetry: log-sum-exp of each chunk's scores for the newest query's rows.
