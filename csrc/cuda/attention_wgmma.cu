@@ -31,11 +31,11 @@ struct WgmmaConfig {
   static constexpr int kThreads = kWarpgroups * 128;
   static constexpr int kChunks = D / 8;
   static constexpr int kLoaders = kThreads;
-  static constexpr int kKBuffers = 3, kVBuffers = 3;
+  static constexpr int kBuffers = 3;  // of K, and of V
   static constexpr int kQueryBytes = kRows * D * 2;
   static constexpr int kTileBytes = KT * D * 2;
-  // 1024 bytes of slack to align the tiles for the 128-byte swizzle.
-  static constexpr int kSmemBytes = 1024 + kQueryBytes + (kKBuffers + kVBuffers) * kTileBytes;
+  // 1024 bytes of slack to align the tiles for the 128-byte swizzle; four barriers per buffer.
+  static constexpr int kSmemBytes = 1024 + kQueryBytes + 2 * kBuffers * kTileBytes + 4 * kBuffers * 8;
   static_assert(D == 64 || D == 128, "the accumulators of larger heads do not fit in registers");
   __device__ static uint32_t tile_offset(int row, int chunk) { return sw128_offset<KT>(row, chunk); }
 };
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // The swizzle is applied to address bits, so every tile starts 1024-byte aligned.
   const uint32_t sq = (smem_u32(smem) + 1023u) & ~1023u;
   const uint32_t sk = sq + Cfg::kQueryBytes;                       // K buffer i: + i * kTileBytes
-  const uint32_t sv = sk + Cfg::kKBuffers * Cfg::kTileBytes;       // V buffer i: + i * kTileBytes
+  const uint32_t sv = sk + Cfg::kBuffers * Cfg::kTileBytes;  // V buffer i: + i * kTileBytes
   wait_for_prior_grid();
   BlockScope s;
   if (!make_scope<Cfg>(p, s)) return;
@@ -95,32 +95,60 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int count = s.n1 + s.n2;
   const bool may_record = warp == 0;  // every warp resolves the pages; one records faults
   const int loader = threadIdx.x;
-  auto k_buffer = [&](int j) { return sk + (j % Cfg::kKBuffers) * Cfg::kTileBytes; };
-  auto v_buffer = [&](int j) { return sv + (j % Cfg::kVBuffers) * Cfg::kTileBytes; };
+  auto k_buffer = [&](int t) { return sk + (t % Cfg::kBuffers) * Cfg::kTileBytes; };
+  auto v_buffer = [&](int t) { return sv + (t % Cfg::kBuffers) * Cfg::kTileBytes; };
 
-  // K runs two tiles ahead and V one: iteration j loads K_{j+2} and V_{j+1}, each its own commit
-  // group, so the wait at its top needs K_j and V_{j-1} and leaves the two newest groups
-  // (K_{j+1}, V_j) in flight. Tile t's pages are resolved once, with its K, and kept for its V;
-  // masks[i] is the read mask of tile j + i.
+  // Barriers per buffer: "full" (the tile's copies landed; each warp arrives once its threads'
+  // copies are complete and fenced) and "empty" (each warp arrives once its warpgroup's
+  // multiplies no longer read the buffer). Tile t uses buffer t % 3 for the (t / 3)-th time,
+  // so its phase parity is (t / 3) & 1.
+  const uint32_t bars = sv + Cfg::kBuffers * Cfg::kTileBytes;
+  auto k_full = [&](int t) { return bars + 8 * (t % Cfg::kBuffers); };
+  auto v_full = [&](int t) { return bars + 8 * (Cfg::kBuffers + t % Cfg::kBuffers); };
+  auto k_empty = [&](int t) { return bars + 8 * (2 * Cfg::kBuffers + t % Cfg::kBuffers); };
+  auto v_empty = [&](int t) { return bars + 8 * (3 * Cfg::kBuffers + t % Cfg::kBuffers); };
+  auto parity = [](int t) { return static_cast<uint32_t>((t / Cfg::kBuffers) & 1); };
+  constexpr int kWarps = Cfg::kThreads / 32;
+  if (threadIdx.x < 4 * Cfg::kBuffers) mbarrier_init(bars + 8 * threadIdx.x, kWarps);
+  __syncthreads();
+  // Every thread's copies of the oldest groups but `newest` are complete: fence them for the
+  // multiplies (async proxy) and let one lane per warp arrive on each barrier in `full`.
+  auto publish = [&](uint32_t full_a, bool a, uint32_t full_b, bool b) {
+    fence_async_shared();
+    __syncwarp();
+    if (lane == 0) {
+      if (a) mbarrier_arrive(full_a);
+      if (b) mbarrier_arrive(full_b);
+    }
+  };
+  auto release = [&](uint32_t empty) {
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(empty);
+  };
+
+  // K runs two tiles ahead and V one: the end of iteration j copies K_{j+2} and V_{j+1}, each
+  // its own commit group, and publishes K_{j+1} and V_j (committed one iteration earlier).
+  // Tile t's pages are resolved once, with its K, and kept for its V; masks[i] is the read
+  // mask of tile j + i.
   uint32_t masks[3] = {0, 0, 0};
   TilePages<T> v_pages{nullptr, 0};  // the pages of tile j + 1
+  TilePages<T> pages0{nullptr, 0};
   if (count > 0) {
-    const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, 0, may_record, read_tile_pte<Cfg>(p, s, 0));
-    copy_tile_part<T, Cfg>(p, s, 0, pages, 0, k_buffer(0), loader);
-    cp_async_commit();
-    if (count > 1) {
-      v_pages = resolve_tile<T, Cfg>(p, s, 1, may_record, read_tile_pte<Cfg>(p, s, 1));
-      copy_tile_part<T, Cfg>(p, s, 1, v_pages, 0, k_buffer(1), loader);
-      masks[1] = v_pages.read_mask;
-    }
-    cp_async_commit();
-    copy_tile_part<T, Cfg>(p, s, 0, pages, 1, v_buffer(0), loader);
-    masks[0] = pages.read_mask;
-  } else {
-    cp_async_commit();
-    cp_async_commit();
+    pages0 = resolve_tile<T, Cfg>(p, s, 0, may_record, read_tile_pte<Cfg>(p, s, 0));
+    copy_tile_part<T, Cfg>(p, s, 0, pages0, 0, k_buffer(0), loader);
+    masks[0] = pages0.read_mask;
   }
-  cp_async_commit();
+  cp_async_commit();  // Q and K_0
+  if (count > 1) {
+    v_pages = resolve_tile<T, Cfg>(p, s, 1, may_record, read_tile_pte<Cfg>(p, s, 1));
+    copy_tile_part<T, Cfg>(p, s, 1, v_pages, 0, k_buffer(1), loader);
+    masks[1] = v_pages.read_mask;
+  }
+  cp_async_commit();  // K_1
+  if (count > 0) copy_tile_part<T, Cfg>(p, s, 0, pages0, 1, v_buffer(0), loader);
+  cp_async_commit();  // V_0
+  cp_async_wait<2>();
+  publish(k_full(0), count > 0, 0, false);
   int32_t pte_ahead = count > 2 ? read_tile_pte<Cfg>(p, s, 2) : kPteUnmapped;
 
   // wgmma descriptors. Q and K are K-major (eight-row groups 1024 bytes apart; 16 elements
@@ -137,27 +165,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     return wgmma_desc(buffer + kk * (16 * 128), KT * 128, 1024);
   };
 
+  // Ping-pong: the warpgroups take turns issuing their multiplies (named barrier 1 + w gates
+  // warpgroup w), so one warpgroup's softmax runs while the other's multiplies occupy the
+  // tensor cores. Warpgroup 1 lets warpgroup 0 go first.
+  if (wg == 1 && count > 0) named_barrier_arrive(1, Cfg::kThreads);
+
   float sc[1][NT][4];
   float(&s_acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(sc[0]);
   uint32_t pa[KT / 16][4];  // P of the previous tile, as A fragments
+  // Iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} (j > 0); the last P V follows the
+  // loop. (The multiplies stay unconditional inside the loop, so the compiler keeps them
+  // asynchronous.)
   for (int j = 0; j < count; ++j) {
-    cp_async_wait<2>();
-    fence_async_shared();
-    __syncthreads();  // K_j and V_{j-1} are in; every warpgroup is done with K_{j-1}, V_{j-2}
-    if (j + 2 < count) {
-      const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, j + 2, may_record, pte_ahead);
-      copy_tile_part<T, Cfg>(p, s, j + 2, pages, 0, k_buffer(j + 2), loader);
-      masks[2] = pages.read_mask;
-      if (j + 3 < count) pte_ahead = read_tile_pte<Cfg>(p, s, j + 3);
-      cp_async_commit();
-      copy_tile_part<T, Cfg>(p, s, j + 1, v_pages, 1, v_buffer(j + 1), loader);
-      v_pages = pages;
-    } else {
-      cp_async_commit();
-      if (j + 1 < count) copy_tile_part<T, Cfg>(p, s, j + 1, v_pages, 1, v_buffer(j + 1), loader);
-    }
-    cp_async_commit();
-
+    named_barrier_sync(1 + wg, Cfg::kThreads);
+    mbarrier_wait(k_full(j), parity(j));
+    if (j > 0) mbarrier_wait(v_full(j - 1), parity(j - 1));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -171,13 +193,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       }
     }
     wgmma_commit();
+    named_barrier_arrive(1 + (wg ^ 1), Cfg::kThreads);
+
     wgmma_wait<1>();  // S_j is done; P_{j-1} V_{j-1} may still run
     pin_registers(s_acc);
-
+    release(k_empty(j));
     float alphas[1][2];
     softmax_tile<Cfg>(p, s, tile_start<KT>(s, j), masks[0], pos, newest, warp, sc, st, alphas);
     wgmma_wait<0>();
     pin_registers(o_acc);
+    if (j > 0) release(v_empty(j - 1));
     rescale_output<Cfg>(st, alphas);
 #pragma unroll
     for (int kk = 0; kk < KT / 16; ++kk) {
@@ -186,19 +211,42 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       pa[kk][2] = pack2<T>(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
       pa[kk][3] = pack2<T>(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
     }
+
+    // Copies: K_{j+2} into the buffer of K_{j-1}, V_{j+1} into that of V_{j-2}, once both
+    // warpgroups released them.
+    if (j + 2 < count) {
+      if (j + 2 >= Cfg::kBuffers) mbarrier_wait(k_empty(j + 2), parity(j + 2) ^ 1u);
+      const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, j + 2, may_record, pte_ahead);
+      copy_tile_part<T, Cfg>(p, s, j + 2, pages, 0, k_buffer(j + 2), loader);
+      masks[2] = pages.read_mask;
+      if (j + 3 < count) pte_ahead = read_tile_pte<Cfg>(p, s, j + 3);
+      cp_async_commit();
+      if (j + 1 >= Cfg::kBuffers) mbarrier_wait(v_empty(j + 1), parity(j + 1) ^ 1u);
+      copy_tile_part<T, Cfg>(p, s, j + 1, v_pages, 1, v_buffer(j + 1), loader);
+      v_pages = pages;
+    } else {
+      cp_async_commit();
+      if (j + 1 < count) {
+        if (j + 1 >= Cfg::kBuffers) mbarrier_wait(v_empty(j + 1), parity(j + 1) ^ 1u);
+        copy_tile_part<T, Cfg>(p, s, j + 1, v_pages, 1, v_buffer(j + 1), loader);
+      }
+    }
+    cp_async_commit();
+    cp_async_wait<2>();
+    publish(k_full(j + 1), j + 1 < count, v_full(j), true);
     masks[0] = masks[1];
     masks[1] = masks[2];
   }
   if (count > 0) {
-    cp_async_wait<0>();
-    fence_async_shared();
-    __syncthreads();  // V of the last tile is in
+    named_barrier_sync(1 + wg, Cfg::kThreads);
+    mbarrier_wait(v_full(count - 1), parity(count - 1));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KT / 16; ++kk) {
       wgmma_rs_tb<D, T>(o_acc, pa[kk], v_desc(v_buffer(count - 1), kk), 1);
     }
     wgmma_commit();
+    if (wg == 0) named_barrier_arrive(2, Cfg::kThreads);
     wgmma_wait<0>();
     pin_registers(o_acc);
   }

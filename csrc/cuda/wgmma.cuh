@@ -75,6 +75,40 @@ __device__ inline void pin_registers(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// Shared-memory barriers (mbarrier) of one block, and named barriers between warpgroups.
+__device__ inline void mbarrier_init(uint32_t bar, int count) {
+#if PKV_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+__device__ inline void mbarrier_arrive(uint32_t bar) {
+#if PKV_WGMMA
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+#endif
+}
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ inline void mbarrier_wait(uint32_t bar, uint32_t parity) {
+#if PKV_WGMMA
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+#endif
+}
+// bar.sync / bar.arrive on named barrier `id` (1..15; 0 is __syncthreads) for `threads` threads.
+__device__ inline void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ inline void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // d (+)= A B, A and B both from shared memory, both K-major. `accumulate` 0 overwrites d.
 template <int N, typename T>
 __device__ inline void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate);
