@@ -295,7 +295,7 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
     const uint64_t page_base = __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), 0);
     const T* src_base = reinterpret_cast<const T*>(page_base) + part_offset +
                         static_cast<int64_t>(t0 & (P - 1)) * D + c * 8;
-#pragma unroll
+#pragma unroll 8
     for (int i = 0; i < kPerPart; ++i) {
       const int r = r0 + i * kRowStep;
       const bool valid = page_base != 0 && r < rows_left;
@@ -303,7 +303,7 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
     }
   } else {
     // Several pages per tile: each row takes its page's base from the lane that resolved it.
-#pragma unroll
+#pragma unroll 8
     for (int i = 0; i < kPerPart; ++i) {
       const int r = r0 + i * kRowStep;
       const uint64_t page_base =

@@ -1,6 +1,6 @@
 // Hopper prefill: paged attention with warpgroup matrix multiplies (wgmma, sm_90a).
 //
-// A block of two warpgroups owns 128 query rows of one (sequence, KV head) (the row mapping,
+// A block of two consumer warpgroups owns 128 query rows of one (sequence, KV head) (the row mapping,
 // key segments, page resolution, faults, masks and telemetry are attention_device.cuh's, shared
 // with the mma.sync kernel). Warpgroup w holds rows 64 w .. 64 w + 63; its four warps hold 16
 // rows each in the accumulator layout of m16n8, so the online softmax is the shared one.
@@ -8,8 +8,10 @@
 // Per key tile j (128 keys), each warpgroup issues S_j = Q K_j^T (Q and K from shared memory)
 // and then O += P_{j-1} V_{j-1} (P from registers, V from shared memory, read transposed), and
 // runs the softmax of S_j while the second product is still in flight: the tensor cores and the
-// exponentials overlap. Every thread copies tiles with cp.async into three K and three V
-// buffers, K two tiles ahead and V one (V_{j-1} is still read while V_{j+1} arrives).
+// exponentials overlap; the two warpgroups take turns issuing (ping-pong), so one's softmax runs
+// beside the other's multiplies. One warp of a third warpgroup copies the tiles with cp.async
+// into three K and three V buffers, handed over through "full" and "empty" barriers; that
+// warpgroup gives its registers to the other two.
 #include "cuda/attention_wgmma.h"
 
 #include <cstdlib>
@@ -27,39 +29,121 @@ template <int D_>
 struct WgmmaConfig {
   static constexpr int D = D_, KT = kWgmmaKeyTile, MW = 1;
   static constexpr int kRows = kWgmmaRows;
-  static constexpr int kWarpgroups = kRows / 64;
-  static constexpr int kThreads = kWarpgroups * 128;
+  static constexpr int kConsumerThreads = kRows / 64 * 128;  // a warpgroup per 64 rows
+  static constexpr int kThreads = kConsumerThreads + 128;    // and the producer warpgroup
+  // Registers per thread after the split (a multiprocessor's 64K shared by three warpgroups).
+  static constexpr int kConsumerRegisters = 224, kProducerRegisters = 64;
   static constexpr int kChunks = D / 8;
-  static constexpr int kLoaders = kThreads;
+  static constexpr int kLoaders = 32;
   static constexpr int kBuffers = 3;  // of K, and of V
   static constexpr int kQueryBytes = kRows * D * 2;
   static constexpr int kTileBytes = KT * D * 2;
-  // 1024 bytes of slack to align the tiles for the 128-byte swizzle; four barriers per buffer.
-  static constexpr int kSmemBytes = 1024 + kQueryBytes + 2 * kBuffers * kTileBytes + 4 * kBuffers * 8;
+  static constexpr int kBarrierBytes = 4 * kBuffers * 8;
+  // 1024 bytes of slack to align the tiles for the 128-byte swizzle; the barriers and the
+  // read masks of the buffered tiles.
+  static constexpr int kSmemBytes =
+      1024 + kQueryBytes + 2 * kBuffers * kTileBytes + kBarrierBytes + kBuffers * 4;
   static_assert(D == 64 || D == 128, "the accumulators of larger heads do not fit in registers");
   __device__ static uint32_t tile_offset(int row, int chunk) { return sw128_offset<KT>(row, chunk); }
 };
+
+// Shared-memory addresses of the K and V buffers (after the queries) and of their barriers:
+// "full" (the tile's copies landed) and "empty" (no multiply reads the buffer any more). Tile
+// t uses buffer t % kBuffers for the (t / kBuffers)-th time, so its phase parity is
+// (t / kBuffers) & 1.
+template <typename Cfg>
+struct Barriers {
+  uint32_t base;  // K buffers, then V buffers, then the barriers
+  __device__ uint32_t k_buffer(int t) const { return base + (t % Cfg::kBuffers) * Cfg::kTileBytes; }
+  __device__ uint32_t v_buffer(int t) const {
+    return base + (Cfg::kBuffers + t % Cfg::kBuffers) * Cfg::kTileBytes;
+  }
+  __device__ uint32_t bars() const { return base + 2 * Cfg::kBuffers * Cfg::kTileBytes; }
+  __device__ uint32_t k_full(int t) const { return bars() + 8 * (t % Cfg::kBuffers); }
+  __device__ uint32_t v_full(int t) const { return bars() + 8 * (Cfg::kBuffers + t % Cfg::kBuffers); }
+  __device__ uint32_t k_empty(int t) const {
+    return bars() + 8 * (2 * Cfg::kBuffers + t % Cfg::kBuffers);
+  }
+  __device__ uint32_t v_empty(int t) const {
+    return bars() + 8 * (3 * Cfg::kBuffers + t % Cfg::kBuffers);
+  }
+  __device__ static uint32_t parity(int t) { return static_cast<uint32_t>((t / Cfg::kBuffers) & 1); }
+};
+
+// The producer warp: copies the queries and every K and V tile with cp.async, resolving each
+// tile's pages (and recording its faults) once; each lane's copies arrive on the tile's "full"
+// barrier when they land. It waits on a buffer's "empty" barrier before refilling it.
+template <typename T, typename Cfg>
+__device__ inline void produce_tiles(const Params& p, const BlockScope& s, int count, uint32_t sq,
+                                     const Barriers<Cfg>& b, uint32_t* masks) {
+  constexpr int C = Cfg::kChunks, kRows = Cfg::kRows;
+  const int lane = threadIdx.x & 31;
+  const int group = static_cast<int>(p.pr.group);
+  const T* query = static_cast<const T*>(p.pr.query);
+  for (int idx = lane; idx < kRows * C; idx += 32) {
+    const int r = idx / C, c = idx % C;
+    const int rr = s.row_base + r;
+    const bool live = rr < s.total_rows;
+    const T* src = live ? query + static_cast<int64_t>(s.q_start + rr / group) * p.pr.query_token_stride +
+                              static_cast<int64_t>(s.kv_head * group + rr % group) * p.pr.query_head_stride +
+                              c * 8
+                        : query;
+    cp_async_16(sq + sw128_offset<kRows>(r, c), src, live);
+  }
+  int32_t pte = count > 0 ? read_tile_pte<Cfg>(p, s, 0) : kPteUnmapped;
+  for (int t = 0; t < count; ++t) {
+    if (t >= Cfg::kBuffers) mbarrier_wait(b.k_empty(t), b.parity(t) ^ 1u);
+    const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, t, true, pte);
+    if (t + 1 < count) pte = read_tile_pte<Cfg>(p, s, t + 1);
+    copy_tile_part<T, Cfg>(p, s, t, pages, 0, b.k_buffer(t), lane);
+    cp_async_arrive_noinc(b.k_full(t));  // the queries ride with K_0
+    if (lane == 0) {
+      masks[t % Cfg::kBuffers] = pages.read_mask;
+      mbarrier_arrive(b.k_full(t));  // releases the mask
+    }
+    if (t >= Cfg::kBuffers) mbarrier_wait(b.v_empty(t), b.parity(t) ^ 1u);
+    copy_tile_part<T, Cfg>(p, s, t, pages, 1, b.v_buffer(t), lane);
+    cp_async_arrive_noinc(b.v_full(t));
+  }
+  cp_async_wait<0>();
+}
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     paged_attention_wgmma_kernel(const __grid_constant__ Params p) {
 #if PKV_WGMMA
-  constexpr int D = Cfg::D, KT = Cfg::KT, NT = KT / 8, C = Cfg::kChunks;
-  constexpr int kRows = Cfg::kRows;
+  constexpr int D = Cfg::D, KT = Cfg::KT, NT = KT / 8;
+  constexpr int kRows = Cfg::kRows, kConsumers = Cfg::kConsumerThreads;
   extern __shared__ unsigned char smem[];
   // The swizzle is applied to address bits, so every tile starts 1024-byte aligned.
   const uint32_t sq = (smem_u32(smem) + 1023u) & ~1023u;
-  const uint32_t sk = sq + Cfg::kQueryBytes;                       // K buffer i: + i * kTileBytes
-  const uint32_t sv = sk + Cfg::kBuffers * Cfg::kTileBytes;  // V buffer i: + i * kTileBytes
+  const Barriers<Cfg> b{sq + Cfg::kQueryBytes};
+  uint32_t* masks = reinterpret_cast<uint32_t*>(smem + (b.bars() - smem_u32(smem)) +
+                                                Cfg::kBarrierBytes);
   wait_for_prior_grid();
   BlockScope s;
   if (!make_scope<Cfg>(p, s)) return;
+  const int count = s.n1 + s.n2;
+  if (threadIdx.x < Cfg::kBuffers) {
+    mbarrier_init(b.k_full(threadIdx.x), 33);  // 32 lanes' copies and lane 0's mask
+    mbarrier_init(b.v_full(threadIdx.x), 32);
+    mbarrier_init(b.k_empty(threadIdx.x), kConsumers / 32);
+    mbarrier_init(b.v_empty(threadIdx.x), kConsumers / 32);
+  }
+  __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp >= kConsumers / 32) {  // the producer warpgroup: one warp copies, three idle
+    release_registers<Cfg::kProducerRegisters>();
+    if (warp == kConsumers / 32) produce_tiles<T, Cfg>(p, s, count, sq, b, masks);
+    allow_dependent_grid();
+    return;
+  }
+  claim_registers<Cfg::kConsumerRegisters>();
+
   const int wg = warp >> 2;
   const int g = lane >> 2;
   const int group = static_cast<int>(p.pr.group);
-
   int pos[1][2];
   bool newest[1][2];
 #pragma unroll
@@ -68,19 +152,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const bool live = r < s.total_rows;
     pos[0][h] = live ? s.kv_len - s.q_len + r / group : -1;
     newest[0][h] = live && r / group == s.q_len - 1;
-  }
-
-  // Queries into shared memory, in the same group as the first K tile.
-  const T* query = static_cast<const T*>(p.pr.query);
-  for (int idx = threadIdx.x; idx < kRows * C; idx += Cfg::kThreads) {
-    const int r = idx / C, c = idx % C;
-    const int rr = s.row_base + r;
-    const T* src = rr < s.total_rows
-                       ? query + static_cast<int64_t>(s.q_start + rr / group) * p.pr.query_token_stride +
-                             static_cast<int64_t>(s.kv_head * group + rr % group) * p.pr.query_head_stride +
-                             c * 8
-                       : query;
-    cp_async_16(sq + sw128_offset<kRows>(r, c), src, rr < s.total_rows);
   }
 
   WarpState<Cfg> st;
@@ -92,64 +163,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   st.l[0][0] = st.l[0][1] = 0.f;
   float(&o_acc)[D / 2] = reinterpret_cast<float(&)[D / 2]>(st.o[0]);
 
-  const int count = s.n1 + s.n2;
-  const bool may_record = warp == 0;  // every warp resolves the pages; one records faults
-  const int loader = threadIdx.x;
-  auto k_buffer = [&](int t) { return sk + (t % Cfg::kBuffers) * Cfg::kTileBytes; };
-  auto v_buffer = [&](int t) { return sv + (t % Cfg::kBuffers) * Cfg::kTileBytes; };
-
-  // Barriers per buffer: "full" (the tile's copies landed; each warp arrives once its threads'
-  // copies are complete and fenced) and "empty" (each warp arrives once its warpgroup's
-  // multiplies no longer read the buffer). Tile t uses buffer t % 3 for the (t / 3)-th time,
-  // so its phase parity is (t / 3) & 1.
-  const uint32_t bars = sv + Cfg::kBuffers * Cfg::kTileBytes;
-  auto k_full = [&](int t) { return bars + 8 * (t % Cfg::kBuffers); };
-  auto v_full = [&](int t) { return bars + 8 * (Cfg::kBuffers + t % Cfg::kBuffers); };
-  auto k_empty = [&](int t) { return bars + 8 * (2 * Cfg::kBuffers + t % Cfg::kBuffers); };
-  auto v_empty = [&](int t) { return bars + 8 * (3 * Cfg::kBuffers + t % Cfg::kBuffers); };
-  auto parity = [](int t) { return static_cast<uint32_t>((t / Cfg::kBuffers) & 1); };
-  constexpr int kWarps = Cfg::kThreads / 32;
-  if (threadIdx.x < 4 * Cfg::kBuffers) mbarrier_init(bars + 8 * threadIdx.x, kWarps);
-  __syncthreads();
-  // Every thread's copies of the oldest groups but `newest` are complete: fence them for the
-  // multiplies (async proxy) and let one lane per warp arrive on each barrier in `full`.
-  auto publish = [&](uint32_t full_a, bool a, uint32_t full_b, bool b) {
-    fence_async_shared();
-    __syncwarp();
-    if (lane == 0) {
-      if (a) mbarrier_arrive(full_a);
-      if (b) mbarrier_arrive(full_b);
-    }
-  };
+  // Each warp arrives once its warpgroup's multiplies no longer read the buffer.
   auto release = [&](uint32_t empty) {
     __syncwarp();
     if (lane == 0) mbarrier_arrive(empty);
   };
-
-  // K runs two tiles ahead and V one: the end of iteration j copies K_{j+2} and V_{j+1}, each
-  // its own commit group, and publishes K_{j+1} and V_j (committed one iteration earlier).
-  // Tile t's pages are resolved once, with its K, and kept for its V; masks[i] is the read
-  // mask of tile j + i.
-  uint32_t masks[3] = {0, 0, 0};
-  TilePages<T> v_pages{nullptr, 0};  // the pages of tile j + 1
-  TilePages<T> pages0{nullptr, 0};
-  if (count > 0) {
-    pages0 = resolve_tile<T, Cfg>(p, s, 0, may_record, read_tile_pte<Cfg>(p, s, 0));
-    copy_tile_part<T, Cfg>(p, s, 0, pages0, 0, k_buffer(0), loader);
-    masks[0] = pages0.read_mask;
-  }
-  cp_async_commit();  // Q and K_0
-  if (count > 1) {
-    v_pages = resolve_tile<T, Cfg>(p, s, 1, may_record, read_tile_pte<Cfg>(p, s, 1));
-    copy_tile_part<T, Cfg>(p, s, 1, v_pages, 0, k_buffer(1), loader);
-    masks[1] = v_pages.read_mask;
-  }
-  cp_async_commit();  // K_1
-  if (count > 0) copy_tile_part<T, Cfg>(p, s, 0, pages0, 1, v_buffer(0), loader);
-  cp_async_commit();  // V_0
-  cp_async_wait<2>();
-  publish(k_full(0), count > 0, 0, false);
-  int32_t pte_ahead = count > 2 ? read_tile_pte<Cfg>(p, s, 2) : kPteUnmapped;
 
   // wgmma descriptors. Q and K are K-major (eight-row groups 1024 bytes apart; 16 elements
   // along the head dimension are 32 bytes inside the swizzle atom, the next 64 columns a block
@@ -168,7 +186,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // Ping-pong: the warpgroups take turns issuing their multiplies (named barrier 1 + w gates
   // warpgroup w), so one warpgroup's softmax runs while the other's multiplies occupy the
   // tensor cores. Warpgroup 1 lets warpgroup 0 go first.
-  if (wg == 1 && count > 0) named_barrier_arrive(1, Cfg::kThreads);
+  if (wg == 1 && count > 0) named_barrier_arrive(1, kConsumers);
 
   float sc[1][NT][4];
   float(&s_acc)[NT * 4] = reinterpret_cast<float(&)[NT * 4]>(sc[0]);
@@ -177,32 +195,33 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   // loop. (The multiplies stay unconditional inside the loop, so the compiler keeps them
   // asynchronous.)
   for (int j = 0; j < count; ++j) {
-    named_barrier_sync(1 + wg, Cfg::kThreads);
-    mbarrier_wait(k_full(j), parity(j));
-    if (j > 0) mbarrier_wait(v_full(j - 1), parity(j - 1));
+    named_barrier_sync(1 + wg, kConsumers);
+    mbarrier_wait(b.k_full(j), b.parity(j));
+    if (j > 0) mbarrier_wait(b.v_full(j - 1), b.parity(j - 1));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      wgmma_ss<KT, T>(s_acc, q_desc(kk), k_desc(k_buffer(j), kk), kk > 0 ? 1 : 0);
+      wgmma_ss<KT, T>(s_acc, q_desc(kk), k_desc(b.k_buffer(j), kk), kk > 0 ? 1 : 0);
     }
     wgmma_commit();
     if (j > 0) {
 #pragma unroll
       for (int kk = 0; kk < KT / 16; ++kk) {
-        wgmma_rs_tb<D, T>(o_acc, pa[kk], v_desc(v_buffer(j - 1), kk), 1);
+        wgmma_rs_tb<D, T>(o_acc, pa[kk], v_desc(b.v_buffer(j - 1), kk), 1);
       }
     }
     wgmma_commit();
-    named_barrier_arrive(1 + (wg ^ 1), Cfg::kThreads);
+    named_barrier_arrive(1 + (wg ^ 1), kConsumers);
 
+    const uint32_t read_mask = masks[j % Cfg::kBuffers];
     wgmma_wait<1>();  // S_j is done; P_{j-1} V_{j-1} may still run
     pin_registers(s_acc);
-    release(k_empty(j));
+    release(b.k_empty(j));
     float alphas[1][2];
-    softmax_tile<Cfg>(p, s, tile_start<KT>(s, j), masks[0], pos, newest, warp, sc, st, alphas);
+    softmax_tile<Cfg>(p, s, tile_start<KT>(s, j), read_mask, pos, newest, warp, sc, st, alphas);
     wgmma_wait<0>();
     pin_registers(o_acc);
-    if (j > 0) release(v_empty(j - 1));
+    if (j > 0) release(b.v_empty(j - 1));
     rescale_output<Cfg>(st, alphas);
 #pragma unroll
     for (int kk = 0; kk < KT / 16; ++kk) {
@@ -211,46 +230,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       pa[kk][2] = pack2<T>(sc[0][2 * kk + 1][0], sc[0][2 * kk + 1][1]);
       pa[kk][3] = pack2<T>(sc[0][2 * kk + 1][2], sc[0][2 * kk + 1][3]);
     }
-
-    // Copies: K_{j+2} into the buffer of K_{j-1}, V_{j+1} into that of V_{j-2}, once both
-    // warpgroups released them.
-    if (j + 2 < count) {
-      if (j + 2 >= Cfg::kBuffers) mbarrier_wait(k_empty(j + 2), parity(j + 2) ^ 1u);
-      const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, j + 2, may_record, pte_ahead);
-      copy_tile_part<T, Cfg>(p, s, j + 2, pages, 0, k_buffer(j + 2), loader);
-      masks[2] = pages.read_mask;
-      if (j + 3 < count) pte_ahead = read_tile_pte<Cfg>(p, s, j + 3);
-      cp_async_commit();
-      if (j + 1 >= Cfg::kBuffers) mbarrier_wait(v_empty(j + 1), parity(j + 1) ^ 1u);
-      copy_tile_part<T, Cfg>(p, s, j + 1, v_pages, 1, v_buffer(j + 1), loader);
-      v_pages = pages;
-    } else {
-      cp_async_commit();
-      if (j + 1 < count) {
-        if (j + 1 >= Cfg::kBuffers) mbarrier_wait(v_empty(j + 1), parity(j + 1) ^ 1u);
-        copy_tile_part<T, Cfg>(p, s, j + 1, v_pages, 1, v_buffer(j + 1), loader);
-      }
-    }
-    cp_async_commit();
-    cp_async_wait<2>();
-    publish(k_full(j + 1), j + 1 < count, v_full(j), true);
-    masks[0] = masks[1];
-    masks[1] = masks[2];
   }
   if (count > 0) {
-    named_barrier_sync(1 + wg, Cfg::kThreads);
-    mbarrier_wait(v_full(count - 1), parity(count - 1));
+    named_barrier_sync(1 + wg, kConsumers);
+    mbarrier_wait(b.v_full(count - 1), b.parity(count - 1));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < KT / 16; ++kk) {
-      wgmma_rs_tb<D, T>(o_acc, pa[kk], v_desc(v_buffer(count - 1), kk), 1);
+      wgmma_rs_tb<D, T>(o_acc, pa[kk], v_desc(b.v_buffer(count - 1), kk), 1);
     }
     wgmma_commit();
-    if (wg == 0) named_barrier_arrive(2, Cfg::kThreads);
+    if (wg == 0) named_barrier_arrive(2, kConsumers);
     wgmma_wait<0>();
     pin_registers(o_acc);
   }
-  cp_async_wait<0>();
   allow_dependent_grid();  // the split merge may launch; it waits for this grid to finish
 
   finish_state<Cfg>(p, st);

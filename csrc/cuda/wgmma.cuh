@@ -75,6 +75,21 @@ __device__ inline void pin_registers(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// Moves registers between warpgroups (all four warps of a warpgroup execute it): a warpgroup
+// that needs few gives them up, one that needs many takes them.
+template <int N>
+__device__ inline void release_registers() {
+#if PKV_WGMMA
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ inline void claim_registers() {
+#if PKV_WGMMA
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+
 // Shared-memory barriers (mbarrier) of one block, and named barriers between warpgroups.
 __device__ inline void mbarrier_init(uint32_t bar, int count) {
 #if PKV_WGMMA
@@ -85,6 +100,13 @@ __device__ inline void mbarrier_arrive(uint32_t bar) {
 #if PKV_WGMMA
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
                : "memory");
+#endif
+}
+// Arrives on the barrier once all of this thread's earlier cp.async copies have landed (the
+// arrival is counted in the barrier's expected count).
+__device__ inline void cp_async_arrive_noinc(uint32_t bar) {
+#if PKV_WGMMA
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 #endif
 }
 // Waits until the phase of parity `parity` of the barrier has completed.
