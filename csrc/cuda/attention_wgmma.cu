@@ -31,8 +31,14 @@ struct WgmmaConfig {
   static constexpr int kRows = kWgmmaRows;
   static constexpr int kConsumerThreads = kRows / 64 * 128;  // a warpgroup per 64 rows
   static constexpr int kThreads = kConsumerThreads + 128;    // and the producer warpgroup
-  // Registers per thread after the split (a multiprocessor's 64K shared by three warpgroups).
-  static constexpr int kConsumerRegisters = 224, kProducerRegisters = 64;
+  // Registers per thread after the split. The block starts with 168 per thread (the most that
+  // 384 threads may have), and the split must fit in that pool: setmaxnreg.inc waits until the
+  // registers it asks for are free, so asking for more than the producer gave up never returns.
+  static constexpr int kLaunchRegisters = 168;
+  static constexpr int kConsumerRegisters = 216, kProducerRegisters = 72;
+  static_assert((kConsumerThreads / 128) * kConsumerRegisters + kProducerRegisters <=
+                    (kThreads / 128) * kLaunchRegisters,
+                "the register split must fit in the block's allocation");
   static constexpr int kChunks = D / 8;
   static constexpr int kLoaders = 32;
   static constexpr int kBuffers = 3;  // of K, and of V
@@ -253,10 +259,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif
 }
 
+// Resident blocks per multiprocessor, or 0 when the kernel cannot run here (a CUDA error, or
+// a build whose register count differs from the one the register split assumes).
 template <typename T, int D>
 int configure() {
   static int cache[kMaxDevices] = {};
   using Cfg = WgmmaConfig<D>;
+  static const bool registers_as_assumed = [] {
+    cudaFuncAttributes attributes{};
+    return cudaFuncGetAttributes(&attributes, paged_attention_wgmma_kernel<T, Cfg>) == cudaSuccess &&
+           attributes.numRegs == Cfg::kLaunchRegisters;
+  }();
+  if (!registers_as_assumed) return 0;
   return blocks_per_sm(paged_attention_wgmma_kernel<T, Cfg>, Cfg::kThreads, Cfg::kSmemBytes, cache);
 }
 
@@ -292,7 +306,7 @@ bool wgmma_prefill_applies(const AttentionProblem& pr) {
   if (d != 64 && d != 128) return false;
   const char* choice = std::getenv("PAGED_KV_PREFILL_KERNEL");
   if (choice != nullptr && std::strcmp(choice, "mma") == 0) return false;
-  return device_is_sm90();
+  return device_is_sm90() && wgmma_prefill_blocks_per_sm(pr) > 0;
 #else
   (void)pr;
   return false;
