@@ -9,9 +9,9 @@
 // and then O += P_{j-1} V_{j-1} (P from registers, V from shared memory, read transposed), and
 // runs the softmax of S_j while the second product is still in flight: the tensor cores and the
 // exponentials overlap; the two warpgroups take turns issuing (ping-pong), so one's softmax runs
-// beside the other's multiplies. One warp of a third warpgroup copies the tiles with cp.async
-// into three K and three V buffers, handed over through "full" and "empty" barriers; that
-// warpgroup gives its registers to the other two.
+// beside the other's multiplies. A third warpgroup copies the tiles with cp.async into three K
+// and three V buffers, handed over through "full" and "empty" barriers, and gives most of its
+// registers to the other two.
 #include "cuda/attention_wgmma.h"
 
 #include <cstdlib>
@@ -40,7 +40,7 @@ struct WgmmaConfig {
                     (kThreads / 128) * kLaunchRegisters,
                 "the register split must fit in the block's allocation");
   static constexpr int kChunks = D / 8;
-  static constexpr int kLoaders = 32;
+  static constexpr int kLoaders = 128;  // the producer warpgroup
   static constexpr int kBuffers = 3;  // of K, and of V
   static constexpr int kQueryBytes = kRows * D * 2;
   static constexpr int kTileBytes = KT * D * 2;
@@ -76,17 +76,19 @@ struct Barriers {
   __device__ static uint32_t parity(int t) { return static_cast<uint32_t>((t / Cfg::kBuffers) & 1); }
 };
 
-// The producer warp: copies the queries and every K and V tile with cp.async, resolving each
-// tile's pages (and recording its faults) once; each lane's copies arrive on the tile's "full"
-// barrier when they land. It waits on a buffer's "empty" barrier before refilling it.
+// The producer warpgroup: copies the queries and every K and V tile with cp.async (every warp
+// resolves each tile's pages; the first records its faults); each thread's copies arrive on the
+// tile's "full" barrier when they land. It waits on a buffer's "empty" barrier before refilling
+// it.
 template <typename T, typename Cfg>
 __device__ inline void produce_tiles(const Params& p, const BlockScope& s, int count, uint32_t sq,
                                      const Barriers<Cfg>& b, uint32_t* masks) {
   constexpr int C = Cfg::kChunks, kRows = Cfg::kRows;
-  const int lane = threadIdx.x & 31;
+  const int loader = threadIdx.x - Cfg::kConsumerThreads;
+  const bool first_warp = loader < 32;
   const int group = static_cast<int>(p.pr.group);
   const T* query = static_cast<const T*>(p.pr.query);
-  for (int idx = lane; idx < kRows * C; idx += 32) {
+  for (int idx = loader; idx < kRows * C; idx += Cfg::kLoaders) {
     const int r = idx / C, c = idx % C;
     const int rr = s.row_base + r;
     const bool live = rr < s.total_rows;
@@ -99,16 +101,16 @@ __device__ inline void produce_tiles(const Params& p, const BlockScope& s, int c
   int32_t pte = count > 0 ? read_tile_pte<Cfg>(p, s, 0) : kPteUnmapped;
   for (int t = 0; t < count; ++t) {
     if (t >= Cfg::kBuffers) mbarrier_wait(b.k_empty(t), b.parity(t) ^ 1u);
-    const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, t, true, pte);
+    const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, t, first_warp, pte);
     if (t + 1 < count) pte = read_tile_pte<Cfg>(p, s, t + 1);
-    copy_tile_part<T, Cfg>(p, s, t, pages, 0, b.k_buffer(t), lane);
+    copy_tile_part<T, Cfg>(p, s, t, pages, 0, b.k_buffer(t), loader);
     cp_async_arrive_noinc(b.k_full(t));  // the queries ride with K_0
-    if (lane == 0) {
+    if (loader == 0) {
       masks[t % Cfg::kBuffers] = pages.read_mask;
       mbarrier_arrive(b.k_full(t));  // releases the mask
     }
     if (t >= Cfg::kBuffers) mbarrier_wait(b.v_empty(t), b.parity(t) ^ 1u);
-    copy_tile_part<T, Cfg>(p, s, t, pages, 1, b.v_buffer(t), lane);
+    copy_tile_part<T, Cfg>(p, s, t, pages, 1, b.v_buffer(t), loader);
     cp_async_arrive_noinc(b.v_full(t));
   }
   cp_async_wait<0>();
@@ -131,17 +133,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (!make_scope<Cfg>(p, s)) return;
   const int count = s.n1 + s.n2;
   if (threadIdx.x < Cfg::kBuffers) {
-    mbarrier_init(b.k_full(threadIdx.x), 33);  // 32 lanes' copies and lane 0's mask
-    mbarrier_init(b.v_full(threadIdx.x), 32);
+    // Every producer thread's copies, and (K) the first thread's mask.
+    mbarrier_init(b.k_full(threadIdx.x), Cfg::kLoaders + 1);
+    mbarrier_init(b.v_full(threadIdx.x), Cfg::kLoaders);
     mbarrier_init(b.k_empty(threadIdx.x), kConsumers / 32);
     mbarrier_init(b.v_empty(threadIdx.x), kConsumers / 32);
   }
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp >= kConsumers / 32) {  // the producer warpgroup: one warp copies, three idle
+  if (warp >= kConsumers / 32) {  // the producer warpgroup
     release_registers<Cfg::kProducerRegisters>();
-    if (warp == kConsumers / 32) produce_tiles<T, Cfg>(p, s, count, sq, b, masks);
+    produce_tiles<T, Cfg>(p, s, count, sq, b, masks);
     allow_dependent_grid();
     return;
   }
