@@ -35,7 +35,8 @@ struct WgmmaConfig {
   // 384 threads may have), and the split must fit in that pool: setmaxnreg.inc waits until the
   // registers it asks for are free, so asking for more than the producer gave up never returns.
   static constexpr int kLaunchRegisters = 168;
-  static constexpr int kConsumerRegisters = 216, kProducerRegisters = 72;
+  static constexpr int kConsumerRegisters = D == 64 ? 192 : 216;
+  static constexpr int kProducerRegisters = D == 64 ? 120 : 72;
   static_assert((kConsumerThreads / 128) * kConsumerRegisters + kProducerRegisters <=
                     (kThreads / 128) * kLaunchRegisters,
                 "the register split must fit in the block's allocation");
