@@ -429,7 +429,10 @@ def test_hopper_prefill_runs_the_wgmma_kernel(head_dim, expected, monkeypatch):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             _attention(batch)
             torch.cuda.synchronize()
-        return [e.name for e in prof.events() if "paged_attention" in e.name]
+        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not names:  # e.g. under compute-sanitizer, which keeps the profiler from the GPU
+            pytest.skip("the profiler records no CUDA kernels here")
+        return [n for n in names if "paged_attention" in n]
 
     names = kernels()
     assert names and all(expected in n for n in names), names
