@@ -17,12 +17,12 @@ those pages). reserve(row, n) does the same explicitly. Writing a layer past the
 while another layer lags behind it is an error. attention at `layer` sees the tokens written
 at that layer, so the usual loop "append layer l, attend layer l" works step by step.
 
-A step whose tokens start inside a partly written page and spill into new pages needs that page
-writable while the new ones are appended, but the pager seals a row's open pages when it
-appends. The engine pins that page across the step (a sealed, pinned page stays in its frame and,
-under write_back, has no lower copy yet), and unpins it once every layer has written it. Under
-write_through sealing copies the page to the host at once, so such a step is refused: start
-each multi-token step on a page boundary (decode steps of one token always qualify).
+Sealing. A page is sealed only once it is full and every layer has written its last token; until
+then it is open (GPU-resident, writable, never evicted). A step whose tokens start inside a
+partly written page and spill into new pages appends them with Pager.append_pages(seal_open=False),
+so that page stays open while the other layers write it, and the engine seals it (Pager.seal)
+when the step is complete. Under Policy.write_policy="write_through" sealing is what copies a page
+to the host, so every copy holds all layers' tokens, and a multi-token step may start anywhere.
 
 Faults: attention runs paged_kv.attention with a fault queue. The pager's mirror of the page
 table tells on the host whether any page of the batch is out of reach; only then are the faults
@@ -64,12 +64,11 @@ def _positive(name: str, value) -> int:
 
 
 class _Sequence:
-    __slots__ = ("reserved", "written", "pinned_page")
+    __slots__ = ("reserved", "written")
 
     def __init__(self, num_layers: int):
         self.reserved = 0  # tokens that have pages
         self.written = [0] * num_layers  # tokens written, per layer
-        self.pinned_page = None  # a sealed page pinned until every layer has written it
 
 
 class Engine:
@@ -202,9 +201,7 @@ class Engine:
 
     def free_sequence(self, row: int) -> None:
         """Free the row and all its pages."""
-        seq = self._sequence(row)
-        if seq.pinned_page is not None:
-            self.pager.unpin([(row, seq.pinned_page)])
+        self._sequence(row)
         self.pager.remove_sequence(row)
         del self._sequences[row]
         self.pager.sync_table(self.page_table)
@@ -236,25 +233,11 @@ class Engine:
         have = self.pager.num_pages(row)
         need = -(-target // self.page_size)
         if need > have:
-            partial = seq.reserved % self.page_size != 0  # the last page still has slots to fill
-            if partial and self.policy.write_policy == "write_through":
-                raise ValueError(
-                    f"Engine: a step of {num_tokens} tokens from position {seq.reserved} of sequence {row} "
-                    f"fills the rest of page {have - 1} and spills into new pages; under "
-                    f"Policy.write_policy='write_through' appending seals (and copies) that page "
-                    f"before the other layers write it. Start multi-token steps on a page boundary "
-                    f"(a multiple of {self.page_size} tokens) or use write_policy='write_back'"
-                )
-            if partial:
-                self.pager.pin([(row, have - 1)])
-                seq.pinned_page = have - 1
+            # A partly written last page stays open: every layer still writes the rest of it.
+            # A failed append adds no page, but a store error may come after some evictions,
+            # so the table is synced either way.
             try:
-                self.pager.append_pages(row, need - have)
-            except BaseException:
-                if partial:
-                    self.pager.unpin([(row, have - 1)])
-                    seq.pinned_page = None
-                raise
+                self.pager.append_pages(row, need - have, seal_open=False)
             finally:
                 self.pager.sync_table(self.page_table)
         seq.reserved = target
@@ -302,16 +285,16 @@ class Engine:
     def _release_if_done(self, row: int, seq: _Sequence) -> None:
         if not all(w == seq.reserved for w in seq.written):
             return
-        if seq.pinned_page is not None:
-            self.pager.unpin([(row, seq.pinned_page)])
-            seq.pinned_page = None
         # Every layer is written: the full pages will not change again. Sealing them now (the
-        # partly written last page stays open) lets them be evicted before the next append.
+        # partly written last page stays open) lets them be evicted, and under write_through
+        # copies them to the host with every layer's tokens. A no-op for pages already sealed.
         full = seq.reserved // self.page_size
         if full:
-            self.pager.seal(row, full - 1)
-            # A write-through may push another page's host copy to disk and reuse its slot.
-            self.pager.sync_table(self.page_table)
+            try:
+                self.pager.seal(row, full - 1)
+            finally:
+                # A write-through may push another page's host copy to disk and reuse its slot.
+                self.pager.sync_table(self.page_table)
 
     # ---- attention ----
 

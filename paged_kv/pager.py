@@ -2,7 +2,8 @@
 
 A thin wrapper of the compiled paged_kv._C.Pager (csrc/engine/). Sequences are page-table rows.
 Pages are appended at a sequence's end; the newest pages are *open* (being written: GPU-resident,
-never evicted) until the next append or seal() seals them. Sealed pages never change, so each is
+never evicted) until seal() seals them, or the next append_pages() does (its default; with
+seal_open=False they stay open beside the new pages). Sealed pages never change, so each is
 written to a lower tier at most once: a page evicted with a valid lower copy just gives up its
 frame, and its PTE names that copy.
 
@@ -115,12 +116,24 @@ class Pager:
         """Free the row and every frame and slot of its pages; its PTEs become unmapped."""
         self._pager.remove_sequence(row)
 
-    def append_pages(self, row: int, n: int = 1) -> int:
-        """Seal the sequence's open pages, then append n open pages in GPU frames (evicting least
-        recently used pages as needed). Returns the first new page's index. Write the new pages
-        (paged_kv.append_kv through a synced page table) before the next pager call that may
-        evict them, i.e. before they are sealed."""
-        return self._pager.append_pages(row, n)
+    def append_pages(self, row: int, n: int = 1, *, seal_open: bool = True) -> int:
+        """Append n open pages in GPU frames (evicting least recently used pages as needed) and
+        return the first new page's index. Write the new pages (paged_kv.append_kv through a
+        synced page table) before they are sealed: a sealed page may be evicted.
+
+        With seal_open (the default) the sequence's open pages are sealed first, as by
+        seal(row, num_pages(row) - 1). With seal_open=False they stay open (still writable, never
+        evicted) beside the new ones, for a step whose tokens start inside a partly written page
+        and spill into new pages; seal them with seal() once they are full and written.
+
+        Raises PagerError, appending nothing, when the frames cannot be found (open and pinned
+        pages hold theirs, or no tier below can take a page that must be written back); without
+        seal_open the pager is then unchanged, with it the open pages may already be sealed."""
+        if not isinstance(seal_open, bool):
+            raise TypeError(
+                f"Pager.append_pages: seal_open must be a bool, got {type(seal_open).__name__} {seal_open!r}"
+            )
+        return self._pager.append_pages(row, n, seal_open=seal_open)
 
     def seal(self, row: int, page: int) -> None:
         """Seal an open page and the open pages before it: they never change again and may now

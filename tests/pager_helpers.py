@@ -44,6 +44,11 @@ def pattern(pager, tag):
     return tag * 65536 + torch.arange(words, dtype=torch.int32).reshape(pager.pool.shape[1:])
 
 
+def new_tag():
+    """A tag no page has had yet."""
+    return next(_TAGS)
+
+
 def write_page(pager, row, page, tag):
     """Write the pattern of `tag` into the GPU frame of an open page."""
     info = pager.page_info(row, page)
@@ -58,11 +63,12 @@ def frame_words(pager, row, page):
     return pager.pool.view(torch.int32)[info["frame"]]
 
 
-def append_written(pager, row, n, tags):
-    """Append n pages to `row` and write a fresh tag's pattern into each; records it in `tags`."""
-    first = pager.append_pages(row, n)
+def append_written(pager, row, n, tags, seal_open=True):
+    """Append n pages to `row` (sealing its open pages first unless seal_open is False) and write
+    a fresh tag's pattern into each; records it in `tags`."""
+    first = pager.append_pages(row, n, seal_open=seal_open)
     for page in range(first, first + n):
-        tags[(row, page)] = next(_TAGS)
+        tags[(row, page)] = new_tag()
         write_page(pager, row, page, tags[(row, page)])
     return first
 

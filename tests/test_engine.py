@@ -245,9 +245,8 @@ def test_decode_and_prefill_are_exact_over_a_context_ten_times_the_budget(device
         resident = GPU_PAGES + (GPU_PAGES if disk_pages else 0)
         total_pages = 10 * resident
         length = total_pages // 2 * PAGE_SIZE - PAGE_SIZE // 2  # each row ends inside a page
-        # write_through refuses steps that spill out of a partly written page: page-sized steps.
-        chunk = PAGE_SIZE if write_policy == "write_through" else 13
-        model.fill(rows, length, chunk)
+        # Steps of 13 tokens start inside partly written pages and spill into new ones.
+        model.fill(rows, length, 13)
         where = _tiers(engine, rows[0]) + _tiers(engine, rows[1])
         assert len(where) == total_pages
         assert where.count(Tier.GPU) <= GPU_PAGES
@@ -256,15 +255,9 @@ def test_decode_and_prefill_are_exact_over_a_context_ten_times_the_budget(device
         engine.pager.check_invariants()
 
         model.step(rows, [1, 1])  # decode
-        # Prefill/extend chunks: 20 tokens spill out of row 0's partly written page.
-        if write_policy == "write_through":
-            with pytest.raises(ValueError, match="page boundary"):
-                engine.append(rows[0], *(torch.zeros(20, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),) * 2, 0)
-            model.step(rows, [PAGE_SIZE - PAGE_SIZE // 2 - 1, 1])  # fill row 0's page up to its end
-            model.step(rows, [2 * PAGE_SIZE, 1])  # from a page boundary
-        else:
-            model.step(rows, [20, 1])
-            model.step(rows, [1, 30])
+        # Prefill/extend chunks: 20 and 30 tokens spill out of partly written pages.
+        model.step(rows, [20, 1])
+        model.step(rows, [1, 30])
         model.step(rows, [1, 1], window=3 * PAGE_SIZE, sinks=4)
         engine.pager.check_invariants()
 
@@ -280,6 +273,75 @@ def test_decode_and_prefill_are_exact_over_a_context_ten_times_the_budget(device
             assert stats["pages_moved"]["disk_to_gpu"] > 0
         if write_policy == "write_through":
             assert stats["write_throughs"] > 0
+
+
+def _check_seals(engine, model, row):
+    """A page is sealed exactly when it is full and every layer has written it; under
+    write_through a sealed page's host copy then holds every layer's tokens, and an open page has
+    no copy anywhere but its frame."""
+    written = engine.num_tokens(row)
+    for page in range(engine.pager.num_pages(row)):
+        info = engine.pager.page_info(row, page)
+        full = (page + 1) * PAGE_SIZE <= written
+        assert info["sealed"] == full, (row, page, written, info)
+        assert info["host_valid"] == full, (row, page, written, info)
+        if full:
+            expected = model.ref_pool[row * engine.max_pages + page]
+            assert torch.equal(engine.host_pool[info["host_slot"]], expected), (row, page)
+        else:
+            assert info["tier"] == Tier.GPU and info["disk_slot"] == -1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_write_through_steps_off_page_boundaries_are_exact(device, zero_copy):
+    """Multi-token steps that start inside a partly written page and spill into new pages, under
+    write_through: the partly written page stays open while the layers write it, each page is
+    sealed (and copied to the host, once) only when every layer has written its last token, and
+    attention at every layer equals the reference."""
+    dtype = _dtype(device)
+    # Host slots for every page, so no host copy is ever dropped; six GPU frames for ten pages.
+    policy = _policy(dtype, host_pages=4 * GPU_PAGES, zero_copy=zero_copy, write_policy="write_through")
+    with _engine(policy, device, max_sequences=2) as engine:
+        model = Model(engine, _generator("write-through steps", device, zero_copy))
+        rows = [engine.new_sequence(), engine.new_sequence()]
+        steps = [[5, 3], [20, 2 * PAGE_SIZE + 1], [PAGE_SIZE - 1, 9], [1, 1], [2 * PAGE_SIZE + 7, 13], [1, 1]]
+        spills = 0  # multi-token entries that start inside a page and end in a later one
+        for queries in steps:
+            for r, q in zip(rows, queries):
+                at = engine.num_tokens(r)
+                spills += q > 1 and at % PAGE_SIZE != 0 and (at + q - 1) // PAGE_SIZE > at // PAGE_SIZE
+            starts = [0, queries[0], sum(queries)]
+            for layer in range(LAYERS):
+                for r, q in zip(rows, queries):
+                    model.append(r, q, layer)
+                for r in rows:
+                    _check_seals(engine, model, r)
+                query = model._randn(starts[-1], Q_HEADS, HEAD_DIM)
+                out, lse = engine.attention(query.to(device), rows, starts, layer, return_lse=True)
+                model.check(query, rows, starts, layer, out, lse)
+            engine.pager.check_invariants()
+        assert spills == 5
+        lengths = [engine.num_tokens(r) for r in rows]
+        assert lengths == [sum(q[0] for q in steps), sum(q[1] for q in steps)]
+        stats = engine.stats()
+        # Every full page was written through exactly once, and nothing else was.
+        assert stats["write_throughs"] == sum(n // PAGE_SIZE for n in lengths)
+        assert sum(engine.pager.num_pages(r) for r in rows) > GPU_PAGES  # some pages left the GPU
+        if not zero_copy:
+            assert stats["faults_seen"] > 0
+
+        # A sequence freed in the middle of a spilling step gives back its open pages' frames.
+        model.append(rows[0], 2 * PAGE_SIZE, 0)
+        infos = [engine.pager.page_info(rows[0], p) for p in range(engine.pager.num_pages(rows[0]))]
+        assert sum(not i["sealed"] for i in infos) == 3  # the partly written page and two new ones
+        held = sum(i["frame"] >= 0 for i in infos)
+        free = engine.pager.free_frames()
+        engine.free_sequence(rows[0])
+        engine.pager.check_invariants()
+        assert engine.pager.free_frames() == free + held
+        model.step([rows[1]], [PAGE_SIZE + 3])
+        _check_seals(engine, model, rows[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)

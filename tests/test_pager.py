@@ -10,7 +10,7 @@ import paged_kv.store
 from paged_kv import Tier
 from paged_kv.pager import METADATA_BYTES_PER_PAGE, PagerError
 from paged_kv.store import StoreError
-from pager_helpers import append_written, frame_words, make_pager, pattern, read_any_copy, tier, write_page
+from pager_helpers import append_written, frame_words, make_pager, new_tag, pattern, read_any_copy, tier, write_page
 
 GPU, HOST, DISK = Tier.GPU, Tier.HOST, Tier.DISK
 
@@ -38,6 +38,94 @@ def test_append_maps_open_pages_to_frames():
     assert pager.append_pages(row, 1) == 3  # seals the three open pages
     assert [pager.page_info(row, p)["sealed"] for p in range(4)] == [True, True, True, False]
     assert pager.free_frames() == 0 and pager.num_pages(row) == 4
+    pager.check_invariants()
+
+
+def test_append_without_sealing_keeps_the_open_pages_writable():
+    pager = make_pager(frames=4, host=4)
+    tags = {}
+    row = pager.add_sequence()
+    append_written(pager, row, 1, tags)
+    assert append_written(pager, row, 2, tags, seal_open=False) == 1
+    # Page 0 stays open beside the new pages: still in its frame, writable, never evicted.
+    assert [pager.page_info(row, p)["sealed"] for p in range(3)] == [False] * 3
+    assert pager.lru_order(GPU) == [] and pager.free_frames() == 1
+    pager.check_invariants()
+    tags[(row, 0)] = new_tag()
+    write_page(pager, row, 0, tags[(row, 0)])  # the rest of page 0, written after the append
+    assert append_written(pager, row, 0, tags, seal_open=False) == 3  # nothing to append
+    pager.seal(row, 1)  # seals pages 0 and 1; page 2 stays open
+    assert [pager.page_info(row, p)["sealed"] for p in range(3)] == [True, True, False]
+    assert pager.lru_order(GPU) == [pager.page_info(row, p)["frame"] for p in (0, 1)]
+    assert pager.stats()["pages_moved"]["gpu_to_host"] == 0
+    append_written(pager, row, 2, tags, seal_open=False)  # evicts page 0, the least recent
+    assert [tier(pager, row, p) for p in range(5)] == [HOST, GPU, GPU, GPU, GPU]
+    assert [pager.page_info(row, p)["sealed"] for p in range(5)] == [True, True, False, False, False]
+    pager.seal(row, 4)
+    assert_content(pager, tags)
+
+
+def test_write_through_copies_a_page_left_open_only_when_sealed():
+    pager = make_pager(frames=3, host=4, write_through=True)
+    tags = {}
+    row = pager.add_sequence()
+    append_written(pager, row, 1, tags)
+    append_written(pager, row, 1, tags, seal_open=False)
+    info = pager.page_info(row, 0)
+    assert not info["sealed"] and not info["host_valid"] and pager.stats()["write_throughs"] == 0
+    tags[(row, 0)] = new_tag()
+    write_page(pager, row, 0, tags[(row, 0)])  # the last writes to page 0 come after the append
+    pager.seal(row, 0)
+    info = pager.page_info(row, 0)
+    assert info["sealed"] and info["host_valid"] and pager.stats()["write_throughs"] == 1
+    # The host copy is the page as it was when sealed, not as it was when page 1 was appended.
+    assert torch.equal(pager.host_pool.view(torch.int32)[info["host_slot"]], pattern(pager, tags[(row, 0)]))
+    assert not pager.page_info(row, 1)["sealed"] and not pager.page_info(row, 1)["host_valid"]
+    append_written(pager, row, 1, tags)  # the default seals page 1 (written through) first
+    assert pager.page_info(row, 1)["host_valid"] and pager.stats()["write_throughs"] == 2
+    append_written(pager, row, 1, tags)  # seals page 2 (written through), evicts page 0 without a write
+    assert tier(pager, row, 0) == HOST and pager.stats()["pages_moved"]["gpu_to_host"] == 3
+    assert pager.stats()["evictions_without_write"] == 1
+    assert_content(pager, tags)
+
+
+def test_append_without_sealing_needs_frames_beside_the_open_pages():
+    pager = make_pager(frames=3, host=4)
+    tags = {}
+    row = pager.add_sequence()
+    append_written(pager, row, 2, tags)
+    pager.take_dirty_rows()
+    # Both open pages keep their frames, so two new pages do not fit; nothing changes.
+    with pytest.raises(PagerError, match="append_pages of 2 pages to sequence 0 needs 2 GPU frames, "
+                                         "but only 1 are free and 0 can be evicted"):
+        pager.append_pages(row, 2, seal_open=False)
+    assert pager.num_pages(row) == 2 and pager.free_frames() == 1 and pager.take_dirty_rows() == []
+    assert not pager.page_info(row, 0)["sealed"] and not pager.page_info(row, 1)["sealed"]
+    pager.check_invariants()
+    # Sealing them first frees a frame to evict.
+    assert append_written(pager, row, 2, tags) == 2
+    assert [tier(pager, row, p) for p in range(4)] == [HOST, GPU, GPU, GPU]
+    assert_content(pager, tags, pages=[(row, 0)])
+    pager.seal(row, 3)
+    assert_content(pager, tags)
+
+
+def test_append_pages_checks_its_arguments():
+    pager = make_pager(frames=2, host=2, max_sequences=2, max_pages=4)
+    row = pager.add_sequence()
+    pager.append_pages(row, 1)
+    for bad in (None, 0, 1, "no"):
+        with pytest.raises(TypeError, match="seal_open must be a bool"):
+            pager.append_pages(row, 1, seal_open=bad)
+    with pytest.raises(TypeError):
+        pager.append_pages(row, 1, False)  # keyword only
+    with pytest.raises(ValueError, match="cannot append -1 pages to sequence 0"):
+        pager.append_pages(row, -1, seal_open=False)
+    with pytest.raises(ValueError, match="cannot append 4 pages to sequence 0, which has 1 of at most 4"):
+        pager.append_pages(row, 4, seal_open=False)
+    with pytest.raises(ValueError, match="row 1 holds no sequence"):
+        pager.append_pages(1, 1, seal_open=False)
+    assert pager.num_pages(row) == 1 and not pager.page_info(row, 0)["sealed"]
     pager.check_invariants()
 
 

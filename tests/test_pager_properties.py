@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import paged_kv
 from paged_kv import Tier
 from paged_kv.pager import PagerError, PagerInternalError
-from pager_helpers import append_written, make_pager, pattern, read_any_copy
+from pager_helpers import append_written, make_pager, new_tag, pattern, read_any_copy, write_page
 
 _C = paged_kv._library._C
 
@@ -69,16 +69,38 @@ class PagerMachine(RuleBasedStateMachine):
             row = self.pager.add_sequence(tenant)
             assert self.pager.num_pages(row) == 0 and self.pager.tenant(row) == tenant
 
-    @rule(data=st.data(), n=st.integers(1, 3))
-    def append_pages(self, data, n):
+    def open_pages(self, row):
+        return [p for p in range(self.pager.num_pages(row)) if not self.pager.page_info(row, p)["sealed"]]
+
+    @rule(data=st.data(), n=st.integers(1, 3), seal_open=st.booleans())
+    def append_pages(self, data, n, seal_open):
         rows = [r for r in self.live_rows() if self.pager.num_pages(r) + n <= MAX_PAGES]
         if not rows:
             return
         row = data.draw(st.sampled_from(rows))
+        was_open = self.open_pages(row)
+        first = self.pager.num_pages(row)
         try:
-            append_written(self.pager, row, n, self.tags)
+            append_written(self.pager, row, n, self.tags, seal_open=seal_open)
         except PagerError:
-            pass  # no frames or no room below: allowed, and nothing may be lost
+            # No frames or no room below: allowed, and nothing may be lost. Without seal_open
+            # the call changes nothing at all.
+            assert self.pager.num_pages(row) == first
+            if not seal_open:
+                assert self.open_pages(row) == was_open
+            return
+        # The open pages are sealed only when asked; the new ones are open either way.
+        assert self.open_pages(row) == (was_open if not seal_open else []) + list(range(first, first + n))
+
+    @rule(data=st.data())
+    def rewrite_open_page(self, data):
+        """Write an open page again (a later layer or token of a step): it must stay in its frame,
+        and the copies made when it is sealed must hold these bytes."""
+        pages = [(r, p) for r in self.live_rows() for p in self.open_pages(r)]
+        if pages:
+            row, page = data.draw(st.sampled_from(pages))
+            self.tags[(row, page)] = new_tag()
+            write_page(self.pager, row, page, self.tags[(row, page)])
 
     @rule(data=st.data())
     def seal(self, data):
@@ -169,8 +191,14 @@ class PagerMachine(RuleBasedStateMachine):
         slots = [s for s in slots if s >= 0]
         assert len(slots) == len(set(slots)), "a host slot is owned twice"
         for row, page in self.tags:
-            assert int(table[row, page]) == self.pager.page_info(row, page)["pte"]
+            info = self.pager.page_info(row, page)
+            assert int(table[row, page]) == info["pte"]
             self.check_copy(row, page)
+            if not info["sealed"]:  # being written: its only copy is its frame
+                assert info["tier"] == Tier.GPU and not info["host_valid"] and not info["disk_valid"]
+            elif info["host_valid"]:  # every lower copy is the page as sealed
+                words = self.pager.host_pool.view(torch.int32)[info["host_slot"]]
+                assert torch.equal(words, self.expected(row, page)), (row, page, info)
 
     def teardown(self):
         if hasattr(self, "pager"):

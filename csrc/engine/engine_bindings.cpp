@@ -189,8 +189,11 @@ void bind_engine(py::module_& m) {
            py::arg("tenant"), py::arg("row") = -1)
       .def("remove_sequence", [](PagerHandle& h, int64_t row) { h.pager().remove_sequence(row); },
            py::arg("row"))
-      .def("append_pages", [](PagerHandle& h, int64_t row, int64_t n) { return h.pager().append_pages(row, n); },
-           py::arg("row"), py::arg("n"))
+      .def("append_pages",
+           [](PagerHandle& h, int64_t row, int64_t n, bool seal_open) {
+             return h.pager().append_pages(row, n, seal_open);
+           },
+           py::arg("row"), py::arg("n"), py::kw_only(), py::arg("seal_open") = true)
       .def("seal", [](PagerHandle& h, int64_t row, int64_t page) { h.pager().seal(row, page); },
            py::arg("row"), py::arg("page"))
       .def("is_live", [](PagerHandle& h, int64_t row) { return h.pager().is_live(row); }, py::arg("row"))

@@ -175,7 +175,7 @@ int32_t Pager::tenant(int64_t row) const {
   return rows_[row].tenant;
 }
 
-int64_t Pager::append_pages(int64_t row, int64_t n) {
+int64_t Pager::append_pages(int64_t row, int64_t n, bool seal_open) {
   check_row(row, "append_pages");
   Row& r = rows_[row];
   const int64_t first = static_cast<int64_t>(r.pages.size());
@@ -189,15 +189,19 @@ int64_t Pager::append_pages(int64_t row, int64_t n) {
   std::ostringstream why;
   why << "append_pages of " << n << " pages to sequence " << row;
 
-  // The open pages are a suffix; seal them oldest first, so the oldest is the least recent.
-  int64_t first_open = first;
-  while (first_open > 0 && !r.pages[first_open - 1].sealed()) --first_open;
+  // The open pages are a suffix; when asked, seal them oldest first, so the oldest is the least
+  // recent. Left open, they stay in their frames and the new open pages follow them, so the
+  // open pages remain a suffix either way.
   std::vector<PageId> open;
-  for (int64_t p = first_open; p < first; ++p) {
-    open.push_back(PageId{static_cast<int32_t>(row), static_cast<int32_t>(p)});
+  if (seal_open) {
+    int64_t first_open = first;
+    while (first_open > 0 && !r.pages[first_open - 1].sealed()) --first_open;
+    for (int64_t p = first_open; p < first; ++p) {
+      open.push_back(PageId{static_cast<int32_t>(row), static_cast<int32_t>(p)});
+    }
   }
-  // The open pages become evictable once sealed; refuse before sealing anything if even that
-  // leaves too few frames.
+  // Pages sealed here become evictable; refuse before sealing anything if even that leaves too
+  // few frames.
   int64_t unpinned_open = 0;
   for (const PageId& id : open) unpinned_open += meta(id).pins == 0 ? 1 : 0;
   if (n > frames_.num_free() + gpu_lru_.size() + unpinned_open) raise_no_frames(n, why.str());

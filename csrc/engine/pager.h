@@ -2,8 +2,9 @@
 // page-table entries that say so (torch-free).
 //
 // Sequences are page-table rows. A sequence's pages are appended at its end; the newest pages
-// are open (being written: GPU-resident, never evicted) until a later append or seal() seals
-// them. Sealed pages move between the GPU frames, the host slots and the disk slots:
+// are open (being written: GPU-resident, never evicted) until seal() seals them, or a later
+// append that is asked to seal them first; the open pages are always a suffix of the sequence.
+// Sealed pages move between the GPU frames, the host slots and the disk slots:
 //   - service() makes a set of pages GPU-resident (the fault path), evicting least recently
 //     used pages; an evicted page with a valid lower copy just gives up its frame (its PTE then
 //     names that copy), any other is written back to a host slot, and the host makes room the
@@ -54,9 +55,12 @@ class Pager {
   int64_t add_sequence(int32_t tenant, int64_t row = -1);
   // Frees the row and every frame and slot of its pages; its PTEs become unmapped.
   void remove_sequence(int64_t row);
-  // Appends n open pages in GPU frames (evicting as needed) after sealing the row's open pages.
-  // Returns the first new page's index.
-  int64_t append_pages(int64_t row, int64_t n);
+  // Appends n open pages in GPU frames (evicting as needed). With seal_open, the row's open
+  // pages are sealed first (and, with write_through, written to host slots); without it they
+  // stay open beside the new ones, still being written, until seal() seals them. Returns the
+  // first new page's index. Raises PagerError, appending nothing, when the frames cannot be
+  // found; without seal_open that check comes before any change.
+  int64_t append_pages(int64_t row, int64_t n, bool seal_open = true);
   // Seals an open page and the open pages before it (a no-op for a sealed page); with
   // write_through, writes them to host slots.
   void seal(int64_t row, int64_t page);
