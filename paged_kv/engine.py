@@ -34,6 +34,7 @@ the whole context. With fault_mode "forbid" a fault raises FaultError naming the
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -55,6 +56,22 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 class FaultError(RuntimeError):
     """A page the attention needed was not readable and the policy forbids servicing faults."""
+
+
+def _new_host_pool(shape: tuple, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """The host slots. Pinned (page-locked) when the pool is on a GPU, so the kernel can read them
+    in place and copies run at full speed; a failed pinned allocation says what was asked for."""
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    except RuntimeError as error:
+        if not pin:
+            raise
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        raise RuntimeError(
+            f"Engine: could not allocate {nbytes:,} bytes of pinned host memory for "
+            f"{shape[0]} host slots (Policy.host_budget); lower the budget or free pinned "
+            f"memory. The allocator said: {error}"
+        ) from error
 
 
 def _positive(name: str, value) -> int:
@@ -157,7 +174,7 @@ class Engine:
         self.pool = new_pool(self.num_frames, num_layers, num_kv_heads, self.page_size, head_dim, dtype, device)
         self.host_pool = None
         if self.num_host_slots:
-            self.host_pool = torch.empty((self.num_host_slots, *self.pool.shape[1:]), dtype=dtype, pin_memory=pin)
+            self.host_pool = _new_host_pool((self.num_host_slots, *self.pool.shape[1:]), dtype, pin)
         self.disk_store = None
         self.disk_path = None
         if self.num_disk_slots:

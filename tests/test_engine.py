@@ -189,6 +189,32 @@ def test_cuda_without_gpu_is_an_error():
                dtype=torch.bfloat16, device="cuda", max_sequences=2, max_pages=8)
 
 
+def test_failed_pinned_allocation_names_the_budget(monkeypatch):
+    """A pinned host pool that cannot be allocated is a clear error naming the bytes and the
+    budget, with the allocator's message; unpinned (CPU) pools pass errors through."""
+    real_empty = torch.empty
+
+    def refusing_empty(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refusing_empty)
+    shape = (8, LAYERS, 2, KV_HEADS, PAGE_SIZE, HEAD_DIM)
+    with pytest.raises(RuntimeError, match=r"could not allocate 131,072 bytes of pinned host memory "
+                                           r"for 8 host slots \(Policy.host_budget\).*out of memory"):
+        paged_kv.engine._new_host_pool(shape, torch.float16, pin=True)
+    assert paged_kv.engine._new_host_pool(shape, torch.float16, pin=False).shape == shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pins host memory for a GPU pool")
+def test_host_budget_beyond_the_machine_is_a_clear_error():
+    policy = _policy(torch.bfloat16)
+    policy = Policy(page_size=policy.page_size, gpu_budget=policy.gpu_budget, host_budget="4TiB")  # far past the machine, 2**28 slots
+    with pytest.raises(RuntimeError, match="pinned host memory"):
+        _engine(policy, "cuda")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_append_and_attention_errors(device):
     dtype = _dtype(device)
