@@ -210,7 +210,8 @@ def test_failed_pinned_allocation_names_the_budget(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pins host memory for a GPU pool")
 def test_host_budget_beyond_the_machine_is_a_clear_error():
     policy = _policy(torch.bfloat16)
-    policy = Policy(page_size=policy.page_size, gpu_budget=policy.gpu_budget, host_budget="4TiB")  # far past the machine, 2**28 slots
+    # Far past any machine's memory, yet within what a page-table entry can index (2**28 slots).
+    policy = Policy(page_size=policy.page_size, gpu_budget=policy.gpu_budget, host_budget="4TiB")
     with pytest.raises(RuntimeError, match="pinned host memory"):
         _engine(policy, "cuda")
 
