@@ -375,7 +375,8 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int k = j * 8 + 2 * t + e;  // key - t0
-            const uint32_t page_bit = multi_page ? (read_mask >> (k >> p.page_shift)) & 1u : read_mask & 1u;
+            const uint32_t page_bit =
+                multi_page ? (read_mask >> (k >> p.page_shift)) & 1u : read_mask & 1u;
             const bool visible = (k <= hi) & ((k >= lo) | (k < sink_end)) & (page_bit != 0);
             sc[mi][j][2 * h + e] = visible ? sc[mi][j][2 * h + e] : -INFINITY;
           }

@@ -1,9 +1,9 @@
 // Hopper prefill: paged attention with warpgroup matrix multiplies (wgmma, sm_90a).
 //
-// A block of two consumer warpgroups owns 128 query rows of one (sequence, KV head) (the row mapping,
-// key segments, page resolution, faults, masks and telemetry are attention_device.cuh's, shared
-// with the mma.sync kernel). Warpgroup w holds rows 64 w .. 64 w + 63; its four warps hold 16
-// rows each in the accumulator layout of m16n8, so the online softmax is the shared one.
+// A block of two consumer warpgroups owns 128 query rows of one (sequence, KV head) (the row
+// mapping, key segments, page resolution, faults, masks and telemetry are attention_device.cuh's,
+// shared with the mma.sync kernel). Warpgroup w holds rows 64 w .. 64 w + 63; its four warps
+// hold 16 rows each in the accumulator layout of m16n8, so the online softmax is the shared one.
 //
 // Per key tile j (128 keys), each warpgroup issues S_j = Q K_j^T (Q and K from shared memory)
 // and then O += P_{j-1} V_{j-1} (P from registers, V from shared memory, read transposed), and
@@ -51,7 +51,9 @@ struct WgmmaConfig {
   static constexpr int kSmemBytes =
       1024 + kQueryBytes + 2 * kBuffers * kTileBytes + kBarrierBytes + kBuffers * 4;
   static_assert(D == 64 || D == 128, "the accumulators of larger heads do not fit in registers");
-  __device__ static uint32_t tile_offset(int row, int chunk) { return sw128_offset<KT>(row, chunk); }
+  __device__ static uint32_t tile_offset(int row, int chunk) {
+    return sw128_offset<KT>(row, chunk);
+  }
 };
 
 // Shared-memory addresses of the K and V buffers (after the queries) and of their barriers:
@@ -67,14 +69,18 @@ struct Barriers {
   }
   __device__ uint32_t bars() const { return base + 2 * Cfg::kBuffers * Cfg::kTileBytes; }
   __device__ uint32_t k_full(int t) const { return bars() + 8 * (t % Cfg::kBuffers); }
-  __device__ uint32_t v_full(int t) const { return bars() + 8 * (Cfg::kBuffers + t % Cfg::kBuffers); }
+  __device__ uint32_t v_full(int t) const {
+    return bars() + 8 * (Cfg::kBuffers + t % Cfg::kBuffers);
+  }
   __device__ uint32_t k_empty(int t) const {
     return bars() + 8 * (2 * Cfg::kBuffers + t % Cfg::kBuffers);
   }
   __device__ uint32_t v_empty(int t) const {
     return bars() + 8 * (3 * Cfg::kBuffers + t % Cfg::kBuffers);
   }
-  __device__ static uint32_t parity(int t) { return static_cast<uint32_t>((t / Cfg::kBuffers) & 1); }
+  __device__ static uint32_t parity(int t) {
+    return static_cast<uint32_t>((t / Cfg::kBuffers) & 1);
+  }
 };
 
 // The producer warpgroup: copies the queries and every K and V tile with cp.async (every warp
@@ -93,10 +99,12 @@ __device__ inline void produce_tiles(const Params& p, const BlockScope& s, int c
     const int r = idx / C, c = idx % C;
     const int rr = s.row_base + r;
     const bool live = rr < s.total_rows;
-    const T* src = live ? query + static_cast<int64_t>(s.q_start + rr / group) * p.pr.query_token_stride +
-                              static_cast<int64_t>(s.kv_head * group + rr % group) * p.pr.query_head_stride +
-                              c * 8
-                        : query;
+    const T* src =
+        live ? query +
+                   static_cast<int64_t>(s.q_start + rr / group) * p.pr.query_token_stride +
+                   static_cast<int64_t>(s.kv_head * group + rr % group) * p.pr.query_head_stride +
+                   c * 8
+             : query;
     cp_async_16(sq + sw128_offset<kRows>(r, c), src, live);
   }
   int32_t pte = count > 0 ? read_tile_pte<Cfg>(p, s, 0) : kPteUnmapped;
@@ -271,8 +279,8 @@ int configure() {
   using Cfg = WgmmaConfig<D>;
   static const bool registers_as_assumed = [] {
     cudaFuncAttributes attributes{};
-    return cudaFuncGetAttributes(&attributes, paged_attention_wgmma_kernel<T, Cfg>) == cudaSuccess &&
-           attributes.numRegs == Cfg::kLaunchRegisters;
+    const cudaError_t e = cudaFuncGetAttributes(&attributes, paged_attention_wgmma_kernel<T, Cfg>);
+    return e == cudaSuccess && attributes.numRegs == Cfg::kLaunchRegisters;
   }();
   if (!registers_as_assumed) return 0;
   return blocks_per_sm(paged_attention_wgmma_kernel<T, Cfg>, Cfg::kThreads, Cfg::kSmemBytes, cache);
@@ -318,7 +326,9 @@ bool wgmma_prefill_applies(const AttentionProblem& pr) {
 }
 
 int wgmma_prefill_blocks_per_sm(const AttentionProblem& pr) {
-  if (pr.geometry.head_dim == 64) return pr.bf16 ? configure<__nv_bfloat16, 64>() : configure<__half, 64>();
+  if (pr.geometry.head_dim == 64) {
+    return pr.bf16 ? configure<__nv_bfloat16, 64>() : configure<__half, 64>();
+  }
   return pr.bf16 ? configure<__nv_bfloat16, 128>() : configure<__half, 128>();
 }
 
