@@ -21,6 +21,7 @@
 // than those; the store's types are used only inside this library, so hide them here too.
 #pragma GCC visibility push(hidden)
 #include "store/checksum.h"
+#include "store/cufile_library.h"
 #include "store/disk_store.h"
 #pragma GCC visibility pop
 
@@ -326,6 +327,26 @@ void bind_store(py::module_& m) {
   }
   store.attr("FAULT_KINDS") = py::tuple(kinds);
 
+  m.def(
+      "_cufile_load",
+      [](const std::vector<std::string>& names) {
+        std::string reason;
+        std::unique_ptr<store::CufileLibrary> library = store::CufileLibrary::load(names, &reason);
+        return library ? std::string() : reason;
+      },
+      py::arg("names"),
+      "Tests: loads libcufile from exactly `names` (in order) through the shim, resolves its entry "
+      "points and unloads it; returns '' on success, else the reason. Opens no driver.");
+  m.def(
+      "cufile_library_status",
+      [](const std::vector<std::string>& extra_paths) {
+        std::string reason;
+        const store::CufileLibrary* library = store::CufileLibrary::shared(extra_paths, &reason);
+        return library ? "loads (" + library->path() + ")" : "not usable: " + reason;
+      },
+      py::arg("extra_paths") = std::vector<std::string>(),
+      "Whether the process's libcufile loads through the shim (with every entry point) and from "
+      "where; the first call's outcome is kept.");
   m.def(
       "checksum64",
       [](const at::Tensor& data, uint64_t seed) {
