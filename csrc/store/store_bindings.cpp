@@ -301,6 +301,22 @@ void bind_store(py::module_& m) {
           "Reads a batch of (slot, tag, dst) requests, io_threads at a time, verifying each as "
           "read_page does. check as in write_pages.")
       .def(
+          "read_header",
+          [](DiskStore& s, int64_t slot, const SlotTag& expected) {
+            py::gil_scoped_release release;
+            return s.read_header(slot, expected);
+          },
+          py::arg("slot"), py::arg("tag"),
+          "Checks that `slot` holds a page under `tag` by reading its header alone (the first "
+          "step of a read that bypasses the host, such as cuFile's) and returns the payload "
+          "checksum it stores; raises StoreError as read_page does.")
+      .def_property_readonly("file_descriptor", &DiskStore::file_descriptor,
+                             "The slot file's descriptor (for cuFile), -1 when none")
+      .def("payload_offset", &DiskStore::payload_offset, py::arg("slot"),
+           "The file offset of the slot's page bytes, after its 4096-byte header")
+      .def("slot_in_use", &DiskStore::slot_in_use, py::arg("slot"),
+           "False only for a slot never written")
+      .def(
           "inject_fault",
           [](DiskStore& s, const std::string& kind, int64_t nth) {
             injector_of(s).arm(FaultInjector::parse(kind), nth);
