@@ -100,7 +100,9 @@ class Engine:
 
     Attributes: policy, device, dtype, page_bytes, num_frames, num_host_slots, num_disk_slots,
     pool, host_pool (None without a host tier), disk_store (None without a disk tier), disk_path,
-    io_backend ("posix", or None without a disk tier), pager, page_table.
+    io_backend ("posix" or "cufile", or None without a disk tier: how disk pages reach the
+    frames, see Policy.io_backend), io_backend_reason (why: cuFile's load error, or the speeds
+    of both backends measured on the store's own file), pager, page_table.
     """
 
     def __init__(
@@ -160,15 +162,6 @@ class Engine:
                 "disk through host slots, so give the host tier at least one page "
                 f"({self.page_bytes} bytes) or set disk_budget to 0"
             )
-        if self.num_disk_slots:
-            if policy.io_backend == "cufile":
-                raise ValueError(
-                    "Engine: Policy.io_backend='cufile' is not available: the disk store has only "
-                    "the POSIX backend so far; use io_backend='posix' or 'auto'"
-                )
-            self.io_backend = "posix"  # "auto" and "posix"
-        else:
-            self.io_backend = None
 
         pin = device.type == "cuda"
         self.pool = new_pool(self.num_frames, num_layers, num_kv_heads, self.page_size, head_dim, dtype, device)
@@ -190,10 +183,18 @@ class Engine:
             except BaseException:
                 self._remove_temp_dir()
                 raise
-        self.pager = Pager(
-            self.pool, self.host_pool, max_sequences=max_sequences, max_pages=max_pages,
-            disk_store=self.disk_store, write_through=policy.write_policy == "write_through",
-        )
+        try:
+            self.pager = Pager(
+                self.pool, self.host_pool, max_sequences=max_sequences, max_pages=max_pages,
+                disk_store=self.disk_store, write_through=policy.write_policy == "write_through",
+                io_backend=policy.io_backend,
+            )
+        except BaseException:
+            self.disk_store = None
+            self._remove_temp_dir()
+            raise
+        self.io_backend = self.pager.io_backend
+        self.io_backend_reason = self.pager.io_backend_reason
         self.page_table = new_page_table(max_sequences, max_pages, device)
         self._sequences: dict[int, _Sequence] = {}
         self._tick = 0
@@ -450,10 +451,13 @@ class Engine:
     def stats(self) -> dict:
         """The pager's counters (Pager.stats) plus the engine's: attention_calls,
         tokens_appended, faults_seen (distinct faulted pages, summed over calls), fault_services
-        (calls that serviced faults), fault_batches, fault_service_seconds."""
+        (calls that serviced faults), fault_batches, fault_service_seconds; and io_backend and
+        io_backend_reason (the disk backend and why; None and "" without a disk tier)."""
         self._check_open()
         stats = dict(self.pager.stats())
         stats.update(self._counters)
+        stats["io_backend"] = self.io_backend
+        stats["io_backend_reason"] = self.io_backend_reason
         return stats
 
     def close(self) -> None:

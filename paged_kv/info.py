@@ -14,11 +14,20 @@ import torch
 from paged_kv import _library
 
 
+def cufile_wheel_paths() -> list[str]:
+    """libcufile files of installed nvidia-* wheels (nvidia/cu13/lib, nvidia/cufile/lib, ...)."""
+    paths = []
+    for entry in sys.path:
+        paths += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "lib", "libcufile.so*")))
+    return paths
+
+
 def cufile_status() -> str:
     """Whether libcufile (GPUDirect Storage) can be loaded, and from where."""
-    candidates = ["libcufile.so.0", "libcufile.so"]
-    for entry in sys.path:
-        candidates += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "lib", "libcufile.so*")))
+    if _library._C is not None:
+        # The shim the disk tier uses: loading and every entry point it needs.
+        return _library._C.cufile_library_status(cufile_wheel_paths())
+    candidates = ["libcufile.so.0", "libcufile.so"] + cufile_wheel_paths()
     found = ctypes.util.find_library("cufile")
     if found:
         candidates.insert(0, found)

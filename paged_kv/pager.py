@@ -72,6 +72,12 @@ class Pager:
         bounce_through_host_slots: read disk pages into frames through host slots the pager
             lends for the call (the generic Mover path) rather than straight into the frames
             (CPU pool) or through the mover's own pinned staging buffer (CUDA pool). For tests.
+        io_backend: how disk pages reach CUDA frames: "posix" (the default here: O_DIRECT reads
+            into pinned memory, then a copy), "cufile" (GPUDirect Storage straight into the
+            frames; raises StoreError naming the reason when cuFile is not usable) or "auto"
+            (cuFile where a check on the store's own file finds it returns the right bytes at
+            least as fast as POSIX, else POSIX). io_backend and io_backend_reason say what was
+            chosen and why.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class Pager:
         num_disk_slots: int | None = None,
         write_through: bool = False,
         bounce_through_host_slots: bool = False,
+        io_backend: str = "posix",
     ):
         _library.require_library()
         if host_pool is None:
@@ -101,9 +108,14 @@ class Pager:
         self.pool = pool
         self.host_pool = host_pool
         self.disk_store = disk_store
+        cufile_paths = []
+        if disk_store is not None and io_backend != "posix":
+            from paged_kv.info import cufile_wheel_paths
+
+            cufile_paths = cufile_wheel_paths()
         self._pager = _library._C.Pager(
             num_frames, num_host_slots, num_disk_slots, max_sequences, max_pages, write_through,
-            pool, host_pool, disk_store, bounce_through_host_slots,
+            pool, host_pool, disk_store, bounce_through_host_slots, io_backend, cufile_paths,
         )
 
     # ---- sequences ----
@@ -212,6 +224,16 @@ class Pager:
         """The page's metadata: tier, pte, frame, host_slot, disk_slot (-1 when none), sealed,
         host_valid, disk_valid, pins, tenant, last_use, generation."""
         return self._pager.page_info(row, page)
+
+    @property
+    def io_backend(self) -> str | None:
+        """How disk pages reach the frames: "posix" or "cufile"; None without a disk store."""
+        return self._pager.io_backend or None
+
+    @property
+    def io_backend_reason(self) -> str:
+        """Why io_backend was chosen (cuFile's load error, the speeds measured, ...)."""
+        return self._pager.io_backend_reason
 
     def stats(self) -> dict:
         """Counters: service_calls, faults_serviced, pages_moved and bytes_moved per direction

@@ -130,7 +130,9 @@ class Policy:
     host_budget    bytes of KV in pinned host slots; 0 turns the host tier off.
     disk_budget    bytes of KV in disk slots; 0 turns the disk tier off.
     disk_path      folder of the disk store; None lets the engine make a temporary one.
-    io_backend     disk reads: "auto" (cuFile where it works, else POSIX), "cufile" or "posix".
+    io_backend     disk reads: "auto" (cuFile where a check on the store's own file finds it
+                   returns the right bytes at least as fast as POSIX, else POSIX), "cufile" (an
+                   error naming the reason where cuFile is not usable) or "posix".
     zero_copy      whether the attention kernel reads host slots in place instead of faulting.
     write_policy   "write_back" (a sealed page goes down a tier when evicted) or "write_through"
                    (as soon as it is sealed).

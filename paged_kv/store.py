@@ -22,6 +22,10 @@ written or whose last write failed, an I/O error with its errno text. A read nev
 success with wrong bytes. `write_pages` and `read_pages` run batches of `(slot, tag, tensor)`
 requests `io_threads` at a time and report every failed request with its slot.
 
+Reads that bypass the host (cuFile straight into GPU frames, see Policy.io_backend) use
+`read_header(slot, tag)`, which checks the slot and its header alone and returns the payload
+checksum to verify the bytes against, with `file_descriptor` and `payload_offset(slot)`.
+
 For tests, `inject_fault(kind, nth=1)` makes the nth matching page operation fail as `kind`
 says (one of `DiskStore.FAULT_KINDS`). `checksum64(tensor)` is the checksum the headers use.
 """

@@ -486,3 +486,34 @@ def test_checksum_speed():
     copy_gbps = data.nbytes / best_copy / 1e9
     print(f"\nchecksum64: {gbps:.2f} GB/s single core (memory copy in the same run: {copy_gbps:.2f} GB/s)")
     assert gbps > 1.0
+
+
+# ---- the header alone (reads that bypass the host, such as cuFile's) ----
+
+def test_read_header_returns_the_payload_checksum(tmp_path):
+    store = make_store(tmp_path, num_slots=4, page_bytes=5000)
+    page = random_page(5000, torch.uint8, torch.Generator().manual_seed(0))
+    assert not store.slot_in_use(2)
+    store.write_page(2, (1, 2, 3, 4), page)
+    assert store.slot_in_use(2) and not store.slot_in_use(1)
+    assert store.read_header(2, (1, 2, 3, 4)) == checksum64(page)
+    assert store.payload_offset(2) == 2 * store.slot_bytes + HEADER_BYTES
+    assert store.file_descriptor >= 0
+
+
+def test_read_header_errors_match_read_page(tmp_path):
+    store = make_store(tmp_path, num_slots=4)
+    page = random_page(8192, torch.uint8, torch.Generator().manual_seed(1))
+    with pytest.raises(StoreError, match="slot 0 .*never written"):
+        store.read_header(0, (0, 0, 0, 0))
+    store.write_page(0, (0, 1, 2, 3), page)
+    with pytest.raises(StoreError, match="tag mismatch: session"):
+        store.read_header(0, (0, 9, 2, 3))
+    with pytest.raises(StoreError, match="outside"):
+        store.read_header(4, (0, 1, 2, 3))
+    store.inject_fault("read_eio")
+    with pytest.raises(StoreError, match="EIO"):
+        store.read_header(0, (0, 1, 2, 3))
+    flip_byte(store.path, 30)  # inside the header's fields
+    with pytest.raises(StoreError, match="header checksum mismatch"):
+        store.read_header(0, (0, 1, 2, 3))

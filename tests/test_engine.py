@@ -158,7 +158,6 @@ def test_no_disk_tier():
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(io_backend="cufile"), "io_backend='cufile'.*POSIX"),
     (dict(host_budget=0), "disk_budget is set but Policy.host_budget is 0"),
     (dict(gpu_budget="1KiB"), "gpu_budget of 1 KiB holds no whole page"),
 ])

@@ -1,6 +1,7 @@
 // Python binding of the pager: paged_kv._C.Pager over pool tensors (and an optional disk store),
 // with PagerError and PagerInternalError.
 #include <torch/extension.h>
+#include <pybind11/stl.h>
 
 #include <memory>
 #include <string>
@@ -27,7 +28,8 @@ using engine::TensorMover;
 class PagerHandle {
  public:
   PagerHandle(const PagerConfig& config, const at::Tensor& pool, const at::Tensor& host_pool,
-              py::object disk_store, bool bounce_through_host_slots)
+              py::object disk_store, bool bounce_through_host_slots, const std::string& io_backend,
+              const std::vector<std::string>& cufile_paths)
       : disk_owner_(std::move(disk_store)) {
     store::DiskStore* disk = nullptr;
     if (!disk_owner_.is_none()) {
@@ -35,7 +37,12 @@ class PagerHandle {
                   "be a paged_kv.store.DiskStore, got ", std::string(py::str(py::type::of(disk_owner_))));
       disk = disk_owner_.cast<store::DiskStore*>();
     }
-    mover_ = std::make_unique<TensorMover>(pool, host_pool, disk, bounce_through_host_slots);
+    {
+      // The backend check reads and writes the disk and may wait on the GPU.
+      py::gil_scoped_release release;
+      mover_ = std::make_unique<TensorMover>(pool, host_pool, disk, bounce_through_host_slots,
+                                             io_backend, cufile_paths);
+    }
     TORCH_CHECK(config.num_frames <= mover_->num_frames(), "paged_kv pager: num_frames ",
                 config.num_frames, " exceeds the pool's ", mover_->num_frames(), " frames");
     TORCH_CHECK(config.num_host_slots <= mover_->num_host_slots(), "paged_kv pager: num_host_slots ",
@@ -169,7 +176,8 @@ void bind_engine(py::module_& m) {
       .def(py::init([](int64_t num_frames, int64_t num_host_slots, int64_t num_disk_slots,
                        int64_t max_sequences, int64_t max_pages, bool write_through,
                        const at::Tensor& pool, const at::Tensor& host_pool, py::object disk_store,
-                       bool bounce_through_host_slots) {
+                       bool bounce_through_host_slots, const std::string& io_backend,
+                       const std::vector<std::string>& cufile_paths) {
              PagerConfig c;
              c.num_frames = num_frames;
              c.num_host_slots = num_host_slots;
@@ -178,12 +186,13 @@ void bind_engine(py::module_& m) {
              c.max_pages = max_pages;
              c.write_through = write_through;
              return std::make_unique<PagerHandle>(c, pool, host_pool, std::move(disk_store),
-                                                  bounce_through_host_slots);
+                                                  bounce_through_host_slots, io_backend, cufile_paths);
            }),
            py::arg("num_frames"), py::arg("num_host_slots"), py::arg("num_disk_slots"),
            py::arg("max_sequences"), py::arg("max_pages"), py::arg("write_through"), py::arg("pool"),
            py::arg("host_pool"), py::arg("disk_store") = py::none(),
-           py::arg("bounce_through_host_slots") = false)
+           py::arg("bounce_through_host_slots") = false, py::arg("io_backend") = "posix",
+           py::arg("cufile_paths") = std::vector<std::string>())
       .def("add_sequence",
            [](PagerHandle& h, int32_t tenant, int64_t row) { return h.pager().add_sequence(tenant, row); },
            py::arg("tenant"), py::arg("row") = -1)
@@ -244,6 +253,9 @@ void bind_engine(py::module_& m) {
       .def("check_invariants", [](PagerHandle& h) { h.pager().check_invariants(); })
       .def("bytes_of_metadata", [](PagerHandle& h) { return h.pager().bytes_of_metadata(); })
       .def_property_readonly("page_bytes", [](PagerHandle& h) { return h.mover().page_bytes(); })
+      .def_property_readonly("io_backend", [](PagerHandle& h) { return h.mover().io_backend(); })
+      .def_property_readonly("io_backend_reason",
+                             [](PagerHandle& h) { return h.mover().io_backend_reason(); })
       .def_property_readonly("config", [](PagerHandle& h) {
         const PagerConfig& c = h.pager().config();
         py::dict d;

@@ -26,7 +26,8 @@ void check_cuda(cudaError_t status, const char* call) {
 }  // namespace
 
 TensorMover::TensorMover(const at::Tensor& gpu_pool, const at::Tensor& host_pool,
-                         store::DiskStore* disk, bool bounce_through_host_slots)
+                         store::DiskStore* disk, bool bounce_through_host_slots,
+                         const std::string& io_backend, const std::vector<std::string>& cufile_paths)
     : gpu_pool_(gpu_pool),
       host_pool_(host_pool),
       disk_(disk),
@@ -67,9 +68,21 @@ TensorMover::TensorMover(const at::Tensor& gpu_pool, const at::Tensor& host_pool
     TORCH_CHECK(false, "paged_kv pager: the pool is on CUDA but paged_kv was built without CUDA");
 #endif
   }
+  if (disk_ != nullptr) {
+    int device = -1;
+#ifdef PKV_WITH_CUDA
+    device = device_;
+#endif
+    IoBackendChoice choice = choose_io_backend(io_backend, cufile_paths, *disk_, on_cuda_, device,
+                                               bounce_through_host_slots_);
+    io_backend_ = choice.backend;
+    io_backend_reason_ = choice.reason;
+    cufile_ = std::move(choice.reader);
+  }
 }
 
 TensorMover::~TensorMover() {
+  cufile_.reset();
 #ifdef PKV_WITH_CUDA
   if (stream_ != nullptr) {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
@@ -217,14 +230,36 @@ void TensorMover::disk_to_gpu(const std::vector<DiskFrameMove>& moves) {
     read_disk(reads);
     return;
   }
-  // A few pages at a time into the pinned staging buffer (the store reads them in parallel),
-  // then asynchronous copies to the frames; the buffer is reused once those copies are done.
   const int64_t staging_pages = std::min<int64_t>(4, std::max(1, disk_->io_threads()));
   if (!staging_.defined()) {
     staging_ = at::empty({staging_pages * page_bytes_},
                          at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   }
   char* staging = static_cast<char*>(staging_.data_ptr());
+  if (cufile_ != nullptr) {
+    // cuFile writes the frames from the host's side of the GPU's streams: everything queued
+    // before (a kernel still reading a frame being overwritten) must be done first.
+    wait_for_own_stream();
+    std::vector<CufileFrameReader::Read> reads(moves.size());
+    for (size_t i = 0; i < moves.size(); ++i) {
+      reads[i].slot = moves[i].disk_slot;
+      reads[i].expected = moves[i].tag;
+      reads[i].frame = frame_ptr(moves[i].frame);
+    }
+#ifdef PKV_WITH_CUDA
+    void* stream = stream_;
+#else
+    void* stream = nullptr;
+#endif
+    const std::vector<store::SlotFailure> failures = cufile_->read(reads, staging, stream);
+    if (!failures.empty()) {
+      throw store::StoreError("paged_kv pager: reading pages from disk with cuFile failed: " +
+                              store::describe_failures(failures, reads.size(), "page reads"));
+    }
+    return;
+  }
+  // A few pages at a time into the pinned staging buffer (the store reads them in parallel),
+  // then asynchronous copies to the frames; the buffer is reused once those copies are done.
   for (size_t begin = 0; begin < moves.size(); begin += static_cast<size_t>(staging_pages)) {
     const size_t end = std::min(moves.size(), begin + static_cast<size_t>(staging_pages));
     std::vector<store::PageRead> reads(end - begin);

@@ -1,9 +1,11 @@
 // A Mover over pool tensors (torch glue): the GPU frame pool, the host slot pool and, when
 // given, a disk store.
 //
-// Disk reads into frames go straight into the frames when the pool is on the CPU, and through a
-// pinned staging buffer of a few pages that the mover owns when it is on CUDA (read in parallel
-// by the store, then copied asynchronously), so the pager lends no host slots for them; with
+// Disk reads into frames go straight into the frames when the pool is on the CPU. On CUDA they
+// take the backend chosen at construction (engine/io_backend.h): with "cufile", cuFile reads the
+// pages straight into the frames and each is checksummed on a pinned host copy; with "posix",
+// through a pinned staging buffer of a few pages that the mover owns (read in parallel by the
+// store, then copied asynchronously). Either way the pager lends no host slots for them; with
 // bounce_through_host_slots they take the Mover default through lent host slots instead.
 //
 // On CUDA, copies between frames and slots are cudaMemcpyAsync calls on a stream the mover owns;
@@ -16,8 +18,11 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
 
+#include "engine/io_backend.h"
 #include "engine/mover.h"
 #include "store/disk_store.h"
 
@@ -34,8 +39,12 @@ class TensorMover : public Mover {
   //   gpu_pool is on CUDA.
   // disk: optional (null for none, not owned); its page_bytes() must be one frame's bytes.
   // Raises c10::Error (RuntimeError in Python) naming the tensor when a check fails.
+  // io_backend: how disk pages reach CUDA frames, "auto", "cufile" or "posix", with
+  //   cufile_paths extra places to load libcufile from (engine/io_backend.h); "cufile" raises
+  //   StoreError naming the reason when cuFile is not usable. Ignored without a disk store.
   TensorMover(const at::Tensor& gpu_pool, const at::Tensor& host_pool, store::DiskStore* disk,
-              bool bounce_through_host_slots = false);
+              bool bounce_through_host_slots = false, const std::string& io_backend = "posix",
+              const std::vector<std::string>& cufile_paths = {});
   ~TensorMover() override;
   TensorMover(const TensorMover&) = delete;
   TensorMover& operator=(const TensorMover&) = delete;
@@ -45,6 +54,9 @@ class TensorMover : public Mover {
   int64_t num_host_slots() const { return num_host_slots_; }
   int64_t num_disk_slots() const { return disk_ ? disk_->num_slots() : 0; }
   bool on_cuda() const { return on_cuda_; }
+  // The disk backend in use ("posix" or "cufile"; "" without a disk store) and why.
+  const std::string& io_backend() const { return io_backend_; }
+  const std::string& io_backend_reason() const { return io_backend_reason_; }
 
   void gpu_to_host(const std::vector<FrameSlotMove>& moves) override;
   void host_to_gpu(const std::vector<FrameSlotMove>& moves) override;
@@ -75,6 +87,9 @@ class TensorMover : public Mover {
   bool on_cuda_ = false;
   bool bounce_through_host_slots_ = false;
   at::Tensor staging_;  // pinned, a few pages: disk reads into CUDA frames (allocated on first use)
+  std::string io_backend_;
+  std::string io_backend_reason_;
+  std::unique_ptr<CufileFrameReader> cufile_;  // set when io_backend_ is "cufile"
 #ifdef PKV_WITH_CUDA
   int device_ = -1;
   cudaStream_t stream_ = nullptr;

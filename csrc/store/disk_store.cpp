@@ -5,6 +5,7 @@
 #include <unordered_map>
 
 #include "store/posix_disk_store.h"
+#include "store/slot_format.h"
 
 namespace paged_kv::store {
 
@@ -44,6 +45,16 @@ void* destination_of(const PageRead& page) { return page.dst; }
 
 std::unique_ptr<DiskStore> DiskStore::create(const DiskStoreOptions& options) {
   return create_posix_disk_store(options);
+}
+
+int64_t DiskStore::payload_offset(int64_t slot) const {
+  return slot * slot_bytes() + static_cast<int64_t>(kSlotHeaderBytes);
+}
+
+uint64_t DiskStore::read_header(int64_t slot, const SlotTag& expected) {
+  (void)slot;
+  (void)expected;
+  throw StoreError("DiskStore::read_header: this disk store cannot read a header on its own");
 }
 
 void DiskStore::check_batch(const std::vector<PageWrite>& pages) {

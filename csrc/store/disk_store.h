@@ -101,6 +101,22 @@ class DiskStore {
   virtual std::vector<SlotFailure> read_pages(const std::vector<PageRead>& pages);
   virtual int io_threads() const { return 1; }
 
+  // Reads that bypass the host (cuFile into GPU frames) go to the slot file themselves; these
+  // give them what they need. file_descriptor(): the slot file's descriptor (opened with
+  // O_DIRECT when direct_io()), -1 when the store has no file. payload_offset(slot): the file
+  // offset of the slot's page bytes (after its header).
+  virtual int file_descriptor() const { return -1; }
+  virtual int64_t payload_offset(int64_t slot) const;
+  // Checks that `slot` holds a page and reads and checks its header against `expected`, as
+  // read_page does before it trusts the payload; counts as one read for the fault injector.
+  // Returns the payload checksum the header stores (checksum64 of the page bytes); the caller
+  // reads the payload and must compare its checksum with this before it uses the bytes.
+  // Raises StoreError, worded as read_page's errors are, when the slot or header is wrong.
+  virtual uint64_t read_header(int64_t slot, const SlotTag& expected);
+  // Whether `slot` may hold a page someone wants (true unless it was never written). A check of
+  // the I/O path writes its test pages only into slots for which this is false.
+  virtual bool slot_in_use(int64_t slot) const { (void)slot; return true; }
+
   // The injector this store's transfers obey (tests arm faults on it); null when the store
   // cannot inject faults.
   virtual FaultInjector* fault_injector() { return nullptr; }

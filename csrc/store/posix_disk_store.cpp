@@ -64,6 +64,11 @@ class PosixDiskStore final : public DiskStore {
   const std::string& direct_io_reason() const override { return file_.direct_io_reason(); }
   int io_threads() const override { return io_pool_.threads(); }
   FaultInjector* fault_injector() override { return faults_.get(); }
+  int file_descriptor() const override { return file_.fd(); }
+  bool slot_in_use(int64_t slot) const override {
+    return slot < 0 || slot >= num_slots_ || state_[slot].load() != kEmpty;
+  }
+  uint64_t read_header(int64_t slot, const SlotTag& expected) override;
 
   void write_page(int64_t slot, const SlotTag& tag, const void* src) override;
   void read_page(int64_t slot, const SlotTag& expected, void* dst) override;
@@ -87,6 +92,8 @@ class PosixDiskStore final : public DiskStore {
   // Records a failed write of `slot` (`cause`: why) and makes a best effort to clear its
   // header on disk.
   void mark_failed(int64_t slot, const std::string& cause);
+  // Raises StoreError (prefixed with `what`) unless `slot` holds the page of a finished write.
+  void check_readable(int64_t slot, const std::string& what);
   std::string slot_name(int64_t slot) const {
     return "slot " + std::to_string(slot) + " of " + file_.path();
   }
@@ -181,6 +188,41 @@ void PosixDiskStore::read_page(int64_t slot, const SlotTag& expected, void* dst)
   check_slot(slot, "read_page", dst, "dst");
   const std::string what = "read of " + slot_name(slot) + " (expecting " + describe_tag(expected) +
                            ") failed: ";
+  check_readable(slot, what);
+  const FaultKind fault = faults_->next(IoOp::kRead);
+  try {
+    transfer_read(slot, expected, dst, fault);
+  } catch (const std::exception& e) {
+    throw StoreError(what + e.what());
+  }
+}
+
+uint64_t PosixDiskStore::read_header(int64_t slot, const SlotTag& expected) {
+  if (slot < 0 || slot >= num_slots_) {
+    throw StoreError("DiskStore::read_header: slot " + std::to_string(slot) + " is outside [0, " +
+                     std::to_string(num_slots_) + ") of " + file_.path());
+  }
+  const std::string what = "read of " + slot_name(slot) + " (expecting " + describe_tag(expected) +
+                           ") failed: ";
+  check_readable(slot, what);
+  const FaultKind fault = faults_->next(IoOp::kRead);
+  try {
+    BufferPool::Lease header = header_buffers_.acquire(fault == FaultKind::kAllocFail);
+    iovec iov;
+    iov.iov_base = header.data();
+    iov.iov_len = kSlotHeaderBytes;
+    read_full(file_.fd(), &iov, 1, offset_of(slot), fault);
+    uint64_t stored = 0;
+    const std::string wrong =
+        check_slot_header(header.data(), expected, static_cast<uint64_t>(page_bytes_), &stored);
+    if (!wrong.empty()) throw StoreError(wrong);
+    return stored;
+  } catch (const std::exception& e) {
+    throw StoreError(what + e.what());
+  }
+}
+
+void PosixDiskStore::check_readable(int64_t slot, const std::string& what) {
   switch (state_[slot].load()) {
     case kEmpty:
       throw StoreError(what + "the slot was never written");
@@ -194,12 +236,6 @@ void PosixDiskStore::read_page(int64_t slot, const SlotTag& expected, void* dst)
       throw StoreError(what + "the slot is being written");
     default:
       break;
-  }
-  const FaultKind fault = faults_->next(IoOp::kRead);
-  try {
-    transfer_read(slot, expected, dst, fault);
-  } catch (const std::exception& e) {
-    throw StoreError(what + e.what());
   }
 }
 

@@ -21,6 +21,7 @@
 // than those; the store's types are used only inside this library, so hide them here too.
 #pragma GCC visibility push(hidden)
 #include "store/checksum.h"
+#include "store/cufile_library.h"
 #include "store/disk_store.h"
 #pragma GCC visibility pop
 
@@ -300,6 +301,22 @@ void bind_store(py::module_& m) {
           "Reads a batch of (slot, tag, dst) requests, io_threads at a time, verifying each as "
           "read_page does. check as in write_pages.")
       .def(
+          "read_header",
+          [](DiskStore& s, int64_t slot, const SlotTag& expected) {
+            py::gil_scoped_release release;
+            return s.read_header(slot, expected);
+          },
+          py::arg("slot"), py::arg("tag"),
+          "Checks that `slot` holds a page under `tag` by reading its header alone (the first "
+          "step of a read that bypasses the host, such as cuFile's) and returns the payload "
+          "checksum it stores; raises StoreError as read_page does.")
+      .def_property_readonly("file_descriptor", &DiskStore::file_descriptor,
+                             "The slot file's descriptor (for cuFile), -1 when none")
+      .def("payload_offset", &DiskStore::payload_offset, py::arg("slot"),
+           "The file offset of the slot's page bytes, after its 4096-byte header")
+      .def("slot_in_use", &DiskStore::slot_in_use, py::arg("slot"),
+           "False only for a slot never written")
+      .def(
           "inject_fault",
           [](DiskStore& s, const std::string& kind, int64_t nth) {
             injector_of(s).arm(FaultInjector::parse(kind), nth);
@@ -326,6 +343,26 @@ void bind_store(py::module_& m) {
   }
   store.attr("FAULT_KINDS") = py::tuple(kinds);
 
+  m.def(
+      "_cufile_load",
+      [](const std::vector<std::string>& names) {
+        std::string reason;
+        std::unique_ptr<store::CufileLibrary> library = store::CufileLibrary::load(names, &reason);
+        return library ? std::string() : reason;
+      },
+      py::arg("names"),
+      "Tests: loads libcufile from exactly `names` (in order) through the shim, resolves its entry "
+      "points and unloads it; returns '' on success, else the reason. Opens no driver.");
+  m.def(
+      "cufile_library_status",
+      [](const std::vector<std::string>& extra_paths) {
+        std::string reason;
+        const store::CufileLibrary* library = store::CufileLibrary::shared(extra_paths, &reason);
+        return library ? "loads (" + library->path() + ")" : "not usable: " + reason;
+      },
+      py::arg("extra_paths") = std::vector<std::string>(),
+      "Whether the process's libcufile loads through the shim (with every entry point) and from "
+      "where; the first call's outcome is kept.");
   m.def(
       "checksum64",
       [](const at::Tensor& data, uint64_t seed) {
