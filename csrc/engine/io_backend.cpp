@@ -54,15 +54,7 @@ CufileFrameReader::~CufileFrameReader() { library_.deregister_file(handle_); }
 
 std::vector<store::SlotFailure> CufileFrameReader::read(const std::vector<Read>& reads,
                                                         void* mirror, void* stream) {
-  std::vector<store::SlotFailure> failures;
-  for (size_t i = 0; i < reads.size(); ++i) {
-    try {
-      read_one(reads[i], mirror, stream);
-    } catch (const std::exception& e) {
-      failures.push_back(store::SlotFailure{i, reads[i].slot, e.what()});
-    }
-  }
-  return failures;
+  return store::attempt_each(reads, [&](const Read& r) { read_one(r, mirror, stream); });
 }
 
 void CufileFrameReader::read_one(const Read& r, void* mirror, void* stream) {

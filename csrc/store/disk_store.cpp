@@ -67,28 +67,12 @@ void DiskStore::check_batch(const std::vector<PageRead>& pages) {
 
 std::vector<SlotFailure> DiskStore::write_pages(const std::vector<PageWrite>& pages) {
   check_batch(pages);
-  std::vector<SlotFailure> failures;
-  for (size_t i = 0; i < pages.size(); ++i) {
-    try {
-      write_page(pages[i].slot, pages[i].tag, pages[i].src);
-    } catch (const std::exception& e) {
-      failures.push_back(SlotFailure{i, pages[i].slot, e.what()});
-    }
-  }
-  return failures;
+  return attempt_each(pages, [this](const PageWrite& p) { write_page(p.slot, p.tag, p.src); });
 }
 
 std::vector<SlotFailure> DiskStore::read_pages(const std::vector<PageRead>& pages) {
   check_batch(pages);
-  std::vector<SlotFailure> failures;
-  for (size_t i = 0; i < pages.size(); ++i) {
-    try {
-      read_page(pages[i].slot, pages[i].expected, pages[i].dst);
-    } catch (const std::exception& e) {
-      failures.push_back(SlotFailure{i, pages[i].slot, e.what()});
-    }
-  }
-  return failures;
+  return attempt_each(pages, [this](const PageRead& p) { read_page(p.slot, p.expected, p.dst); });
 }
 
 std::string describe_failures(const std::vector<SlotFailure>& failures, size_t requests,

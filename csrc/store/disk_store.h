@@ -63,6 +63,21 @@ struct SlotFailure {
   std::string message;
 };
 
+// Calls attempt(request) for every request of a batch, in order, and collects each one that
+// throws as a SlotFailure (its index, its slot, the error text) instead of stopping at the first.
+template <typename Request, typename Attempt>
+std::vector<SlotFailure> attempt_each(const std::vector<Request>& requests, Attempt&& attempt) {
+  std::vector<SlotFailure> failures;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    try {
+      attempt(requests[i]);
+    } catch (const std::exception& e) {
+      failures.push_back(SlotFailure{i, requests[i].slot, e.what()});
+    }
+  }
+  return failures;
+}
+
 // "2 of 8 page writes failed: request 3 (slot 5): ...; request 6 (slot 9): ..." (`what` is
 // "page writes" or "page reads").
 std::string describe_failures(const std::vector<SlotFailure>& failures, size_t requests,
