@@ -5,7 +5,6 @@
 #include "cuda/attention_device.cuh"
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "cuda/attention_wgmma.h"
 
