@@ -34,13 +34,21 @@ struct Config {
   static constexpr int kMergeBytes = WN > 1 ? WN * kRows * (D + 2) * 4 : 0;
   static constexpr int kMainBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
   static constexpr int kPageMaskOffset = kQueryBytes + kMainBytes;
-  static constexpr int kSmemBytes = kPageMaskOffset + STAGES * WN * 4;
+  // Decode (WN > 1) prefetches page-table entries: a ring of STAGES entries per warp, each with
+  // room for a tile's pages (pages hold at least 16 tokens).
+  static constexpr int kMaxTilePages = WN > 1 ? KT / 16 : 0;
+  static constexpr int kPteRingOffset = kPageMaskOffset + STAGES * WN * 4;
+  static constexpr int kSmemBytes = kPteRingOffset + STAGES * WN * kMaxTilePages * 4;
   static_assert((2 * KT * kChunks) % kLoaders == 0, "loads must split evenly over loaders");
   static_assert(KT % 16 == 0 && D % 16 == 0 && D >= 64, "tile shapes");
+  // Whole tiles copied without per-row predicates (copy_tile_part). Decode only: the mma.sync
+  // prefill block runs at the register limit, and the second copy path made it spill.
+  static constexpr bool kUnpredicatedCopies = WN > 1;
   // Tiles are [rows][D], each row's 16-byte chunks XOR-swizzled by the row so that ldmatrix
   // (8 rows, same column) is free of bank conflicts.
+  static constexpr int kRowBytes = D * 2;
   __device__ static uint32_t tile_offset(int row, int chunk) {
-    return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+    return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
   }
 };
 
@@ -164,6 +172,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   T* sq = reinterpret_cast<T*>(smem);
   T* pipeline = reinterpret_cast<T*>(smem + Cfg::kQueryBytes);
   uint32_t* page_masks = reinterpret_cast<uint32_t*>(smem + Cfg::kPageMaskOffset);
+  int32_t* pte_ring = reinterpret_cast<int32_t*>(smem + Cfg::kPteRingOffset);
   auto k_tile = [&](int stage, int slot) {
     return pipeline + (static_cast<int64_t>(stage) * 2 * WN + slot) * KT * D;
   };
@@ -241,6 +250,18 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   };
 
+  // Page-table reads. Decode (warps own tiles, little math per tile): visited tile i of this
+  // warp, k = first + i * WN, has its PTEs copied into ring entry i % STAGES with the cp.async
+  // group of tile i - (STAGES - 1), so they have arrived when the wait before its own load
+  // returns. Prefill (a block shares each tile, much math per tile): each warp reads the next
+  // tile's PTE one tile ahead, which keeps registers free.
+  constexpr bool kPteRing = WN > 1;
+  auto pte_entry = [&](int i) { return pte_ring + ((i % STAGES) * WN + slot) * Cfg::kMaxTilePages; };
+  auto prefetch_pte = [&](int i) {
+    if constexpr (kPteRing) {
+      if (i < count) prefetch_tile_pte<Cfg>(p, s, first + i * WN, pte_entry(i));
+    }
+  };
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < count) {
@@ -249,20 +270,29 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                                               may_record, read_tile_pte<Cfg>(p, s, k));
       if (loader == 0) page_masks[i * WN + slot] = mask;
     }
+    prefetch_pte(i + STAGES - 1);
     cp_async_commit();
   }
-  int32_t pte_ahead =
-      STAGES - 1 < count ? read_tile_pte<Cfg>(p, s, first + (STAGES - 1) * WN) : kPteUnmapped;
+  const int tile_pages = Cfg::KT > p.pr.geometry.page_size
+                             ? Cfg::KT / static_cast<int>(p.pr.geometry.page_size) : 1;
+  int32_t pte_ahead = kPteUnmapped;
+  if (!kPteRing && STAGES - 1 < count) pte_ahead = read_tile_pte<Cfg>(p, s, first + (STAGES - 1) * WN);
   for (int it = 0; it < count; ++it) {
     cp_async_wait<STAGES - 2>();
     sync_loaders();
     const int next = it + STAGES - 1;
     if (next < count) {
       const int stage = next % STAGES;
+      int32_t pte = pte_ahead;
+      if constexpr (kPteRing) pte = lane < tile_pages ? pte_entry(next)[lane] : kPteUnmapped;
       const uint32_t mask = load_tile<T, Cfg>(p, s, first + next * WN, k_tile(stage, slot),
-                                              v_tile(stage, slot), loader, may_record, pte_ahead);
+                                              v_tile(stage, slot), loader, may_record, pte);
       if (loader == 0) page_masks[stage * WN + slot] = mask;
-      if (next + 1 < count) pte_ahead = read_tile_pte<Cfg>(p, s, first + (next + 1) * WN);
+      if constexpr (kPteRing) {
+        prefetch_pte(next + STAGES - 1);  // into the entry tile `next - 1` has finished with
+      } else if (next + 1 < count) {
+        pte_ahead = read_tile_pte<Cfg>(p, s, first + (next + 1) * WN);
+      }
     }
     cp_async_commit();
     const int stage = it % STAGES;

@@ -93,6 +93,10 @@ __device__ inline void cp_async_16(uint32_t smem_addr, const void* src, bool val
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(src),
                "r"(src_bytes));
 }
+// The same copy, always 16 bytes.
+__device__ inline void cp_async_16(uint32_t smem_addr, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(src));
+}
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ inline void cp_async_wait() {
@@ -250,6 +254,26 @@ __device__ inline int32_t read_tile_pte(const Params& p, const BlockScope& s, in
   return p.pr.table.ptes[s.row * p.pr.table.row_stride + page];
 }
 
+// Copies, asynchronously into `dst` (this warp's ring entry for visited tile `k`), the PTEs
+// read_tile_pte would return: lane j < the tile's page count issues one 4-byte cp.async, which
+// completes with the cp.async group it is committed in. A page not read gets kPteUnmapped,
+// stored directly. Reading the page table a whole pipeline ahead keeps its latency, which under
+// full HBM load is as long as a tile's, off each warp's critical path.
+template <typename Cfg>
+__device__ inline void prefetch_tile_pte(const Params& p, const BlockScope& s, int k, int32_t* dst) {
+  const int lane = threadIdx.x & 31;
+  const int P = static_cast<int>(p.pr.geometry.page_size);
+  const int pages = Cfg::KT > P ? Cfg::KT / P : 1;
+  if (lane >= pages) return;
+  const int page = (tile_start<Cfg::KT>(s, k) >> p.page_shift) + lane;
+  if (!page_needed(p, s, page)) {
+    dst[lane] = kPteUnmapped;
+    return;
+  }
+  const int32_t* src = p.pr.table.ptes + s.row * p.pr.table.row_stride + page;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst + lane)), "l"(src));
+}
+
 // The pages of visited tile `k`, resolved by lanes 0 .. pages - 1 of every calling warp: `base`
 // is this lane's page's K rows (null when the page is not read), bit j of `read_mask` tells
 // page j of the tile was read. Faults are recorded here, so a tile is resolved once.
@@ -295,6 +319,23 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
     const uint64_t page_base = __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), 0);
     const T* src_base = reinterpret_cast<const T*>(page_base) + part_offset +
                         static_cast<int64_t>(t0 & (P - 1)) * D + c * 8;
+    if (Cfg::kUnpredicatedCopies && page_base != 0 && rows_left >= KT) {
+      // Every row is read (the common case): no per-row predicate, and each copy's source and
+      // destination are this loader's first ones plus constants. Row r = r0 + i * kRowStep with
+      // r0 < kRowStep, a power of two, so r & 7 = (r0 & 7) ^ ((i * kRowStep) & 7): in either
+      // tile layout (a row-XOR swizzle of 16-byte chunks) the copy lands at
+      // tile_offset(r0, c ^ ((i * kRowStep) & 7)) + i * kRowStep * kRowBytes. (Computing each
+      // address in full took about 15 instructions per copy, half of a decode tile's.)
+      static_assert((kRowStep & (kRowStep - 1)) == 0, "loader rows step by a power of two");
+      const T* src = src_base + r0 * D;
+#pragma unroll
+      for (int i = 0; i < kPerPart; ++i) {
+        cp_async_16(dst + Cfg::tile_offset(r0, c ^ ((i * kRowStep) & 7)) +
+                        static_cast<uint32_t>(i * kRowStep * Cfg::kRowBytes),
+                    src + i * kRowStep * D);
+      }
+      return;
+    }
 #pragma unroll 8
     for (int i = 0; i < kPerPart; ++i) {
       const int r = r0 + i * kRowStep;

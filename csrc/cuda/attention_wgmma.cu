@@ -51,6 +51,8 @@ struct WgmmaConfig {
   static constexpr int kSmemBytes =
       1024 + kQueryBytes + 2 * kBuffers * kTileBytes + kBarrierBytes + kBuffers * 4;
   static_assert(D == 64 || D == 128, "the accumulators of larger heads do not fit in registers");
+  static constexpr int kRowBytes = 128;  // within a 64-column block
+  static constexpr bool kUnpredicatedCopies = true;
   __device__ static uint32_t tile_offset(int row, int chunk) {
     return sw128_offset<KT>(row, chunk);
   }
