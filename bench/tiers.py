@@ -372,7 +372,9 @@ def run_decode(device: torch.device, tokens: int, zero_copy: bool, repeat: int,
         sync(device)
         on_host = int((tiers_of(engine, row, pages) == Tier.HOST).sum())
         before = moved(engine.pager, "host_to_gpu")
+        stats_before = engine.stats()
         timing = time_fn(call, device, warmup=1, repeat=repeat)
+        stats_after = engine.stats()
         calls = 1 + repeat
         if zero_copy:
             num_bytes = on_host * PAGE_BYTES
@@ -390,8 +392,17 @@ def run_decode(device: torch.device, tokens: int, zero_copy: bool, repeat: int,
             result["ideal_us"] = num_bytes / (ceiling_gbps * 1e3)
             result["fraction"] = timing["median_us"] / result["ideal_us"]
         if not zero_copy:
-            stats = engine.stats()
-            result["fault_batches_per_call"] = stats["fault_batches"] / (calls + 1)
+            result["fault_batches_per_call"] = stats_after["fault_batches"] / (calls + 1)
+            # Where a call's time goes: the engine's whole fault service (moves, reruns over
+            # each batch, merge) and, inside it, the pager's moves; and what was written back.
+            def per_call(key, sub=None):
+                a, b = stats_after[key], stats_before[key]
+                if sub is not None:
+                    a, b = a[sub], b[sub]
+                return (a - b) / calls
+            result["fault_service_ms_per_call"] = per_call("fault_service_seconds") * 1e3
+            result["pager_service_ms_per_call"] = per_call("service_seconds") * 1e3
+            result["gpu_to_host_bytes_per_call"] = per_call("bytes_moved", "gpu_to_host")
         meta = None
         if zero_copy:
             capacity = pages + 1  # the fault queue Engine.attention allocates for this batch

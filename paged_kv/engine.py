@@ -88,6 +88,19 @@ class _Sequence:
         self.written = [0] * num_layers  # tokens written, per layer
 
 
+
+def _pages_read(rows: list[int], pages_per_entry: list[int]) -> torch.Tensor:
+    """The distinct (row, page) pairs a call reads, as an int64 tensor [n, 2] sorted by row
+    then page: pages 0 .. n_b - 1 of each entry's row."""
+    counts = torch.tensor(pages_per_entry, dtype=torch.int64)
+    row_of = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts
+    page = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
+    pages = torch.stack([row_of, page], 1)
+    if any(a >= b for a, b in zip(rows, rows[1:])):  # rows repeat or come out of order
+        pages = torch.unique(pages, dim=0)
+    return pages
+
 class Engine:
     """Tiers, pager and device page table built from a Policy; see the module docstring.
 
@@ -367,7 +380,7 @@ class Engine:
         max_query_len = max(max(lengths), 1)
         pages_per_entry = [-(-kv // self.page_size) for kv in kv_lens]
         capacity = sum(pages_per_entry) + 1
-        used = sorted({(r, p) for r, n in zip(rows, pages_per_entry) for p in range(n)})
+        used = _pages_read(rows, pages_per_entry)
 
         def run(table, host_pool, queue):
             return ops.attention(
@@ -386,11 +399,11 @@ class Engine:
         else:
             queue = ops.new_fault_queue(capacity, dev)
             out, lse = run(self.page_table, host_pool, queue)
-            faults = [tuple(f) for f in ops.read_faults(*queue).tolist()]
-            if faults:
+            faults = ops.read_faults(*queue).to(torch.int64)
+            if len(faults):
                 self._counters["faults_seen"] += len(faults)
                 if self.policy.fault_mode == "forbid":
-                    shown = ", ".join(f"(row {r}, page {p})" for r, p in faults[:16])
+                    shown = ", ".join(f"(row {r}, page {p})" for r, p in faults[:16].tolist())
                     more = f" and {len(faults) - 16} more" if len(faults) > 16 else ""
                     raise FaultError(
                         f"Engine.attention: {len(faults)} page(s) not readable at layer {layer} with "
@@ -401,12 +414,11 @@ class Engine:
         self.pager.touch(used, self._tick)
         return (out, lse) if return_lse else out
 
-    def _unreachable(self, pages, zero_copy: bool) -> bool:
-        if not pages:
+    def _unreachable(self, pages: torch.Tensor, zero_copy: bool) -> bool:
+        if not len(pages):
             return False
         mirror = self.pager.page_table()
-        index = torch.tensor(pages, dtype=torch.int64)
-        ptes = mirror[index[:, 0], index[:, 1]].to(torch.int64) & 0xFFFFFFFF
+        ptes = mirror[pages[:, 0], pages[:, 1]].to(torch.int64) & 0xFFFFFFFF
         tiers = ptes >> TIER_SHIFT
         reachable = (tiers == Tier.GPU) | ((tiers == Tier.HOST) & zero_copy)
         return not bool(reachable.all())
@@ -415,7 +427,7 @@ class Engine:
         began = time.perf_counter()
         outs, lses = [out], [lse]
         try:
-            while faults:
+            while len(faults):
                 limit = self.pager.max_serviceable()
                 if limit < 1:
                     raise RuntimeError(
@@ -427,11 +439,13 @@ class Engine:
                 self.pager.pin(batch)
                 try:
                     # A table mapping this batch alone: the op reads it and faults (skips) the rest.
-                    only = torch.full((self.max_sequences, self.max_pages), UNMAPPED, dtype=torch.int32)
-                    for r, p in batch:
-                        only[r, p] = self.pager.pte(r, p)
+                    self.pager.sync_table(self.page_table)
+                    rows_b, pages_b = batch[:, 0].to(self.device), batch[:, 1].to(self.device)
+                    only = torch.full((self.max_sequences, self.max_pages), UNMAPPED, dtype=torch.int32,
+                                      device=self.device)
+                    only[rows_b, pages_b] = self.page_table[rows_b, pages_b]
                     queue = ops.new_fault_queue(capacity, self.device)
-                    part, part_lse = run(only.to(self.device), None, queue)
+                    part, part_lse = run(only, None, queue)
                     outs.append(part)
                     lses.append(part_lse)
                     if self.device.type == "cuda":
