@@ -42,7 +42,7 @@ from typing import Sequence
 
 import torch
 
-from paged_kv import ops
+from paged_kv import engine_op, ops
 from paged_kv.pager import Pager
 from paged_kv.policy import Policy
 from paged_kv.pte import TIER_SHIFT, Tier, UNMAPPED, new_page_table, new_pool
@@ -220,6 +220,7 @@ class Engine:
             "fault_service_seconds": 0.0,
         }
         self._closed = False
+        self.op_id = engine_op.register(self)
 
     # ---- sequences ----
 
@@ -348,11 +349,23 @@ class Engine:
         fault and are serviced (or raise FaultError under fault_mode "forbid"); see
         paged_kv.attention for the masking. Returns output [N, Hq, D] and, with return_lse, the
         float32 LSE [N, Hq].
+
+        The step runs as one operator, torch.ops.paged_kv.engine_attention (see
+        paged_kv.engine_op), which model code may also call directly and torch.compile keeps
+        whole.
         """
         self._check_open()
-        layer = self._layer(layer)
         rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
         starts = [int(s) for s in (query_starts.tolist() if isinstance(query_starts, torch.Tensor) else query_starts)]
+        out, lse = torch.ops.paged_kv.engine_attention(
+            query, self.pool, self.page_table, self.op_id, rows, starts, int(layer), scale, window, sinks)
+        return (out, lse) if return_lse else out
+
+    def _attend(self, query, rows: list[int], starts: list[int], layer: int, scale, window: int,
+                sinks: int):
+        """The body of paged_kv::engine_attention: checks, the kernel, the fault service."""
+        self._check_open()
+        layer = self._layer(layer)
         if len(starts) != len(rows) + 1 or not rows:
             raise ValueError(
                 f"Engine.attention: query_starts needs len(rows) + 1 = {len(rows) + 1} entries and rows "
@@ -412,7 +425,7 @@ class Engine:
                     )
                 out, lse = self._service(faults, out, lse, run, capacity)
         self.pager.touch(used, self._tick)
-        return (out, lse) if return_lse else out
+        return out, lse
 
     def _unreachable(self, pages: torch.Tensor, zero_copy: bool) -> bool:
         if not len(pages):
@@ -479,6 +492,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        engine_op.unregister(self.op_id)
         self._sequences.clear()
         # The store's file is deleted with the store; the pager holds a reference to it.
         self.pager = None
