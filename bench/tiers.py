@@ -98,7 +98,8 @@ def sync(device: torch.device) -> None:
 def time_with_setup(setup: Callable[[], None], op: Callable[[], None], device: torch.device,
                     repeat: int, warmup: int = 1) -> dict:
     """Time `op` with perf_counter, running `setup` (untimed) before every call. The pager's
-    calls return with their moves complete, so a wall clock around one call is its time."""
+    calls return with their moves complete or queued ahead of the current stream, so a wall
+    clock around one call and a device synchronisation is its time."""
     samples = []
     for i in range(warmup + repeat):
         setup()
@@ -393,8 +394,9 @@ def run_decode(device: torch.device, tokens: int, zero_copy: bool, repeat: int,
             result["fraction"] = timing["median_us"] / result["ideal_us"]
         if not zero_copy:
             result["fault_batches_per_call"] = stats_after["fault_batches"] / (calls + 1)
-            # Where a call's time goes: the engine's whole fault service (moves, reruns over
-            # each batch, merge) and, inside it, the pager's moves; and what was written back.
+            # Where a call's host time goes: the engine's whole fault service (moves, reruns
+            # over each batch, merge) and, inside it, the pager's calls (which queue copies into
+            # frames without waiting for them); and what was written back.
             def per_call(key, sub=None):
                 a, b = stats_after[key], stats_before[key]
                 if sub is not None:

@@ -461,9 +461,8 @@ class Engine:
                     part, part_lse = run(only, None, queue)
                     outs.append(part)
                     lses.append(part_lse)
-                    if self.device.type == "cuda":
-                        # The frames may be refilled by the next batch's moves.
-                        torch.cuda.current_stream(self.device).synchronize()
+                    # No synchronisation: the pager's copies of the next batch wait on the device
+                    # for this rerun, which still reads the frames they refill.
                 finally:
                     self.pager.unpin(batch)
                 self._counters["fault_batches"] += 1

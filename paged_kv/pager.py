@@ -180,8 +180,10 @@ class Pager:
 
         The pages are pinned for the call, so they never evict each other. Raises PagerError when
         more pages are missing than max_serviceable() or when no lower tier has room for a page
-        that must be written back. The moves are complete when it returns; call sync_table()
-        before the kernel reads the page table.
+        that must be written back. On CUDA the copies into frames run on the pager's own stream
+        and the current stream waits for them (no host synchronisation), so kernels queued next
+        read the pages; copies into host slots are complete on return. Call sync_table() before
+        the kernel reads the page table.
         """
         return self._pager.service(_pages(pages))
 

@@ -7,8 +7,10 @@
 //   - Calls take effect in the order they are issued: a move never overtakes an earlier one
 //     that reads or writes the same frame or slot. (The pager reuses a freed frame or slot in
 //     the next call without waiting.)
-//   - flush() returns once every issued move is complete; the pager calls it before it returns
-//     to its caller, so the bytes a PTE names are in place when the PTE is published.
+//   - flush() returns once every issued move is complete, or, for moves whose bytes only the
+//     device reads next (into GPU frames), ordered before any work the caller queues next on
+//     the device; the pager calls it before it returns to its caller, so the bytes a PTE names
+//     are in place for whoever reads through the published PTE.
 // A move whose source cannot be read (a disk slot that fails its checks) raises; the pager then
 // leaves the page where it was.
 #pragma once

@@ -64,6 +64,7 @@ TensorMover::TensorMover(const at::Tensor& gpu_pool, const at::Tensor& host_pool
     const c10::cuda::CUDAGuard guard(gpu_pool.device());
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     check_cuda(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    check_cuda(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
 #else
     TORCH_CHECK(false, "paged_kv pager: the pool is on CUDA but paged_kv was built without CUDA");
 #endif
@@ -89,6 +90,7 @@ TensorMover::~TensorMover() {
     cudaStreamSynchronize(stream_);  // errors cannot be raised here; nothing may stay in flight
     cudaStreamDestroy(stream_);
     cudaEventDestroy(ready_);
+    cudaEventDestroy(done_);
   }
 #endif
 }
@@ -143,6 +145,7 @@ void TensorMover::copy_pages(const std::vector<FrameSlotMove>& moves, bool to_ho
     slot_ptr(m.slot);
   }
   wait_for_current_stream();
+  if (to_host) wrote_host_since_flush_ = true;
   for (size_t begin = 0; begin < sorted.size();) {
     size_t end = begin + 1;
     while (end < sorted.size() && sorted[end].frame == sorted[end - 1].frame + 1 &&
@@ -277,7 +280,13 @@ void TensorMover::disk_to_gpu(const std::vector<DiskFrameMove>& moves) {
   }
 }
 
-void TensorMover::flush() { wait_for_own_stream(); }
+void TensorMover::flush() {
+  if (wrote_host_since_flush_) {
+    wait_for_own_stream();
+  } else {
+    order_current_stream_after_own();
+  }
+}
 
 void TensorMover::wait_for_current_stream() {
 #ifdef PKV_WITH_CUDA
@@ -294,6 +303,17 @@ void TensorMover::wait_for_own_stream() {
   if (!on_cuda_) return;
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  wrote_host_since_flush_ = false;
+#endif
+}
+
+void TensorMover::order_current_stream_after_own() {
+#ifdef PKV_WITH_CUDA
+  if (!on_cuda_) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  cudaStream_t current = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_)).stream();
+  check_cuda(cudaEventRecord(done_, stream_), "cudaEventRecord");
+  check_cuda(cudaStreamWaitEvent(current, done_, 0), "cudaStreamWaitEvent");
 #endif
 }
 

@@ -12,7 +12,11 @@
 // each batch first waits for the work already queued on the current stream (which may still be
 // writing a frame the batch reads, or reading a frame or slot it overwrites); disk transfers,
 // which the host runs, first wait for both streams (a slot they read or overwrite may be in
-// flight); flush() synchronises the mover's stream. On CPU every move is a memcpy, complete when the call returns.
+// flight). flush() makes the current stream wait for the mover's stream (an event, no host
+// synchronisation) when every move since the last flush went into GPU frames: the kernels that
+// read those frames run on the current stream, so the fault service never waits on the host.
+// When some move wrote host slots, whose bytes the host may read next, it synchronises the
+// mover's stream. On CPU every move is a memcpy, complete when the call returns.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -77,6 +81,7 @@ class TensorMover : public Mover {
   void read_disk(const std::vector<store::PageRead>& reads);
   void wait_for_current_stream();
   void wait_for_own_stream();
+  void order_current_stream_after_own();
 
   at::Tensor gpu_pool_;
   at::Tensor host_pool_;
@@ -85,6 +90,7 @@ class TensorMover : public Mover {
   int64_t num_frames_ = 0;
   int64_t num_host_slots_ = 0;
   bool on_cuda_ = false;
+  bool wrote_host_since_flush_ = false;  // a device-to-host copy is queued since the last flush()
   bool bounce_through_host_slots_ = false;
   at::Tensor staging_;  // pinned, a few pages: disk reads into CUDA frames (allocated on first use)
   std::string io_backend_;
@@ -94,6 +100,7 @@ class TensorMover : public Mover {
   int device_ = -1;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t ready_ = nullptr;  // recorded on the current stream before each batch
+  cudaEvent_t done_ = nullptr;   // recorded on the mover's stream by flush()
 #endif
 };
 
