@@ -162,6 +162,32 @@ class Pager:
     def tenant(self, row: int) -> int:
         return self._pager.tenant(row)
 
+    # ---- replacement ----
+
+    def set_replacement(self, replacement: str, *, decay: float = 0.9, sink_pages: int = 1,
+                        window_pages: int = 4) -> None:
+        """How the GPU tier picks victims: "lru" (least recently used first) or "span"
+        (span-aware: pages ranked by a decaying average of the attention mass they received,
+        see record_attention, least first, ties by recency; each sequence's first `sink_pages`
+        and last `window_pages` pages are taken only when nothing else is left). The host and
+        disk tiers stay LRU. ValueError for an unknown name, a decay outside [0, 1) or a
+        negative page count."""
+        self._pager.set_replacement(replacement, decay, sink_pages, window_pages)
+
+    @property
+    def replacement(self) -> str:
+        return self._pager.replacement()
+
+    def record_attention(self, row: int, mass: torch.Tensor) -> None:
+        """Fold one step's attention mass of the row's pages 0 .. len(mass) - 1 (a 1-D CPU
+        tensor, such as a row of the attention kernel's telemetry) into their decaying averages:
+        average = decay * average + (1 - decay) * mass."""
+        self._pager.record_attention(row, mass)
+
+    def attention_scores(self, row: int) -> torch.Tensor:
+        """The decaying attention averages of the row's pages, float32 [num_pages(row)]."""
+        return self._pager.attention_scores(row)
+
     # ---- use, pins, residency ----
 
     def touch(self, pages: Pages, tick: int) -> None:

@@ -208,6 +208,38 @@ void bind_engine(py::module_& m) {
       .def("is_live", [](PagerHandle& h, int64_t row) { return h.pager().is_live(row); }, py::arg("row"))
       .def("num_pages", [](PagerHandle& h, int64_t row) { return h.pager().num_pages(row); }, py::arg("row"))
       .def("tenant", [](PagerHandle& h, int64_t row) { return h.pager().tenant(row); }, py::arg("row"))
+      .def("set_replacement",
+           [](PagerHandle& h, const std::string& name, double decay, int64_t sink_pages, int64_t window_pages) {
+             engine::Replacement replacement = engine::Replacement::kLru;
+             if (name == "span") {
+               replacement = engine::Replacement::kSpan;
+             } else if (name != "lru") {
+               throw std::invalid_argument("paged_kv pager: set_replacement: replacement must be 'lru' or "
+                                           "'span', got '" + name + "'");
+             }
+             h.pager().set_replacement(replacement, engine::SpanPolicy{decay, sink_pages, window_pages});
+           },
+           py::arg("replacement"), py::arg("decay") = 0.9, py::arg("sink_pages") = 1, py::arg("window_pages") = 4)
+      .def("replacement",
+           [](PagerHandle& h) {
+             return std::string(h.pager().replacement() == engine::Replacement::kSpan ? "span" : "lru");
+           })
+      .def("record_attention",
+           [](PagerHandle& h, int64_t row, const at::Tensor& mass) {
+             TORCH_CHECK(mass.dim() == 1 && mass.device().is_cpu() && at::isFloatingType(mass.scalar_type()),
+                         "paged_kv pager: record_attention: mass must be a 1-D floating CPU tensor, got ",
+                         mass.scalar_type(), " ", mass.sizes(), " on ", mass.device());
+             const at::Tensor m = mass.to(at::kFloat).contiguous();
+             const float* data = m.data_ptr<float>();
+             h.pager().record_attention(row, std::vector<float>(data, data + m.numel()));
+           },
+           py::arg("row"), py::arg("mass"))
+      .def("attention_scores",
+           [](PagerHandle& h, int64_t row) {
+             const std::vector<float>& scores = h.pager().attention_scores(row);
+             return at::tensor(c10::ArrayRef<float>(scores), at::TensorOptions().dtype(at::kFloat));
+           },
+           py::arg("row"))
       .def("touch",
            [](PagerHandle& h, const at::Tensor& pages, int64_t tick) {
              h.pager().touch(page_list(h.pager(), pages, "touch"), tick);

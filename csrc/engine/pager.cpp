@@ -136,6 +136,7 @@ int64_t Pager::add_sequence(int32_t tenant, int64_t row) {
   }
   rows_[row].tenant = tenant;
   rows_[row].pages.clear();
+  rows_[row].scores.clear();
   return row;
 }
 
@@ -158,6 +159,8 @@ void Pager::remove_sequence(int64_t row) {
   }
   r.pages.clear();
   r.pages.shrink_to_fit();
+  r.scores.clear();
+  r.scores.shrink_to_fit();
   row_ids_.release(row, r.tenant);
 }
 
@@ -210,6 +213,7 @@ int64_t Pager::append_pages(int64_t row, int64_t n, bool seal_open) {
   make_free_frames(n, why.str());
 
   r.pages.reserve(static_cast<size_t>(first + n));
+  r.scores.resize(static_cast<size_t>(first + n), 0.f);
   for (int64_t i = 0; i < n; ++i) {
     const PageId id{static_cast<int32_t>(row), static_cast<int32_t>(first + i)};
     PageMeta m;

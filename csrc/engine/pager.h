@@ -33,6 +33,18 @@
 
 namespace paged_kv::engine {
 
+// How the GPU tier picks victims. kLru: least recently used first. kSpan: span-aware: pages
+// ranked by a decaying average of the attention mass they received (record_attention), least
+// first, ties by recency; a sequence's first sink_pages and last window_pages are taken only
+// when nothing else is left. The host and disk tiers stay LRU.
+enum class Replacement { kLru, kSpan };
+
+struct SpanPolicy {
+  double decay = 0.9;        // average = decay * average + (1 - decay) * this step's mass
+  int64_t sink_pages = 1;    // leading pages of each sequence kept (attention sinks)
+  int64_t window_pages = 4;  // trailing pages of each sequence kept (the local window)
+};
+
 struct PagerConfig {
   int64_t num_frames = 0;      // GPU frames the pager may use
   int64_t num_host_slots = 0;  // host slots (0: no host tier)
@@ -88,6 +100,18 @@ class Pager {
   // slots cannot be reused). A caller with more faults streams them in batches.
   int64_t max_serviceable() const;
 
+  // Replacement policy of the GPU tier (pager_span.cpp). Raises std::invalid_argument for a
+  // decay outside [0, 1) or a negative page count.
+  void set_replacement(Replacement replacement, const SpanPolicy& span = SpanPolicy());
+  Replacement replacement() const { return replacement_; }
+  const SpanPolicy& span_policy() const { return span_; }
+  // Folds one step's attention mass of the row's pages 0 .. mass.size() - 1 into their decaying
+  // averages (recorded under either policy; kSpan reads them). Raises std::invalid_argument for
+  // a dead row, more values than pages, or a value that is negative or not finite.
+  void record_attention(int64_t row, const std::vector<float>& mass);
+  // The decaying averages of the row's pages.
+  const std::vector<float>& attention_scores(int64_t row) const;
+
   // Moves pages up to `tier` (kGpu or kHost); pages already there or higher stay.
   void promote(const std::vector<PageId>& pages, Tier tier);
   // Moves sealed, unpinned pages down to `tier` (kHost or kDisk); pages already there or lower
@@ -128,6 +152,7 @@ class Pager {
   struct Row {
     int32_t tenant = 0;
     std::vector<PageMeta> pages;
+    std::vector<float> scores;  // per page: decaying average of its attention mass
   };
 
   // Arguments.
@@ -174,9 +199,12 @@ class Pager {
     void (Pager::*make_lower_room)(int64_t, const std::string&);
     void (Pager::*write_back)(const std::vector<PageId>&);
   };
+  // Victims are taken in the tier's LRU order, or in `order` (nodes of that list) when given.
   template <typename OutOfVictims>
   void evict_for_room(const EvictionTier& tier, int64_t count, const std::string& why,
-                      const OutOfVictims& out_of_victims);
+                      const OutOfVictims& out_of_victims, const std::vector<int64_t>* order = nullptr);
+  // The GPU tier's evictable frames in span-aware victim order (pager_span.cpp).
+  std::vector<int64_t> span_victim_order() const;
   [[noreturn]] void raise_no_frames(int64_t count, const std::string& why) const;
   [[noreturn]] void raise_tiers_full(const std::string& why, const char* tier) const;
 
@@ -211,6 +239,8 @@ class Pager {
   std::vector<int64_t> dirty_rows_;
   uint64_t next_generation_ = 0;
   bool moves_pending_ = false;
+  Replacement replacement_ = Replacement::kLru;
+  SpanPolicy span_;
   PagerStats stats_;
 };
 

@@ -73,13 +73,15 @@ void Pager::raise_tiers_full(const std::string& why, const char* tier) const {
 // nearly full. `out_of_victims` raises when the list ends before enough indices are free.
 template <typename OutOfVictims>
 void Pager::evict_for_room(const EvictionTier& tier, int64_t count, const std::string& why,
-                           const OutOfVictims& out_of_victims) {
+                           const OutOfVictims& out_of_victims, const std::vector<int64_t>* order) {
   std::vector<PageId> write_backs;
   try {
-    int64_t node = tier.lru.front();
+    size_t at = 0;  // position in `order`
+    auto order_node = [&](size_t i) { return i < order->size() ? (*order)[i] : int64_t{-1}; };
+    int64_t node = order != nullptr ? order_node(0) : tier.lru.front();
     for (int64_t short_by = count - tier.indices.num_free(); short_by > 0;) {
       if (node < 0) out_of_victims();
-      const int64_t next = tier.lru.next(node);
+      const int64_t next = order != nullptr ? order_node(++at) : tier.lru.next(node);
       const PageId victim = page_of_owner(tier.indices.owner(node));
       if (!tier.lru.is_dirty(node)) {
         // The page has another valid copy (sealed pages never change): give this one up.
@@ -115,7 +117,12 @@ void Pager::make_free_frames(int64_t count, const std::string& why) {
                          stats_.evictions_gpu, &Pager::drop_frame,
                          &Pager::host_room,  &Pager::make_free_host_slots,
                          &Pager::write_back_to_host};
-  evict_for_room(gpu, count, why, [&] { raise_no_frames(count, why); });
+  if (replacement_ == Replacement::kSpan) {
+    const std::vector<int64_t> order = span_victim_order();
+    evict_for_room(gpu, count, why, [&] { raise_no_frames(count, why); }, &order);
+  } else {
+    evict_for_room(gpu, count, why, [&] { raise_no_frames(count, why); });
+  }
 }
 
 void Pager::make_free_host_slots(int64_t count, const std::string& why) {

@@ -1,0 +1,143 @@
+"""Span-aware replacement of the GPU tier: attention scores, the victim order (lowest decaying
+attention mass first, sinks and the window kept), and the content of every page preserved."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from paged_kv import Tier
+
+from pager_helpers import append_written, make_pager, read_any_copy, pattern, tier
+
+GPU, HOST = Tier.GPU, Tier.HOST
+
+
+def _filled(frames, pages, **span):
+    pager = make_pager(frames=frames, host=2 * pages, max_pages=pages + 4)
+    pager.set_replacement("span", **span)
+    row = pager.add_sequence(0)
+    tags = {}
+    for _ in range(pages):
+        append_written(pager, row, 1, tags)
+    pager.seal(row, pages - 1)
+    return pager, row, tags
+
+
+def test_scores_are_decaying_averages():
+    pager, row, _ = _filled(frames=4, pages=3, decay=0.5)
+    assert pager.attention_scores(row).tolist() == [0, 0, 0]
+    pager.record_attention(row, torch.tensor([1.0, 0.0]))
+    pager.record_attention(row, torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(pager.attention_scores(row), torch.tensor([0.75, 2.0, 1.0]))
+
+
+def test_victims_are_the_lowest_scores_and_never_the_sinks_or_window():
+    pager, row, tags = _filled(frames=8, pages=8, sink_pages=1, window_pages=2)
+    # Touch in an order that LRU would follow instead: page 6 last used, page 1 first.
+    for tick, page in enumerate([1, 2, 3, 4, 5, 0, 7, 6]):
+        pager.touch([(row, page)], tick)
+    pager.record_attention(row, torch.tensor([0.0, 5.0, 0.5, 3.0, 0.1, 2.0, 0.0, 0.0]))
+    assert all(tier(pager, row, p) == GPU for p in range(8))
+    other = pager.add_sequence(0)
+    append_written(pager, other, 3, tags)  # three frames: evicts pages 4, 2 and 5 of `row`
+    on_gpu = [p for p in range(8) if tier(pager, row, p) == GPU]
+    assert on_gpu == [0, 1, 3, 6, 7]
+    for p in range(8):
+        assert torch.equal(read_any_copy(pager, row, p), pattern(pager, tags[(row, p)]))
+    pager.check_invariants()
+
+
+def test_protected_pages_go_last_when_nothing_else_is_left():
+    pager, row, tags = _filled(frames=4, pages=4, sink_pages=1, window_pages=2)
+    pager.record_attention(row, torch.tensor([0.0, 9.0, 0.0, 0.0]))
+    other = pager.add_sequence(0)
+    append_written(pager, other, 2, tags)  # page 1 (unprotected, high score) first, then page 0
+    assert [tier(pager, row, p) for p in range(4)] == [HOST, HOST, GPU, GPU]
+    pager.check_invariants()
+
+
+def test_ties_follow_recency():
+    pager, row, tags = _filled(frames=5, pages=5, sink_pages=0, window_pages=0)
+    for tick, page in enumerate([3, 1, 4, 0, 2]):
+        pager.touch([(row, page)], tick)
+    other = pager.add_sequence(0)
+    append_written(pager, other, 2, tags)  # equal (zero) scores: least recently used first
+    assert [tier(pager, row, p) for p in range(5)] == [GPU, HOST, GPU, HOST, GPU]
+
+
+def test_lru_is_unchanged_and_scores_are_kept_under_it():
+    pager = make_pager(frames=3, host=8)
+    assert pager.replacement == "lru"
+    row = pager.add_sequence(0)
+    tags = {}
+    append_written(pager, row, 3, tags)
+    pager.seal(row, 2)
+    pager.record_attention(row, torch.tensor([0.0, 0.0, 9.0]))
+    pager.touch([(row, 2)], 1)
+    pager.touch([(row, 1)], 2)
+    append_written(pager, row, 1, tags)  # LRU: page 0 goes, whatever the scores
+    assert tier(pager, row, 0) == HOST and tier(pager, row, 2) == GPU
+    assert pager.attention_scores(row)[2] > 0
+
+
+@pytest.mark.parametrize("args, match", [
+    (("fifo",), "replacement must be 'lru' or 'span'"),
+    (("span",), None),
+])
+def test_set_replacement_checks(args, match):
+    pager = make_pager()
+    if match:
+        with pytest.raises(ValueError, match=match):
+            pager.set_replacement(*args)
+    else:
+        pager.set_replacement(*args)
+        assert pager.replacement == "span"
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+        pager.set_replacement("span", decay=1.0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        pager.set_replacement("span", window_pages=-1)
+
+
+def test_record_attention_checks():
+    pager, row, _ = _filled(frames=4, pages=2)
+    with pytest.raises(ValueError, match="3 values for sequence 0, which has 2 pages"):
+        pager.record_attention(row, torch.ones(3))
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        pager.record_attention(row, torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        pager.record_attention(row, torch.tensor([-1.0]))
+    with pytest.raises(RuntimeError, match="1-D floating CPU tensor"):
+        pager.record_attention(row, torch.ones(1, 2))
+    with pytest.raises(ValueError):
+        pager.record_attention(3, torch.ones(1))
+
+
+def test_random_workload_keeps_every_page_and_the_invariants():
+    """Random appends, scores, touches and faults under span replacement: every page reads back
+    its pattern and the invariants hold after each step."""
+    rng = random.Random(7)
+    pager = make_pager(frames=6, host=64, max_sequences=3, max_pages=24)
+    pager.set_replacement("span", decay=0.8, sink_pages=1, window_pages=1)
+    rows = [pager.add_sequence(0) for _ in range(3)]
+    tags = {}
+    for step in range(200):
+        row = rng.choice(rows)
+        n = pager.num_pages(row)
+        action = rng.random()
+        if action < 0.3 and n < 24:
+            append_written(pager, row, 1, tags)
+        elif action < 0.6 and n:
+            pager.record_attention(row, torch.rand(rng.randint(1, n)))
+        elif n:
+            sealed = [p for p in range(n) if pager.page_info(row, p)["sealed"]]
+            wanted = rng.sample(sealed, min(len(sealed), rng.randint(1, 3)))
+            if wanted and len(wanted) <= pager.max_serviceable():
+                pager.service([(row, p) for p in wanted])
+                assert all(tier(pager, row, p) == GPU for p in wanted)
+            pager.touch([(row, p) for p in wanted], step)
+        pager.check_invariants()
+    for (row, page), tag in tags.items():
+        assert torch.equal(read_any_copy(pager, row, page), pattern(pager, tag))
