@@ -208,7 +208,15 @@ class Engine:
             raise
         self.io_backend = self.pager.io_backend
         self.io_backend_reason = self.pager.io_backend_reason
+        self.pager.set_replacement(policy.replacement, decay=policy.span_decay,
+                                   sink_pages=policy.span_sink_pages, window_pages=policy.span_window_pages)
         self.page_table = new_page_table(max_sequences, max_pages, device)
+        # Span-aware replacement reads what attention uses: the kernel adds each page's softmax
+        # mass (summed over heads, over the layers of a step) here, and the last layer's call
+        # hands the step's rows to the pager.
+        self._telemetry = None
+        if policy.replacement == "span":
+            self._telemetry = torch.zeros(max_sequences, max_pages, dtype=torch.float32, device=device)
         self._sequences: dict[int, _Sequence] = {}
         self._tick = 0
         self._counters = {
@@ -400,7 +408,7 @@ class Engine:
                 query, self.pool, table, sequences_t, starts_t, kv_lens_t, layer, max_query_len,
                 scale=scale, window=window, sinks=sinks, host_pool=host_pool,
                 fault_queue=queue[0] if queue else None, fault_count=queue[1] if queue else None,
-                return_lse=True,
+                telemetry=self._telemetry, return_lse=True,
             )
 
         zero_copy = self.policy.zero_copy and self.host_pool is not None
@@ -425,7 +433,20 @@ class Engine:
                     )
                 out, lse = self._service(faults, out, lse, run, capacity)
         self.pager.touch(used, self._tick)
+        if self._telemetry is not None and layer == self.num_layers - 1:
+            self._record_attention(sorted(set(rows)))
         return out, lse
+
+    def _record_attention(self, rows: list[int]) -> None:
+        """Hands the step's attention mass of `rows` to the pager and clears it. In a call that
+        serviced faults, each pass (the first over the reachable pages, then each batch) shares
+        out the mass of its own pages only, so a page read in a pass over few pages weighs more
+        than its true share of the step."""
+        index = torch.tensor(rows, dtype=torch.int64, device=self._telemetry.device)
+        mass = self._telemetry.index_select(0, index).cpu()
+        self._telemetry.index_fill_(0, index, 0.0)
+        for i, row in enumerate(rows):
+            self.pager.record_attention(row, mass[i, : self.pager.num_pages(row)])
 
     def _unreachable(self, pages: torch.Tensor, zero_copy: bool) -> bool:
         if not len(pages):
@@ -496,7 +517,7 @@ class Engine:
         # The store's file is deleted with the store; the pager holds a reference to it.
         self.pager = None
         self.disk_store = None
-        self.pool = self.host_pool = self.page_table = None
+        self.pool = self.host_pool = self.page_table = self._telemetry = None
         self._remove_temp_dir()
 
     def _remove_temp_dir(self) -> None:

@@ -27,7 +27,7 @@ __all__ = ["Policy", "format_bytes", "parse_bytes"]
 IO_BACKENDS = ("auto", "cufile", "posix")
 WRITE_POLICIES = ("write_back", "write_through")
 FAULT_MODES = ("service", "forbid")
-REPLACEMENTS = ("lru",)
+REPLACEMENTS = ("lru", "span")
 
 # Budgets travel to the C++ pager as int64.
 MAX_BYTES = 2**63 - 1
@@ -138,7 +138,15 @@ class Policy:
                    (as soon as it is sealed).
     fault_mode     "service" (faults are serviced inside the op) or "forbid" (the pager keeps
                    every needed page in tiers 0-1 and a fault is an error; for CUDA graphs).
-    replacement    which page to evict: "lru".
+    replacement    which page the GPU tier evicts: "lru" (least recently used) or "span"
+                   (span-aware: the lowest decaying average of the attention mass the kernel
+                   reports, ties by recency; each sequence's first span_sink_pages and last
+                   span_window_pages pages go only when nothing else is left).
+    span_decay     how fast a page's attention average forgets, in [0, 1): each step,
+                   average = span_decay * average + (1 - span_decay) * the step's mass.
+    span_sink_pages, span_window_pages
+                   pages kept at the start (attention sinks) and end (local window) of each
+                   sequence under "span".
     """
 
     page_size: int = 256
@@ -151,6 +159,9 @@ class Policy:
     write_policy: str = "write_back"
     fault_mode: str = "service"
     replacement: str = "lru"
+    span_decay: float = 0.9
+    span_sink_pages: int = 1
+    span_window_pages: int = 4
 
     def __post_init__(self) -> None:
         # Frozen: normalised values go in through object.__setattr__.
@@ -175,6 +186,18 @@ class Policy:
         _choice("Policy.write_policy", self.write_policy, WRITE_POLICIES)
         _choice("Policy.fault_mode", self.fault_mode, FAULT_MODES)
         _choice("Policy.replacement", self.replacement, REPLACEMENTS)
+        if isinstance(self.span_decay, bool) or not isinstance(self.span_decay, (int, float)):
+            raise TypeError(f"Policy.span_decay must be a number in [0, 1), got "
+                            f"{type(self.span_decay).__name__} {self.span_decay!r}")
+        if not 0 <= self.span_decay < 1:
+            raise ValueError(f"Policy.span_decay must be in [0, 1), got {self.span_decay!r}")
+        store("span_decay", float(self.span_decay))
+        for name in ("span_sink_pages", "span_window_pages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Policy.{name} must be an int >= 0 (pages), got {type(value).__name__} {value!r}")
+            if value < 0:
+                raise ValueError(f"Policy.{name} must be >= 0 (pages), got {value}")
 
     # ----- constructors and conversions -----
 
@@ -288,6 +311,9 @@ class Policy:
             ("fault_mode", self.fault_mode),
             ("replacement", self.replacement),
         ]
+        if self.replacement == "span":
+            rows += [("span_decay", f"{self.span_decay:g}"), ("span_sink_pages", str(self.span_sink_pages)),
+                     ("span_window_pages", str(self.span_window_pages))]
         width = max(len(name) for name, _ in rows)
         return "Policy\n" + "\n".join(f"  {name.ljust(width)}  {text}" for name, text in rows)
 

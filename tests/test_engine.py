@@ -419,3 +419,25 @@ def test_free_sequence_returns_its_pages(device):
         model.fill([c], 2 * PAGE_SIZE, PAGE_SIZE)
         model.step([b, c], [3, 1])
         engine.pager.check_invariants()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_span_replacement_is_exact_and_ranks_by_attention(device):
+    """Under Policy(replacement="span") attention stays exact over a context ten times the GPU
+    frames, each step's last layer hands the pages' attention mass to the pager, and the GPU
+    keeps the sink and window pages."""
+    dtype = _dtype(device)
+    policy = _policy(dtype, host_pages=128, replacement="span", span_sink_pages=1, span_window_pages=2)
+    with _engine(policy, device) as engine:
+        assert engine.pager.replacement == "span"
+        model = Model(engine, _generator("span", device))
+        row = engine.new_sequence()
+        model.fill([row], 10 * GPU_PAGES * PAGE_SIZE, 2 * PAGE_SIZE)
+        assert float(engine.pager.attention_scores(row).sum()) == 0.0
+        for _ in range(3):
+            model.step([row], [1])
+        scores = engine.pager.attention_scores(row)
+        assert scores.shape == (engine.pager.num_pages(row),) and bool((scores > 0).all())
+        tiers = _tiers(engine, row)
+        assert tiers[0] == Tier.GPU and tiers[-1] == Tier.GPU and tiers[-2] == Tier.GPU
+        engine.pager.check_invariants()

@@ -124,6 +124,9 @@ def test_defaults():
         "write_policy": "write_back",
         "fault_mode": "service",
         "replacement": "lru",
+        "span_decay": 0.9,
+        "span_sink_pages": 1,
+        "span_window_pages": 4,
     }
 
 
@@ -206,7 +209,7 @@ CHOICES = {
     "io_backend": ("auto", "cufile", "posix"),
     "write_policy": ("write_back", "write_through"),
     "fault_mode": ("service", "forbid"),
-    "replacement": ("lru",),
+    "replacement": ("lru", "span"),
 }
 
 
@@ -220,7 +223,7 @@ def test_choices_good(field, value):
     ("io_backend", "AUTO"),
     ("write_policy", "write-back"),
     ("fault_mode", "raise"),
-    ("replacement", "span"),
+    ("replacement", "fifo"),
     ("replacement", "LRU"),
 ])
 def test_choices_bad_value(field, value):
@@ -284,7 +287,8 @@ def test_dict_round_trip():
 def test_from_dict_unknown_keys():
     with raises(ValueError, "Policy.from_dict: unknown setting(s) 'gpu_bugdet' (did you mean 'gpu_budget'?), "
                             "'colour'; known settings: page_size, gpu_budget, host_budget, disk_budget, disk_path, "
-                            "io_backend, zero_copy, write_policy, fault_mode, replacement"):
+                            "io_backend, zero_copy, write_policy, fault_mode, replacement, span_decay, span_sink_pages, "
+                            "span_window_pages"):
         Policy.from_dict({"gpu_bugdet": "1GiB", "colour": "red"})
     # Nested tables are not read: the mapping is flat.
     with raises(ValueError, "unknown setting(s) 'policy'"):
@@ -314,12 +318,13 @@ def test_replace_revalidates():
 
 
 def _toml(settings):
-    """TOML lines for a flat dict of str, int and bool values (None left out, as TOML has no null)."""
+    """TOML lines for a flat dict of str, int, float and bool values (None left out, as TOML has
+    no null)."""
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
-        if isinstance(v, int):
-            return str(v)
+        if isinstance(v, (int, float)):
+            return repr(v)
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     return "".join(f"{k} = {value(v)}\n" for k, v in settings.items() if v is not None)
@@ -437,3 +442,24 @@ def test_describe():
     default = str(Policy())
     assert "host_budget   0 B (tier off)" in default and "disk_path     (temporary folder)" in default
     assert "gpu_budget=1073741824" in repr(Policy())
+
+
+@pytest.mark.parametrize("settings, error, match", [
+    ({"span_decay": 1.0}, ValueError, r"Policy.span_decay must be in \[0, 1\), got 1.0"),
+    ({"span_decay": -0.1}, ValueError, r"Policy.span_decay must be in \[0, 1\), got -0.1"),
+    ({"span_decay": "0.5"}, TypeError, "Policy.span_decay must be a number in \\[0, 1\\), got str '0.5'"),
+    ({"span_decay": True}, TypeError, "got bool True"),
+    ({"span_sink_pages": -1}, ValueError, "Policy.span_sink_pages must be >= 0 \\(pages\\), got -1"),
+    ({"span_window_pages": 2.0}, TypeError, "Policy.span_window_pages must be an int >= 0 \\(pages\\), got float 2.0"),
+])
+def test_span_settings_bad(settings, error, match):
+    with pytest.raises(error, match=match):
+        Policy(replacement="span", **settings)
+
+
+def test_span_settings_good_and_described():
+    policy = Policy(replacement="span", span_decay=0, span_sink_pages=0, span_window_pages=16)
+    assert (policy.span_decay, policy.span_sink_pages, policy.span_window_pages) == (0.0, 0, 16)
+    assert isinstance(policy.span_decay, float)
+    assert "span_window_pages  16" in policy.describe()
+    assert "span_decay" not in Policy().describe()
