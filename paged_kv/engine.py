@@ -88,7 +88,6 @@ class _Sequence:
         self.written = [0] * num_layers  # tokens written, per layer
 
 
-
 def _pages_read(rows: list[int], pages_per_entry: list[int]) -> torch.Tensor:
     """The distinct (row, page) pairs a call reads, as an int64 tensor [n, 2] sorted by row
     then page: pages 0 .. n_b - 1 of each entry's row."""
@@ -100,6 +99,7 @@ def _pages_read(rows: list[int], pages_per_entry: list[int]) -> torch.Tensor:
     if any(a >= b for a, b in zip(rows, rows[1:])):  # rows repeat or come out of order
         pages = torch.unique(pages, dim=0)
     return pages
+
 
 class Engine:
     """Tiers, pager and device page table built from a Policy; see the module docstring.
