@@ -177,7 +177,10 @@ class Engine:
             )
 
         pin = device.type == "cuda"
-        self.pool = new_pool(self.num_frames, num_layers, num_kv_heads, self.page_size, head_dim, dtype, device)
+        # Zeroed once: appends write only part of a page, and the pager zeroes a frame only when
+        # it passes from one tenant's page to another's, so a fresh frame must hold nobody's bytes.
+        self.pool = new_pool(self.num_frames, num_layers, num_kv_heads, self.page_size, head_dim, dtype,
+                             device).zero_()
         self.host_pool = None
         if self.num_host_slots:
             self.host_pool = _new_host_pool((self.num_host_slots, *self.pool.shape[1:]), dtype, pin)

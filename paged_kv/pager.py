@@ -266,7 +266,8 @@ class Pager:
     def stats(self) -> dict:
         """Counters: service_calls, faults_serviced, pages_moved and bytes_moved per direction
         (gpu_to_host, host_to_gpu, host_to_disk, disk_to_host, disk_to_gpu), evictions per tier,
-        evictions_without_write, write_throughs, service_seconds."""
+        evictions_without_write, write_throughs, frames_zeroed (frames cleared before a page of another
+        tenant was appended into them), service_seconds."""
         return self._pager.stats()
 
     def reset_stats(self) -> None:

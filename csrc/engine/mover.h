@@ -59,6 +59,8 @@ class Mover {
   // Whether disk_to_gpu needs the pager to lend host slots (true for the default). A mover with
   // its own path (its own staging buffer, or GPUDirect Storage) overrides both.
   virtual bool needs_bounce_slots() const { return true; }
+  // Sets every byte of the frames to zero (ordered like a move that writes them).
+  virtual void zero_frames(const std::vector<int64_t>& frames) = 0;
   virtual void flush() = 0;
 };
 

@@ -55,6 +55,7 @@ Pager::Pager(const PagerConfig& config, Mover& mover)
       gpu_lru_(config_.num_frames),
       host_lru_(config_.num_host_slots),
       disk_lru_(config_.num_disk_slots),
+      frame_tenant_(static_cast<size_t>(config_.num_frames), -1),
       ptes_(static_cast<size_t>(config_.max_sequences * config_.max_pages), kPteUnmapped),
       row_dirty_(static_cast<size_t>(config_.max_sequences), 0) {
   rows_.resize(static_cast<size_t>(config_.max_sequences));
@@ -214,14 +215,21 @@ int64_t Pager::append_pages(int64_t row, int64_t n, bool seal_open) {
 
   r.pages.reserve(static_cast<size_t>(first + n));
   r.scores.resize(static_cast<size_t>(first + n), 0.f);
+  std::vector<int64_t> to_zero;  // frames whose last page was another tenant's
   for (int64_t i = 0; i < n; ++i) {
     const PageId id{static_cast<int32_t>(row), static_cast<int32_t>(first + i)};
     PageMeta m;
     m.tenant = r.tenant;
     m.generation = static_cast<uint32_t>(++next_generation_);
     m.frame = static_cast<int32_t>(frames_.allocate(owner_key(id)));
+    if (frame_tenant_[m.frame] >= 0 && frame_tenant_[m.frame] != r.tenant) to_zero.push_back(m.frame);
     r.pages.push_back(m);
     refresh(id);  // open: in no LRU list
+  }
+  if (!to_zero.empty()) {
+    mover_.zero_frames(to_zero);
+    moves_pending_ = true;
+    stats_.frames_zeroed += static_cast<int64_t>(to_zero.size());
   }
   flush_moves();
   return first;
@@ -384,6 +392,7 @@ void Pager::unlink_all(const PageMeta& m) {
 
 void Pager::drop_frame(PageId id, PageMeta& m) {
   if (gpu_lru_.contains(m.frame)) gpu_lru_.remove(m.frame);
+  frame_tenant_[m.frame] = m.tenant;
   frames_.release(m.frame, owner_key(id));
   m.frame = -1;
 }

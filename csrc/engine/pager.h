@@ -234,6 +234,10 @@ class Pager {
   LruList gpu_lru_;
   LruList host_lru_;
   LruList disk_lru_;
+  // Per frame: the tenant of the last page that held it (-1: none yet). A frame going to a new
+  // page of another tenant is zeroed first, since appends write only part of a page; frames
+  // and slots that a move fills get a whole page of their owner's bytes.
+  std::vector<int32_t> frame_tenant_;
   std::vector<int32_t> ptes_;
   std::vector<uint8_t> row_dirty_;
   std::vector<int64_t> dirty_rows_;

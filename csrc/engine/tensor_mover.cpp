@@ -164,6 +164,22 @@ void TensorMover::copy_pages(const std::vector<FrameSlotMove>& moves, bool to_ho
   }
 }
 
+void TensorMover::zero_frames(const std::vector<int64_t>& frames) {
+  for (const int64_t frame : frames) frame_ptr(frame);  // range checks before anything is cleared
+  if (frames.empty()) return;
+  if (!on_cuda_) {
+    for (const int64_t frame : frames) std::memset(frame_ptr(frame), 0, static_cast<size_t>(page_bytes_));
+    return;
+  }
+#ifdef PKV_WITH_CUDA
+  wait_for_current_stream();  // a kernel queued before may still read the frame's old page
+  for (const int64_t frame : frames) {
+    check_cuda(cudaMemsetAsync(frame_ptr(frame), 0, static_cast<size_t>(page_bytes_), stream_),
+               "cudaMemsetAsync");
+  }
+#endif
+}
+
 void TensorMover::gpu_to_host(const std::vector<FrameSlotMove>& moves) { copy_pages(moves, true); }
 
 void TensorMover::host_to_gpu(const std::vector<FrameSlotMove>& moves) { copy_pages(moves, false); }

@@ -68,6 +68,7 @@ class TensorMover : public Mover {
   void disk_to_host(const std::vector<SlotDiskMove>& moves) override;
   void disk_to_gpu(const std::vector<DiskFrameMove>& moves) override;
   bool needs_bounce_slots() const override { return bounce_through_host_slots_; }
+  void zero_frames(const std::vector<int64_t>& frames) override;
   void flush() override;
 
  private:
