@@ -88,6 +88,12 @@ class _Sequence:
         self.written = [0] * num_layers  # tokens written, per layer
 
 
+def _tier_named(name: str, allowed: tuple[str, ...], where: str) -> Tier:
+    if name not in allowed:
+        raise ValueError(f"{where}: tier must be one of {', '.join(repr(a) for a in allowed)}, got {name!r}")
+    return {"gpu": Tier.GPU, "host": Tier.HOST, "disk": Tier.DISK}[name]
+
+
 def _pages_read(rows: list[int], pages_per_entry: list[int]) -> torch.Tensor:
     """The distinct (row, page) pairs a call reads, as an int64 tensor [n, 2] sorted by row
     then page: pages 0 .. n_b - 1 of each entry's row."""
@@ -248,6 +254,47 @@ class Engine:
         self.pager.remove_sequence(row)
         del self._sequences[row]
         self.pager.sync_table(self.page_table)
+
+    def suspend(self, row: int, tier: str = "host") -> int:
+        """Move the sequence's sealed pages down to the host (`tier="host"`) or disk
+        (`"disk"`) tier, freeing their GPU frames for other sequences; returns how many pages
+        left the GPU. Nothing about the sequence changes but where its pages are: its next
+        attention faults them back in (or reads host pages in place with zero-copy), and
+        resume() brings them up ahead of time. The open tail page, still being written, stays
+        in its frame. Raises PagerError when the tier has no room."""
+        seq_tier = _tier_named(tier, ("host", "disk"), "Engine.suspend")
+        self._sequence(row)
+        pages = self._sealed_pages(row)
+        on_gpu = self._pages_in(row, pages, Tier.GPU)
+        if pages:
+            self.pager.demote(torch.tensor([(row, p) for p in pages], dtype=torch.int64).reshape(-1, 2), seq_tier)
+        self.pager.sync_table(self.page_table)
+        return on_gpu
+
+    def resume(self, row: int, tier: str = "gpu") -> int:
+        """Bring the sequence's pages up to the GPU (`tier="gpu"`, newest first, as many as the
+        frames that can be freed hold) or, from disk, to the host (`"host"`, all of them);
+        returns how many pages moved up. The copies into GPU frames are queued on the pager's
+        stream and the current stream waits for them, so the call does not wait for them."""
+        target = _tier_named(tier, ("gpu", "host"), "Engine.resume")
+        self._sequence(row)
+        n = self.pager.num_pages(row)
+        below = [p for p in range(n - 1, -1, -1) if self._page_tier(row, p) > target]
+        if target == Tier.GPU:
+            below = below[: self.pager.max_serviceable()]
+        if below:
+            self.pager.promote(torch.tensor([(row, p) for p in below], dtype=torch.int64).reshape(-1, 2), target)
+        self.pager.sync_table(self.page_table)
+        return len(below)
+
+    def _page_tier(self, row: int, page: int) -> int:
+        return (self.pager.pte(row, page) & 0xFFFFFFFF) >> TIER_SHIFT
+
+    def _sealed_pages(self, row: int) -> list[int]:
+        return [p for p in range(self.pager.num_pages(row)) if self.pager.page_info(row, p)["sealed"]]
+
+    def _pages_in(self, row: int, pages: list[int], tier: Tier) -> int:
+        return sum(1 for p in pages if self._page_tier(row, p) == tier)
 
     def num_tokens(self, row: int, layer: int | None = None) -> int:
         """Tokens written to every layer of the sequence (or to `layer`)."""

@@ -441,3 +441,45 @@ def test_span_replacement_is_exact_and_ranks_by_attention(device):
         tiers = _tiers(engine, row)
         assert tiers[0] == Tier.GPU and tiers[-1] == Tier.GPU and tiers[-2] == Tier.GPU
         engine.pager.check_invariants()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("to", ["host", "disk"])
+def test_suspend_and_resume_move_pages_and_keep_attention_exact(device, to, tmp_path):
+    """suspend() sends a sequence's sealed pages down a tier (the open tail page stays) and frees
+    their frames; attention right after is exact (faulting them back); resume() brings them up
+    again, newest first, as far as the frames allow."""
+    dtype = _dtype(device)
+    policy = _policy(dtype, host_pages=64, disk_pages=64, disk_path=str(tmp_path), zero_copy=False)
+    with _engine(policy, device) as engine:
+        model = Model(engine, _generator("suspend", device, to))
+        a, b = engine.new_sequence(), engine.new_sequence()
+        model.fill([a], 3 * PAGE_SIZE + 5, PAGE_SIZE)  # 3 sealed pages and an open one
+        tiers = _tiers(engine, a)
+        assert tiers == [Tier.GPU] * 4
+        assert engine.suspend(a, to) == 3
+        want = Tier.HOST if to == "host" else Tier.DISK
+        assert _tiers(engine, a) == [want] * 3 + [Tier.GPU]
+        assert engine.pager.free_frames() >= 3
+        model.fill([b], 2 * PAGE_SIZE, PAGE_SIZE)  # another sequence takes frames meanwhile
+        model.step([a], [1])  # exact after the switch (checked against the reference)
+        engine.suspend(a, to)
+        assert engine.resume(a, "host") == (3 if to == "disk" else 0)
+        moved = engine.resume(a)
+        assert moved >= 1 and _tiers(engine, a)[-1] == Tier.GPU
+        gpu = [t == Tier.GPU for t in _tiers(engine, a)]
+        assert gpu == sorted(gpu)  # newest pages first: GPU pages form the tail
+        model.step([a, b], [1, 1])
+        engine.pager.check_invariants()
+
+
+def test_suspend_and_resume_errors():
+    with _engine(_policy(torch.float32, host_pages=8), "cpu") as engine:
+        row = engine.new_sequence()
+        with pytest.raises(ValueError, match="Engine.suspend: tier must be one of 'host', 'disk', got 'gpu'"):
+            engine.suspend(row, "gpu")
+        with pytest.raises(ValueError, match="Engine.resume: tier must be one of 'gpu', 'host', got 'disk'"):
+            engine.resume(row, "disk")
+        with pytest.raises(ValueError, match="not a live sequence"):
+            engine.suspend(row + 1)
+        assert engine.suspend(row) == 0 and engine.resume(row) == 0
