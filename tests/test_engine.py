@@ -437,7 +437,10 @@ def test_span_replacement_is_exact_and_ranks_by_attention(device):
         for _ in range(3):
             model.step([row], [1])
         scores = engine.pager.attention_scores(row)
-        assert scores.shape == (engine.pager.num_pages(row),) and bool((scores > 0).all())
+        n = engine.pager.num_pages(row)
+        assert scores.shape == (n,)
+        # Kept pages (the sink, the 2-page window) gather nothing; every other page was read.
+        assert bool((scores[1: n - 2] > 0).all()) and float(scores[0]) == 0.0 and bool((scores[n - 2:] == 0).all())
         tiers = _tiers(engine, row)
         assert tiers[0] == Tier.GPU and tiers[-1] == Tier.GPU and tiers[-2] == Tier.GPU
         engine.pager.check_invariants()

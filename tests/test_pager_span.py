@@ -27,11 +27,22 @@ def _filled(frames, pages, **span):
 
 
 def test_scores_are_decaying_averages():
-    pager, row, _ = _filled(frames=4, pages=3, decay=0.5)
+    pager, row, _ = _filled(frames=4, pages=3, decay=0.5, sink_pages=0, window_pages=0)
     assert pager.attention_scores(row).tolist() == [0, 0, 0]
     pager.record_attention(row, torch.tensor([1.0, 0.0]))
     pager.record_attention(row, torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64))
     torch.testing.assert_close(pager.attention_scores(row), torch.tensor([0.75, 2.0, 1.0]))
+
+
+def test_kept_pages_do_not_gather_scores():
+    """The sinks and the window draw mass for where they sit; it is not counted, so a page that
+    leaves the window starts from what it had before entering it (zero for a new page)."""
+    pager, row, tags = _filled(frames=8, pages=6, decay=0.5, sink_pages=1, window_pages=2)
+    pager.record_attention(row, torch.tensor([8.0, 1.0, 1.0, 1.0, 8.0, 8.0]))
+    torch.testing.assert_close(pager.attention_scores(row), torch.tensor([0.0, 0.5, 0.5, 0.5, 0.0, 0.0]))
+    append_written(pager, row, 1, tags)  # page 4 leaves the window
+    pager.record_attention(row, torch.tensor([8.0, 0.0, 0.0, 0.0, 2.0, 8.0, 8.0]))
+    torch.testing.assert_close(pager.attention_scores(row), torch.tensor([0.0, 0.25, 0.25, 0.25, 1.0, 0.0, 0.0]))
 
 
 def test_victims_are_the_lowest_scores_and_never_the_sinks_or_window():
@@ -71,6 +82,7 @@ def test_ties_follow_recency():
 def test_lru_is_unchanged_and_scores_are_kept_under_it():
     pager = make_pager(frames=3, host=8)
     assert pager.replacement == "lru"
+    pager.set_replacement("lru", sink_pages=0, window_pages=0)  # no kept pages: every page scores
     row = pager.add_sequence(0)
     tags = {}
     append_written(pager, row, 3, tags)

@@ -106,8 +106,10 @@ class Pager {
   Replacement replacement() const { return replacement_; }
   const SpanPolicy& span_policy() const { return span_; }
   // Folds one step's attention mass of the row's pages 0 .. mass.size() - 1 into their decaying
-  // averages (recorded under either policy; kSpan reads them). Raises std::invalid_argument for
-  // a dead row, more values than pages, or a value that is negative or not finite.
+  // averages (recorded under either policy; kSpan reads them), except for the pages the span
+  // policy keeps anyway (sinks and window), whose averages stay as they were. Raises
+  // std::invalid_argument for a dead row, more values than pages, or a value that is negative
+  // or not finite.
   void record_attention(int64_t row, const std::vector<float>& mass);
   // The decaying averages of the row's pages.
   const std::vector<float>& attention_scores(int64_t row) const;

@@ -38,8 +38,17 @@ void Pager::record_attention(int64_t row, const std::vector<float>& mass) {
                                   "; it must be finite and >= 0");
     }
   }
+  // The sinks and the window are kept whatever their rank, and the mass they draw comes from
+  // where they sit, not from what they hold: counted, it made a page that just left the window
+  // outrank the pages attention keeps coming back to (on the traces of bench/replacement.py,
+  // 21% fewer faults than LRU with it, 26% without).
   const float keep = static_cast<float>(span_.decay);
-  for (size_t p = 0; p < mass.size(); ++p) r.scores[p] = keep * r.scores[p] + (1.f - keep) * mass[p];
+  const int64_t n = static_cast<int64_t>(r.pages.size());
+  for (size_t p = 0; p < mass.size(); ++p) {
+    const int64_t page = static_cast<int64_t>(p);
+    if (page < span_.sink_pages || page >= n - span_.window_pages) continue;
+    r.scores[p] = keep * r.scores[p] + (1.f - keep) * mass[p];
+  }
 }
 
 const std::vector<float>& Pager::attention_scores(int64_t row) const {
