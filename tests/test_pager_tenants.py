@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from paged_kv import Tier
 
-from pager_helpers import append_written, make_pager, pattern, read_any_copy
+from pager_helpers import append_written, make_pager, pattern, read_any_copy, tier
 
 
 def _frame(pager, row, page):
@@ -108,3 +109,30 @@ def test_random_tenants_never_see_each_others_bytes():
                 assert torch.equal(words[:half], pattern(pager, tags[(row, page)]).view(-1)[:half])
                 assert bool((words[half:] == 0).all()), (row, page, tenant)
     assert pager.stats()["frames_zeroed"] >= 10  # the workload did pass frames between tenants
+
+
+def test_a_frame_a_failed_read_wrote_is_zeroed_for_another_tenant(tmp_path):
+    """A fault-in that fails part-way may leave part of a tenant's page in the frame it gives
+    back; the next tenant to append into that frame gets it zeroed."""
+    pager = make_pager(frames=2, host=2, disk=4, folder=tmp_path)
+    pager.pool.zero_()
+    tags = {}
+    a = pager.add_sequence(tenant=1)
+    append_written(pager, a, 1, tags)
+    pager.seal(a, 0)
+    pager.demote([(a, 0)], Tier.DISK)
+    b = pager.add_sequence(tenant=2)
+    append_written(pager, b, 1, tags)  # takes the frame a's page left (zeroed: tenant 1 -> 2)
+    frame = _frame(pager, b, 0)
+    pager.remove_sequence(b)
+    assert pager.stats()["frames_zeroed"] == 1
+    pager.disk_store.inject_fault("read_eio")
+    with pytest.raises(Exception):
+        pager.service([(a, 0)])  # takes the same frame, the read fails
+    assert tier(pager, a, 0) == Tier.DISK
+    c = pager.add_sequence(tenant=2)
+    pager.append_pages(c, 1)
+    assert _frame(pager, c, 0) == frame
+    assert bool((pager.pool.view(torch.int32)[frame] == 0).all())
+    assert pager.stats()["frames_zeroed"] == 2
+    pager.check_invariants()

@@ -167,7 +167,11 @@ void Pager::move_batch(const std::vector<PageId>& pages, IndexAllocator& to,
   try {
     issue(moves);
   } catch (...) {
-    for (size_t i = 0; i < pages.size(); ++i) to.release(destinations[i], owner_key(pages[i]));
+    for (size_t i = 0; i < pages.size(); ++i) {
+      // A failed move may have written part of the page: the frame now holds this tenant's bytes.
+      if (&to == &frames_) frame_tenant_[destinations[i]] = meta(pages[i]).tenant;
+      to.release(destinations[i], owner_key(pages[i]));
+    }
     throw;
   }
   moves_pending_ = true;
@@ -272,6 +276,7 @@ void Pager::load_into_frames(const std::vector<PageId>& pages) {
       mover_.disk_to_gpu(moves);
     } catch (...) {
       for (size_t i = begin; i < end; ++i) {
+        frame_tenant_[moves[i - begin].frame] = meta(from_disk[i]).tenant;  // may hold part of it
         frames_.release(moves[i - begin].frame, owner_key(from_disk[i]));
         host_slots_.release(moves[i - begin].bounce_slot, kBounceOwner);
       }
