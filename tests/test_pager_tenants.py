@@ -18,32 +18,30 @@ def _frame(pager, row, page):
     return pager.page_info(row, page)["frame"]
 
 
-def test_a_frame_reused_by_another_tenant_is_zeroed():
+def _reuse(next_tenant):
+    """Tenant 1 writes a page and frees its sequence; `next_tenant` appends a page into the
+    same frame. Returns the pager, the frame and the page's first tag."""
     pager = make_pager(frames=2, host=4)
     tags = {}
     a = pager.add_sequence(tenant=1)
     append_written(pager, a, 1, tags)
     frame = _frame(pager, a, 0)
     pager.remove_sequence(a)
-    b = pager.add_sequence(tenant=2)
+    b = pager.add_sequence(tenant=next_tenant)
     pager.append_pages(b, 1)
     assert _frame(pager, b, 0) == frame  # the most recently released frame goes first
-    assert bool((pager.pool.view(torch.int32)[frame] == 0).all())
-    assert pager.stats()["frames_zeroed"] == 1
+    return pager, frame, tags[(a, 0)]
 
 
-def test_a_frame_reused_by_the_same_tenant_is_not_cleared():
-    pager = make_pager(frames=2, host=4)
-    tags = {}
-    a = pager.add_sequence(tenant=1)
-    append_written(pager, a, 1, tags)
-    frame = _frame(pager, a, 0)
-    pager.remove_sequence(a)
-    b = pager.add_sequence(tenant=1)
-    pager.append_pages(b, 1)
-    assert _frame(pager, b, 0) == frame
-    assert torch.equal(pager.pool.view(torch.int32)[frame], pattern(pager, tags[(a, 0)]))
-    assert pager.stats()["frames_zeroed"] == 0
+@pytest.mark.parametrize("next_tenant, cleared", [(2, True), (1, False)], ids=["another", "same"])
+def test_a_frame_is_zeroed_only_for_another_tenant(next_tenant, cleared):
+    pager, frame, tag = _reuse(next_tenant)
+    words = pager.pool.view(torch.int32)[frame]
+    if cleared:
+        assert bool((words == 0).all())
+    else:
+        assert torch.equal(words, pattern(pager, tag))  # the tenant's own bytes stay
+    assert pager.stats()["frames_zeroed"] == int(cleared)
 
 
 def test_eviction_then_append_by_another_tenant_zeroes():
