@@ -158,6 +158,14 @@ def _cuda_pager(tmp_path, io_backend):
                           io_backend=io_backend)
 
 
+def _cufile_pager_or_skip(tmp_path):
+    """A CUDA pager forced onto cuFile, or a skip naming why cuFile is not usable here."""
+    try:
+        return _cuda_pager(tmp_path, "cufile")
+    except StoreError as e:
+        pytest.skip(f"cuFile is not usable here: {e}")
+
+
 @needs_cuda
 def test_auto_on_cuda_reads_back_bit_identical_and_reports(tmp_path):
     with _engine("auto", device="cuda", disk_path=str(tmp_path)) as engine:
@@ -174,20 +182,14 @@ def test_auto_on_cuda_reads_back_bit_identical_and_reports(tmp_path):
 
 @needs_cuda
 def test_forced_cufile_reads_back_bit_identical(tmp_path):
-    try:
-        pager = _cuda_pager(tmp_path, "cufile")
-    except StoreError as e:
-        pytest.skip(f"cuFile is not usable here: {e}")
+    pager = _cufile_pager_or_skip(tmp_path)
     assert pager.io_backend == "cufile" and "cuFile read" in pager.io_backend_reason
     _round_trip(pager, torch.Generator().manual_seed(2))
 
 
 @needs_cuda
 def test_cufile_never_returns_a_corrupted_page(tmp_path):
-    try:
-        pager = _cuda_pager(tmp_path, "cufile")
-    except StoreError as e:
-        pytest.skip(f"cuFile is not usable here: {e}")
+    pager = _cufile_pager_or_skip(tmp_path)
     row = pager.add_sequence()
     pager.append_pages(row, 2)
     frame = pager.page_info(row, 0)["frame"]
