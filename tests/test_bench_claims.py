@@ -11,7 +11,8 @@ NAMES = ["bind_short", "bind_long", "bind_ratio_long_to_short", "first_step_gpu"
 
 
 def test_quick_run_on_the_cpu(tmp_path):
-    done = subprocess.run([sys.executable, "bench/claims_table.py", "--quick", "--out", str(tmp_path),
+    done = subprocess.run([sys.executable, "bench/claims_table.py", "--quick", "--device", "cpu",
+                           "--out", str(tmp_path),
                            "--disk-dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "claims_table.json").read_text())

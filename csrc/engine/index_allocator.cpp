@@ -1,5 +1,7 @@
 #include "engine/index_allocator.h"
 
+#include <algorithm>
+#include <cstddef>
 #include <sstream>
 #include <utility>
 
@@ -36,6 +38,14 @@ int64_t IndexAllocator::allocate(int64_t owner) {
   const int64_t index = free_.back();
   allocate_at(index, owner);
   return index;
+}
+
+std::vector<int64_t> IndexAllocator::allocate_ascending(const std::vector<int64_t>& owners) {
+  if (static_cast<int64_t>(owners.size()) > num_free()) fail("allocate more indices than are free");
+  std::vector<int64_t> indices(free_.end() - static_cast<std::ptrdiff_t>(owners.size()), free_.end());
+  std::sort(indices.begin(), indices.end());
+  for (size_t i = 0; i < owners.size(); ++i) allocate_at(indices[i], owners[i]);
+  return indices;
 }
 
 void IndexAllocator::allocate_at(int64_t index, int64_t owner) {

@@ -31,6 +31,9 @@ class IndexAllocator {
   // Hands out a free index to `owner` (a key >= 0 or kBounceOwner); the lowest indices go first
   // on a fresh pool, then the most recently released one.
   int64_t allocate(int64_t owner);
+  // Hands out one free index per owner, the same indices `allocate` would give, but ascending in
+  // the owners' order: pages listed in order then get runs of adjacent indices.
+  std::vector<int64_t> allocate_ascending(const std::vector<int64_t>& owners);
   // Hands out this particular index, which must be free.
   void allocate_at(int64_t index, int64_t owner);
   // Returns `index`, which `owner` must own.

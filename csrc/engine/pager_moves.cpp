@@ -156,14 +156,14 @@ void Pager::move_batch(const std::vector<PageId>& pages, IndexAllocator& to,
                        const MakeMove& make_move, const Issue& issue, const Commit& commit,
                        Direction direction) {
   if (pages.empty()) return;
-  std::vector<int64_t> destinations;
+  std::vector<int64_t> owners;
+  owners.reserve(pages.size());
+  for (const PageId& id : pages) owners.push_back(owner_key(id));
+  // Ascending destinations: pages listed in order whose sources are adjacent become one copy.
+  const std::vector<int64_t> destinations = to.allocate_ascending(owners);
   std::vector<Move> moves;
-  destinations.reserve(pages.size());
   moves.reserve(pages.size());
-  for (const PageId& id : pages) {
-    destinations.push_back(to.allocate(owner_key(id)));
-    moves.push_back(make_move(id, destinations.back()));
-  }
+  for (size_t i = 0; i < pages.size(); ++i) moves.push_back(make_move(pages[i], destinations[i]));
   try {
     issue(moves);
   } catch (...) {
