@@ -4,10 +4,10 @@
     python bench/claims_table.py --quick   # seconds, on a CPU (small sizes, CPU pools)
 
 Rows:
-- bind: switching a decode step to another session. A session is a page-table row, so a
-  captured decode loop binds it by writing its row and length into the batch's device tensors:
-  two scalar writes, timed for a 4K-token and a 1M-token session (median of 200), with the
-  pager's byte counters checked unchanged (no KV byte moves).
+- bind: switching a decode step to another session: Engine.bind(slot, row), which writes the
+  session's page-table row into the batch slot's device entry (Engine.batch_rows) and moves no KV
+  byte. Timed to the device's end for a 4K-token and a 1M-token session (median of 200), with the
+  pager's byte counters checked unchanged.
 - first_step_{gpu,host,disk}: one decode step (one query token attending every layer measured)
   right after the bind, with the session's pages in GPU frames, in pinned host slots (read in
   place, zero-copy) or on disk (faulted in through the pager), wall clock to the device's end.
@@ -66,16 +66,15 @@ def fill(engine: Engine, row: int, tokens: int, chunk: int, seed: int) -> None:
 
 
 def time_bind(engine: Engine, row: int, device: torch.device, repeat: int = 200) -> dict:
-    rows_t = torch.zeros(1, dtype=torch.int32, device=device)
-    lens_t = torch.zeros(1, dtype=torch.int32, device=device)
-    length = engine.num_tokens(row)
+    """Engine.bind of `row` into slot 0, alternating with an unbind (untimed) so every bind
+    writes the slot."""
     moved_before = engine.pager.stats()["bytes_moved"]
     samples = []
     for i in range(repeat + 10):
+        engine.unbind(0)
         sync(device)
         start = time.perf_counter()
-        rows_t.fill_(row)
-        lens_t.fill_(length)
+        engine.bind(0, row)
         sync(device)
         if i >= 10:
             samples.append((time.perf_counter() - start) * 1e6)
@@ -92,8 +91,9 @@ def time_step(engine: Engine, row: int, device: torch.device, seed: int) -> floa
                for _ in range(engine.num_layers)]
     sync(device)
     start = time.perf_counter()
+    engine.bind(0, row)
     for layer, q in enumerate(queries):
-        engine.attention(q, [row], [0, 1], layer)
+        engine.attention(q, None, [0, 1], layer)  # the bound slot
     sync(device)
     return time.perf_counter() - start
 

@@ -116,9 +116,11 @@ class Engine:
         dtype: K/V dtype (float16 or bfloat16; float32 also on CPU).
         device: where the GPU frames and the page table live (CUDA, or CPU for tests).
         max_sequences, max_pages: the page table's shape (rows, pages per row).
+        max_batch: batch slots that bind() can fill (default max_sequences).
 
     Attributes: policy, device, dtype, page_bytes, num_frames, num_host_slots, num_disk_slots,
-    pool, host_pool (None without a host tier), disk_store (None without a disk tier), disk_path,
+    pool, host_pool (None without a host tier), batch_rows (int32 [max_batch] on the device: the
+    row bound to each batch slot, -1 when free), disk_store (None without a disk tier), disk_path,
     io_backend ("posix" or "cufile", or None without a disk tier: how disk pages reach the
     frames, see Policy.io_backend), io_backend_reason (why: cuFile's load error, or the speeds
     of both backends measured on the store's own file), pager, page_table.
@@ -135,6 +137,7 @@ class Engine:
         device: torch.device | str,
         max_sequences: int,
         max_pages: int,
+        max_batch: int | None = None,
     ):
         self._closed = True  # until construction succeeds
         self._temp_dir = None
@@ -144,6 +147,7 @@ class Engine:
                             ("head_dim", head_dim), ("max_sequences", max_sequences),
                             ("max_pages", max_pages)):
             _positive(name, value)
+        max_batch = max_sequences if max_batch is None else _positive("max_batch", max_batch)
         if head_dim not in HEAD_DIMS:
             raise ValueError(f"Engine: head_dim must be one of {HEAD_DIMS} (the attention kernels), got {head_dim}")
         if not isinstance(dtype, torch.dtype):
@@ -227,6 +231,9 @@ class Engine:
         if policy.replacement == "span":
             self._telemetry = torch.zeros(max_sequences, max_pages, dtype=torch.float32, device=device)
         self._sequences: dict[int, _Sequence] = {}
+        self.max_batch = max_batch
+        self.batch_rows = torch.full((max_batch,), -1, dtype=torch.int32, device=device)
+        self._bound: dict[int, int] = {}  # batch slot -> row
         self._tick = 0
         self._counters = {
             "attention_calls": 0,
@@ -249,8 +256,10 @@ class Engine:
         return row
 
     def free_sequence(self, row: int) -> None:
-        """Free the row and all its pages."""
+        """Free the row and all its pages (unbinding it from any batch slot)."""
         self._sequence(row)
+        for slot in [s for s, r in self._bound.items() if r == row]:
+            self.unbind(slot)
         self.pager.remove_sequence(row)
         del self._sequences[row]
         self.pager.sync_table(self.page_table)
@@ -286,6 +295,42 @@ class Engine:
             self.pager.promote(torch.tensor([(row, p) for p in below], dtype=torch.int64).reshape(-1, 2), target)
         self.pager.sync_table(self.page_table)
         return len(below)
+
+    # ---- batch slots (the context switch) ----
+
+    def bind(self, slot: int, row: int) -> None:
+        """Put sequence `row` in batch slot `slot` (replacing what was there): the context
+        switch. It writes the row into batch_rows[slot] and moves no KV byte, so its cost does not
+        depend on the sequence's length; the first step after it reads the pages where they are
+        (faulting what is out of reach). A sequence may sit in one slot at a time."""
+        self._sequence(row)
+        self._slot(slot)
+        elsewhere = [s for s, r in self._bound.items() if r == row and s != slot]
+        if elsewhere:
+            raise ValueError(f"Engine.bind: sequence {row} is already bound to batch slot {elsewhere[0]}; "
+                             f"unbind it there first")
+        self._bound[slot] = row
+        self.batch_rows[slot] = row
+
+    def unbind(self, slot: int) -> int | None:
+        """Empty batch slot `slot`; returns the row that was bound there (None if it was free).
+        The sequence keeps its pages: bind it again to go on."""
+        self._check_open()
+        self._slot(slot)
+        row = self._bound.pop(slot, None)
+        if row is not None:
+            self.batch_rows[slot] = -1
+        return row
+
+    def bound(self) -> list[int]:
+        """The rows in the filled batch slots, in slot order: the `rows` of a step over the batch."""
+        self._check_open()
+        return [self._bound[s] for s in sorted(self._bound)]
+
+    def _slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_batch:
+            raise ValueError(f"Engine: batch slot must be an int in [0, {self.max_batch}), got {slot!r}")
+        return slot
 
     def _page_tier(self, row: int, page: int) -> int:
         return (self.pager.pte(row, page) & 0xFFFFFFFF) >> TIER_SHIFT
@@ -391,7 +436,7 @@ class Engine:
     def attention(
         self,
         query: torch.Tensor,
-        rows: Sequence[int] | torch.Tensor,
+        rows: Sequence[int] | torch.Tensor | None,
         query_starts: Sequence[int] | torch.Tensor,
         layer: int,
         *,
@@ -403,7 +448,8 @@ class Engine:
         """Exact attention of a batch of query chunks over every token written at `layer`.
 
         Entry b has the queries query[query_starts[b]:query_starts[b + 1]] ([N, Hq, D] in all),
-        which are the newest tokens of sequence rows[b] (append them first). Pages off the GPU
+        which are the newest tokens of sequence rows[b] (append them first). rows=None means the
+        rows bound to the batch slots, in slot order (bound()). Pages off the GPU
         fault and are serviced (or raise FaultError under fault_mode "forbid"); see
         paged_kv.attention for the masking. Returns output [N, Hq, D] and, with return_lse, the
         float32 LSE [N, Hq].
@@ -413,6 +459,10 @@ class Engine:
         whole.
         """
         self._check_open()
+        if rows is None:
+            rows = self.bound()
+            if not rows:
+                raise ValueError("Engine.attention: rows=None reads the bound batch slots, but none is bound")
         rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
         starts = [int(s) for s in (query_starts.tolist() if isinstance(query_starts, torch.Tensor) else query_starts)]
         out, lse = torch.ops.paged_kv.engine_attention(
@@ -564,10 +614,11 @@ class Engine:
         self._closed = True
         engine_op.unregister(self.op_id)
         self._sequences.clear()
+        self._bound.clear()
         # The store's file is deleted with the store; the pager holds a reference to it.
         self.pager = None
         self.disk_store = None
-        self.pool = self.host_pool = self.page_table = self._telemetry = None
+        self.pool = self.host_pool = self.page_table = self._telemetry = self.batch_rows = None
         self._remove_temp_dir()
 
     def _remove_temp_dir(self) -> None:

@@ -476,6 +476,58 @@ def test_suspend_and_resume_move_pages_and_keep_attention_exact(device, to, tmp_
         engine.pager.check_invariants()
 
 
+# ---- batch slots ----
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bind_switches_sessions_without_moving_bytes(device):
+    """bind() puts a row in a batch slot (batch_rows holds it) and moves no KV byte; a step over
+    the bound slots (rows=None) is exact, and rebinding a slot switches the session."""
+    with _engine(_policy(_dtype(device), host_pages=16), device, max_sequences=3) as engine:
+        model = Model(engine, _generator("bind", device))
+        a, b, c = (engine.new_sequence() for _ in range(3))
+        model.fill([a, b, c], 2 * PAGE_SIZE + 3, PAGE_SIZE)
+        moved = dict(engine.pager.stats()["bytes_moved"])
+        engine.bind(1, b)
+        engine.bind(0, a)
+        assert engine.bound() == [a, b]
+        assert engine.batch_rows.tolist() == [a, b, -1]
+        assert engine.pager.stats()["bytes_moved"] == moved
+        model.step(engine.bound(), [1, 1])
+        query = torch.randn(2, Q_HEADS, HEAD_DIM, generator=model.g).to(engine.dtype).to(engine.device)
+        torch.testing.assert_close(engine.attention(query, None, [0, 1, 2], 0),
+                                   engine.attention(query, [a, b], [0, 1, 2], 0), rtol=0, atol=0)
+        engine.bind(0, c)  # the switch: slot 0 now serves c
+        assert engine.bound() == [c, b] and engine.batch_rows.tolist() == [c, b, -1]
+        model.step(engine.bound(), [1, 1])
+        assert engine.unbind(0) == c and engine.unbind(0) is None
+        assert engine.bound() == [b] and engine.batch_rows.tolist() == [-1, b, -1]
+        engine.free_sequence(b)  # a freed sequence leaves its slot
+        assert engine.bound() == [] and engine.batch_rows.tolist() == [-1, -1, -1]
+        engine.pager.check_invariants()
+
+
+def test_bind_errors():
+    with _engine(_policy(torch.float32), "cpu", max_sequences=3) as engine:
+        a, b = engine.new_sequence(), engine.new_sequence()
+        with pytest.raises(ValueError, match=r"batch slot must be an int in \[0, 3\), got 3"):
+            engine.bind(3, a)
+        with pytest.raises(ValueError, match=r"batch slot must be an int in \[0, 3\), got True"):
+            engine.unbind(True)
+        with pytest.raises(ValueError, match="is not a live sequence row"):
+            engine.bind(0, b + 1)
+        query = torch.zeros(1, Q_HEADS, HEAD_DIM)
+        with pytest.raises(ValueError, match="rows=None reads the bound batch slots, but none is bound"):
+            engine.attention(query, None, [0, 1], 0)
+        engine.bind(0, a)
+        with pytest.raises(ValueError, match=f"sequence {a} is already bound to batch slot 0; unbind it there first"):
+            engine.bind(1, a)
+        engine.bind(0, a)  # binding it again where it is changes nothing
+        assert engine.bound() == [a]
+    with pytest.raises(ValueError, match="max_batch must be a positive int, got 0"):
+        Engine(_policy(torch.float32), num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+               dtype=torch.float32, device="cpu", max_sequences=2, max_pages=4, max_batch=0)
+
+
 def test_suspend_and_resume_errors():
     with _engine(_policy(torch.float32, host_pages=8), "cpu") as engine:
         row = engine.new_sequence()
