@@ -43,8 +43,8 @@ from typing import Sequence
 import torch
 
 from paged_kv import engine_op, ops
-from paged_kv.pager import Pager
-from paged_kv.policy import Policy
+from paged_kv.pager import Pager, PagerError
+from paged_kv.policy import Policy, parse_bytes
 from paged_kv.pte import TIER_SHIFT, Tier, UNMAPPED, new_page_table, new_pool
 
 __all__ = ["Engine", "FaultError"]
@@ -240,8 +240,11 @@ class Engine:
             "tokens_appended": 0,
             "faults_seen": 0,
             "fault_services": 0,  # attention calls that serviced faults
-            "fault_batches": 0,
+            "fault_batches": 0,  # batches serviced into GPU frames
+            "fault_host_passes": 0,  # zero-copy: faults read into host slots and attended there
             "fault_service_seconds": 0.0,
+            "prefetched_pages": 0,
+            "prefetches_refused": 0,  # steps whose prefetch found no room in the host tier
         }
         self._closed = False
         self.op_id = engine_op.register(self)
@@ -295,6 +298,74 @@ class Engine:
             self.pager.promote(torch.tensor([(row, p) for p in below], dtype=torch.int64).reshape(-1, 2), target)
         self.pager.sync_table(self.page_table)
         return len(below)
+
+    # ---- prefetch ----
+
+    def prefetch(self, rows: Sequence[int] | None = None) -> dict[str, int]:
+        """Bring the pages of `rows` (default: the bound batch slots) within the kernel's reach
+        for their next step: disk pages are read into host slots (newest first; the call waits for
+        the reads, which overlap whatever GPU work is queued), and, without zero_copy, host pages
+        are copied into free GPU frames on the pager's stream, newest first, evicting nothing
+        (the current stream waits for the copies; the host does not). Returns the pages moved,
+        {"disk_to_host": n, "host_to_gpu": m}. Raises PagerError when the host tier cannot take
+        the disk pages."""
+        self._check_open()
+        rows = self.bound() if rows is None else [int(r) for r in rows]
+        for row in rows:
+            self._sequence(row)
+        moved = {"disk_to_host": 0, "host_to_gpu": 0}
+        if not rows:
+            return moved
+        try:
+            on_disk = self._pages_of(rows, Tier.DISK)
+            if len(on_disk):
+                self.pager.promote(on_disk, Tier.HOST)
+                moved["disk_to_host"] = len(on_disk)
+            if not (self.policy.zero_copy and self.host_pool is not None):
+                on_host = self._pages_of(rows, Tier.HOST)
+                take = min(self.pager.serviceable_prefix(on_host), self.pager.free_frames())
+                if take:
+                    self.pager.promote(on_host[:take], Tier.GPU)
+                    moved["host_to_gpu"] = take
+        finally:
+            self.pager.sync_table(self.page_table)
+        self._counters["prefetched_pages"] += moved["disk_to_host"] + moved["host_to_gpu"]
+        return moved
+
+    def _pages_of(self, rows: list[int], tier: Tier) -> torch.Tensor:
+        """The (row, page) pairs of `rows` whose PTE names `tier`, newest pages first, as int64 [n, 2]."""
+        mirror = self.pager.page_table()
+        found = []
+        for row in dict.fromkeys(rows):
+            n = self.pager.num_pages(row)
+            pages = torch.arange(n - 1, -1, -1, dtype=torch.int64)
+            tiers = (mirror[row, :n].flip(0).to(torch.int64) & 0xFFFFFFFF) >> TIER_SHIFT
+            pages = pages[tiers == int(tier)]
+            found.append(torch.stack([torch.full_like(pages, row), pages], 1))
+        return torch.cat(found) if found else torch.empty(0, 2, dtype=torch.int64)
+
+    # ---- tenants ----
+
+    def set_quota(self, tenant: int, *, gpu=..., host=..., disk=...) -> None:
+        """Cap what `tenant`'s pages may hold in each tier named: bytes or a string such as
+        "2GiB" (floored to whole pages), or None to remove that tier's cap; tiers not named keep
+        theirs. Past its quota a tenant evicts its own pages, never another's; see
+        Pager.set_quota for the errors."""
+        self._check_open()
+        if isinstance(tenant, bool) or not isinstance(tenant, int) or tenant < 0:
+            raise ValueError(f"Engine.set_quota: tenant must be an int >= 0, got {tenant!r}")
+        for name, tier, value in (("gpu", Tier.GPU, gpu), ("host", Tier.HOST, host), ("disk", Tier.DISK, disk)):
+            if value is ...:
+                continue
+            pages = None if value is None else parse_bytes(value, f"Engine.set_quota {name}") // self.page_bytes
+            self.pager.set_quota(tenant, tier, pages)
+            self.pager.sync_table(self.page_table)
+
+    def usage(self, tenant: int) -> dict[str, int]:
+        """Pages of `tenant` held in each tier: {"gpu": frames, "host": slots, "disk": slots}."""
+        self._check_open()
+        return {name: self.pager.usage(tenant, tier)
+                for name, tier in (("gpu", Tier.GPU), ("host", Tier.HOST), ("disk", Tier.DISK))}
 
     # ---- batch slots (the context switch) ----
 
@@ -531,10 +602,16 @@ class Engine:
                         f"Policy.fault_mode='forbid': {shown}{more}; keep them in the GPU frames "
                         f"(or host slots with zero_copy) before the step, or use fault_mode='service'"
                     )
-                out, lse = self._service(faults, out, lse, run, capacity)
+                out, lse = self._service(faults, out, lse, run, capacity, host_pool)
         self.pager.touch(used, self._tick)
-        if self._telemetry is not None and layer == self.num_layers - 1:
-            self._record_attention(sorted(set(rows)))
+        if layer == self.num_layers - 1:
+            if self._telemetry is not None:
+                self._record_attention(sorted(set(rows)))
+            if self.policy.prefetch:
+                try:
+                    self.prefetch(rows)
+                except PagerError:  # no room to prefetch: the next step faults instead
+                    self._counters["prefetches_refused"] += 1
         return out, lse
 
     def _record_attention(self, rows: list[int]) -> None:
@@ -557,29 +634,47 @@ class Engine:
         reachable = (tiers == Tier.GPU) | ((tiers == Tier.HOST) & zero_copy)
         return not bool(reachable.all())
 
-    def _service(self, faults, out, lse, run, capacity):
+    def _only(self, pages: torch.Tensor) -> torch.Tensor:
+        """A page table mapping `pages` alone (as the device table does): the op reads them and
+        faults (skips) the rest."""
+        self.pager.sync_table(self.page_table)
+        rows, cols = pages[:, 0].to(self.device), pages[:, 1].to(self.device)
+        only = torch.full((self.max_sequences, self.max_pages), UNMAPPED, dtype=torch.int32, device=self.device)
+        only[rows, cols] = self.page_table[rows, cols]
+        return only
+
+    def _service(self, faults, out, lse, run, capacity, host_pool):
         began = time.perf_counter()
         outs, lses = [out], [lse]
         try:
+            if host_pool is not None:
+                # Zero-copy: the faulted pages (on disk) are read into host slots and attended in
+                # place there, taking no GPU frame; they keep those host copies, so the steps
+                # after read them in place too. Without room in the host tier, they go the
+                # frames' way below.
+                try:
+                    self.pager.promote(faults, Tier.HOST)
+                except PagerError:
+                    self._counters["prefetches_refused"] += 1
+                else:
+                    part, part_lse = run(self._only(faults), host_pool, ops.new_fault_queue(capacity, self.device))
+                    outs.append(part)
+                    lses.append(part_lse)
+                    faults = faults[:0]
+                    self._counters["fault_host_passes"] += 1
             while len(faults):
-                limit = self.pager.max_serviceable()
+                limit = self.pager.serviceable_prefix(faults)
                 if limit < 1:
                     raise RuntimeError(
-                        "Engine.attention: no GPU frame can be freed to service faults (every frame "
-                        "holds an open or pinned page); raise Policy.gpu_budget or free sequences"
+                        "Engine.attention: no GPU frame can be freed to service faults (every frame, "
+                        "or every frame of the faulting tenant's GPU quota, holds an open or pinned "
+                        "page); raise Policy.gpu_budget or the quota, or free sequences"
                     )
                 batch, faults = faults[:limit], faults[limit:]
                 self.pager.service(batch)
                 self.pager.pin(batch)
                 try:
-                    # A table mapping this batch alone: the op reads it and faults (skips) the rest.
-                    self.pager.sync_table(self.page_table)
-                    rows_b, pages_b = batch[:, 0].to(self.device), batch[:, 1].to(self.device)
-                    only = torch.full((self.max_sequences, self.max_pages), UNMAPPED, dtype=torch.int32,
-                                      device=self.device)
-                    only[rows_b, pages_b] = self.page_table[rows_b, pages_b]
-                    queue = ops.new_fault_queue(capacity, self.device)
-                    part, part_lse = run(only, None, queue)
+                    part, part_lse = run(self._only(batch), None, ops.new_fault_queue(capacity, self.device))
                     outs.append(part)
                     lses.append(part_lse)
                     # No synchronisation: the pager's copies of the next batch wait on the device
@@ -598,7 +693,10 @@ class Engine:
     def stats(self) -> dict:
         """The pager's counters (Pager.stats) plus the engine's: attention_calls,
         tokens_appended, faults_seen (distinct faulted pages, summed over calls), fault_services
-        (calls that serviced faults), fault_batches, fault_service_seconds; and io_backend and
+        (calls that serviced faults), fault_batches (batches made GPU-resident), fault_host_passes
+        (zero-copy: faulted disk pages read into host slots and attended in place),
+        fault_service_seconds, prefetched_pages,
+        prefetches_refused (steps whose prefetch found the host tier full); and io_backend and
         io_backend_reason (the disk backend and why; None and "" without a disk tier)."""
         self._check_open()
         stats = dict(self.pager.stats())

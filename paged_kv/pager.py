@@ -218,6 +218,30 @@ class Pager:
         sealed, unpinned pages). Stream more faults than this in batches."""
         return self._pager.max_serviceable()
 
+    def serviceable_prefix(self, pages: Pages) -> int:
+        """How many of `pages`, from the front, one service() call can take: within
+        max_serviceable() and within each tenant's GPU quota (its open and pinned frames
+        counted). Stream the rest in later calls."""
+        return self._pager.serviceable_prefix(_pages(pages))
+
+    # ---- tenant quotas ----
+
+    def set_quota(self, tenant: int, tier: Tier | int, pages: int | None) -> None:
+        """At most `pages` frames (GPU), host slots (HOST) or disk slots (DISK) for the tenant's
+        pages; None removes the quota. A move that would pass it first evicts the tenant's own
+        pages from that tier; when they cannot leave (open, pinned, no room below) it raises
+        PagerError and nothing of the tenant's moves. A quota below the tenant's use evicts down
+        to it at once (raising, with the old quota kept, when it cannot)."""
+        self._pager.set_quota(tenant, int(tier), -1 if pages is None else pages)
+
+    def quota(self, tenant: int, tier: Tier | int) -> int | None:
+        pages = self._pager.quota(tenant, int(tier))
+        return None if pages < 0 else pages
+
+    def usage(self, tenant: int, tier: Tier | int) -> int:
+        """Frames (GPU) or slots (HOST, DISK) the tenant's pages hold now."""
+        return self._pager.usage(tenant, int(tier))
+
     def promote(self, pages: Pages, tier: Tier | int) -> None:
         """Move pages up to `tier` (GPU or HOST); pages already there or higher stay."""
         self._pager.promote(_pages(pages), int(tier))

@@ -134,6 +134,9 @@ class Policy:
                    returns the right bytes at least as fast as POSIX, else POSIX), "cufile" (an
                    error naming the reason where cuFile is not usable) or "posix".
     zero_copy      whether the attention kernel reads host slots in place instead of faulting.
+    prefetch       whether the engine brings each step's sequences within the kernel's reach
+                   for their next step right after it (Engine.prefetch): disk pages into host
+                   slots, and, without zero_copy, host pages into free GPU frames.
     write_policy   "write_back" (a sealed page goes down a tier when evicted) or "write_through"
                    (as soon as it is sealed).
     fault_mode     "service" (faults are serviced inside the op) or "forbid" (the pager keeps
@@ -156,6 +159,7 @@ class Policy:
     disk_path: str | os.PathLike | None = None
     io_backend: str = "auto"
     zero_copy: bool = True
+    prefetch: bool = True
     write_policy: str = "write_back"
     fault_mode: str = "service"
     replacement: str = "lru"
@@ -179,10 +183,10 @@ class Policy:
             store(name, parse_bytes(getattr(self, name), field=f"Policy.{name}"))
         store("disk_path", _disk_path(self.disk_path))
         _choice("Policy.io_backend", self.io_backend, IO_BACKENDS)
-        if not isinstance(self.zero_copy, bool):
-            raise TypeError(
-                f"Policy.zero_copy must be a bool (True or False), got {type(self.zero_copy).__name__} {self.zero_copy!r}"
-            )
+        for name in ("zero_copy", "prefetch"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"Policy.{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
         _choice("Policy.write_policy", self.write_policy, WRITE_POLICIES)
         _choice("Policy.fault_mode", self.fault_mode, FAULT_MODES)
         _choice("Policy.replacement", self.replacement, REPLACEMENTS)
@@ -307,6 +311,7 @@ class Policy:
             ("disk_path", self.disk_path if self.disk_path is not None else "(temporary folder)"),
             ("io_backend", self.io_backend),
             ("zero_copy", "on" if self.zero_copy else "off"),
+            ("prefetch", "on" if self.prefetch else "off"),
             ("write_policy", self.write_policy),
             ("fault_mode", self.fault_mode),
             ("replacement", self.replacement),

@@ -528,6 +528,56 @@ def test_bind_errors():
                dtype=torch.float32, device="cpu", max_sequences=2, max_pages=4, max_batch=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("zero_copy", [True, False], ids=["zero_copy", "copies"])
+def test_prefetch_brings_a_bound_session_within_reach(device, zero_copy, tmp_path):
+    """A session suspended to disk and bound again: prefetch() reads its pages into host slots
+    (and, without zero-copy, copies the newest into free frames), so its steps fault only what
+    the frames cannot hold; with zero-copy the steady state faults nothing."""
+    policy = _policy(_dtype(device), host_pages=16, disk_pages=16, disk_path=str(tmp_path),
+                     zero_copy=zero_copy, prefetch=False)
+    with _engine(policy, device) as engine:
+        model = Model(engine, _generator("prefetch", device, zero_copy))
+        a = engine.new_sequence()
+        model.fill([a], 4 * PAGE_SIZE + 2, PAGE_SIZE)  # 4 sealed pages and an open one
+        assert engine.suspend(a, "disk") == 4
+        engine.bind(0, a)
+        moved = engine.prefetch()
+        assert moved["disk_to_host"] == 4
+        want = Tier.HOST if zero_copy else Tier.GPU
+        assert _tiers(engine, a)[-2] == want  # the newest sealed page is nearest
+        assert moved["host_to_gpu"] == (0 if zero_copy else 4)  # 5 free frames: all 4 pages fit
+        faults = engine.stats()["faults_seen"]
+        model.step(engine.bound(), [1])
+        if zero_copy:
+            assert engine.stats()["faults_seen"] == faults  # everything read in place
+        assert engine.prefetch() == {"disk_to_host": 0, "host_to_gpu": 0}
+        engine.pager.check_invariants()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steady_decode_with_prefetch_services_no_faults(device, tmp_path):
+    """Policy.prefetch: after each step the engine prefetches that step's sequences. With
+    zero-copy and a context on host and GPU, after the first step no step services a fault,
+    although the context is three times the GPU frames and half of it starts on disk."""
+    policy = _policy(_dtype(device), host_pages=24, disk_pages=24, disk_path=str(tmp_path))
+    assert policy.prefetch and policy.zero_copy
+    with _engine(policy, device) as engine:
+        model = Model(engine, _generator("steady", device))
+        a = engine.new_sequence()
+        model.fill([a], 3 * GPU_PAGES * PAGE_SIZE, PAGE_SIZE)
+        sealed = engine.pager.num_pages(a) - 1
+        engine.pager.demote([(a, p) for p in range(sealed // 2)], Tier.DISK)
+        engine.bind(0, a)
+        model.step(engine.bound(), [1])  # faults the disk pages in (or the prefetch after it)
+        services = engine.stats()["fault_services"]
+        for _ in range(2 * PAGE_SIZE):  # crosses two page boundaries: new pages evict old ones
+            model.step(engine.bound(), [1])
+        assert engine.stats()["fault_services"] == services
+        assert Tier.DISK not in _tiers(engine, a)
+        engine.pager.check_invariants()
+
+
 def test_suspend_and_resume_errors():
     with _engine(_policy(torch.float32, host_pages=8), "cpu") as engine:
         row = engine.new_sequence()

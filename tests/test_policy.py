@@ -121,6 +121,7 @@ def test_defaults():
         "disk_path": None,
         "io_backend": "auto",
         "zero_copy": True,
+        "prefetch": True,
         "write_policy": "write_back",
         "fault_mode": "service",
         "replacement": "lru",
@@ -241,15 +242,17 @@ def test_choices_bad_type(field, value, shown):
         Policy(**{field: value})
 
 
+@pytest.mark.parametrize("name", ["zero_copy", "prefetch"])
 @pytest.mark.parametrize("value", [True, False])
-def test_zero_copy_good(value):
-    assert Policy(zero_copy=value).zero_copy is value
+def test_switches_good(name, value):
+    assert getattr(Policy(**{name: value}), name) is value
 
 
+@pytest.mark.parametrize("name", ["zero_copy", "prefetch"])
 @pytest.mark.parametrize("value, shown", [(1, "int 1"), (0, "int 0"), ("yes", "str 'yes'"), (None, "NoneType None")])
-def test_zero_copy_bad(value, shown):
-    with raises(TypeError, f"Policy.zero_copy must be a bool (True or False), got {shown}"):
-        Policy(zero_copy=value)
+def test_switches_bad(name, value, shown):
+    with raises(TypeError, f"Policy.{name} must be a bool (True or False), got {shown}"):
+        Policy(**{name: value})
 
 
 def test_forbid_without_lower_tiers_is_fine():
@@ -287,7 +290,7 @@ def test_dict_round_trip():
 def test_from_dict_unknown_keys():
     with raises(ValueError, "Policy.from_dict: unknown setting(s) 'gpu_bugdet' (did you mean 'gpu_budget'?), "
                             "'colour'; known settings: page_size, gpu_budget, host_budget, disk_budget, disk_path, "
-                            "io_backend, zero_copy, write_policy, fault_mode, replacement, span_decay, span_sink_pages, "
+                            "io_backend, zero_copy, prefetch, write_policy, fault_mode, replacement, span_decay, span_sink_pages, "
                             "span_window_pages"):
         Policy.from_dict({"gpu_bugdet": "1GiB", "colour": "red"})
     # Nested tables are not read: the mapping is flat.

@@ -257,6 +257,20 @@ void bind_engine(py::module_& m) {
            },
            py::arg("pages"))
       .def("max_serviceable", [](PagerHandle& h) { return h.pager().max_serviceable(); })
+      .def("serviceable_prefix",
+           [](PagerHandle& h, const at::Tensor& pages) {
+             return h.pager().serviceable_prefix(page_list(h.pager(), pages, "serviceable_prefix"));
+           },
+           py::arg("pages"))
+      .def("set_quota",
+           [](PagerHandle& h, int32_t tenant, int64_t tier, int64_t pages) {
+             h.pager().set_quota(tenant, tier_arg(tier), pages);
+           },
+           py::arg("tenant"), py::arg("tier"), py::arg("pages"))
+      .def("quota", [](PagerHandle& h, int32_t tenant, int64_t tier) { return h.pager().quota(tenant, tier_arg(tier)); },
+           py::arg("tenant"), py::arg("tier"))
+      .def("usage", [](PagerHandle& h, int32_t tenant, int64_t tier) { return h.pager().usage(tenant, tier_arg(tier)); },
+           py::arg("tenant"), py::arg("tier"))
       .def("promote",
            [](PagerHandle& h, const at::Tensor& pages, int64_t tier) {
              h.pager().promote(page_list(h.pager(), pages, "promote"), tier_arg(tier));

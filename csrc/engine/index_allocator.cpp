@@ -65,6 +65,7 @@ void IndexAllocator::allocate_at(int64_t index, int64_t owner) {
   free_.pop_back();
   free_at_[index] = -1;
   owner_[index] = owner;
+  if (group_of_ && owner >= 0) ++group_count_[group_of_(owner)];
 }
 
 void IndexAllocator::release(int64_t index, int64_t owner) {
@@ -80,9 +81,24 @@ void IndexAllocator::release(int64_t index, int64_t owner) {
       << ", but its owner key is " << owner_[index];
     fail(m.str());
   }
+  if (group_of_ && owner >= 0) {
+    const auto it = group_count_.find(group_of_(owner));
+    if (--it->second == 0) group_count_.erase(it);
+  }
   owner_[index] = kNoOwner;
   free_at_[index] = static_cast<int32_t>(free_.size());
   free_.push_back(static_cast<int32_t>(index));
+}
+
+void IndexAllocator::set_group_of(std::function<int32_t(int64_t)> group_of) {
+  if (num_owned() != 0) fail("grouping set while indices are owned");
+  group_of_ = std::move(group_of);
+  group_count_.clear();
+}
+
+int64_t IndexAllocator::group_count(int32_t group) const {
+  const auto it = group_count_.find(group);
+  return it == group_count_.end() ? 0 : it->second;
 }
 
 std::string IndexAllocator::check() const {
@@ -98,6 +114,13 @@ std::string IndexAllocator::check() const {
         << "; ";
     }
     if (owner_[i] != kNoOwner) ++owned;
+  }
+  if (group_of_) {
+    std::unordered_map<int32_t, int64_t> counted;
+    for (int64_t i = 0; i < capacity(); ++i) {
+      if (owner_[i] >= 0) ++counted[group_of_(owner_[i])];
+    }
+    if (counted != group_count_) m << name_ << " pool: the per-tenant counts disagree with the owners; ";
   }
   if (owned + num_free() != capacity()) {
     m << name_ << " pool: " << owned << " owned plus " << num_free() << " free is not its capacity "

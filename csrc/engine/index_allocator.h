@@ -7,7 +7,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "engine/page_meta.h"
@@ -39,7 +41,15 @@ class IndexAllocator {
   // Returns `index`, which `owner` must own.
   void release(int64_t index, int64_t owner);
 
-  // Empty when consistent, else what is wrong: the free list against the owners.
+  // Counts owned indices by group (the pager's groups are tenants): `group_of` maps an owner key
+  // >= 0 to its group, and must give the same group from allocation to release. Set it while
+  // nothing is owned.
+  void set_group_of(std::function<int32_t(int64_t)> group_of);
+  // Indices owned by owners of `group` (0 without grouping).
+  int64_t group_count(int32_t group) const;
+
+  // Empty when consistent, else what is wrong: the free list against the owners, and the group
+  // counts against the owners.
   std::string check() const;
   int64_t bytes() const;
 
@@ -51,6 +61,8 @@ class IndexAllocator {
   std::vector<int64_t> owner_;    // per index: owner key or kNoOwner
   std::vector<int32_t> free_;     // stack of free indices
   std::vector<int32_t> free_at_;  // per index: its position in free_, or -1 when owned
+  std::function<int32_t(int64_t)> group_of_;
+  std::unordered_map<int32_t, int64_t> group_count_;
 };
 
 }  // namespace paged_kv::engine

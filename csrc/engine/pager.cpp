@@ -59,6 +59,12 @@ Pager::Pager(const PagerConfig& config, Mover& mover)
       ptes_(static_cast<size_t>(config_.max_sequences * config_.max_pages), kPteUnmapped),
       row_dirty_(static_cast<size_t>(config_.max_sequences), 0) {
   rows_.resize(static_cast<size_t>(config_.max_sequences));
+  // Per-tenant counts of frames and slots, for the quotas. A row's tenant is fixed while it
+  // has pages, so an index is counted under the same tenant from allocation to release.
+  const auto tenant_of_owner = [this](int64_t key) { return rows_[page_of_owner(key).row].tenant; };
+  frames_.set_group_of(tenant_of_owner);
+  host_slots_.set_group_of(tenant_of_owner);
+  disk_slots_.set_group_of(tenant_of_owner);
 }
 
 // ---- arguments ----
@@ -211,6 +217,7 @@ int64_t Pager::append_pages(int64_t row, int64_t n, bool seal_open) {
   if (n > frames_.num_free() + gpu_lru_.size() + unpinned_open) raise_no_frames(n, why.str());
   CallScope scope(*this, {});
   seal_pages(open);
+  make_quota_room(Tier::kGpu, {{r.tenant, n}}, why.str());
   make_free_frames(n, why.str());
 
   r.pages.reserve(static_cast<size_t>(first + n));

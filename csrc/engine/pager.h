@@ -20,8 +20,11 @@
 // thread (or a lock around it) drives it.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <map>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/pte.h"
@@ -99,6 +102,20 @@ class Pager {
   // batch's own host-resident pages are what fills the host tier (pinned for the call, their
   // slots cannot be reused). A caller with more faults streams them in batches.
   int64_t max_serviceable() const;
+
+  // Tenant quotas (pager_quota.cpp): at most `pages` frames, host slots or disk slots of `tier`
+  // for the tenant's pages (-1: no quota). A move that would take the tenant past its quota
+  // first evicts that tenant's own pages from the tier (its least recently used, or by span
+  // under kSpan); when they cannot go (open, pinned, or no room below), it raises PagerError
+  // and the tenant keeps what it had. Setting a quota below the tenant's use evicts down to it
+  // at once (raising, with the old quota kept, when it cannot).
+  void set_quota(int32_t tenant, Tier tier, int64_t pages);
+  int64_t quota(int32_t tenant, Tier tier) const;
+  // Frames, host slots or disk slots the tenant's pages hold now.
+  int64_t usage(int32_t tenant, Tier tier) const;
+  // How many of `pages`, from the front, one service() call can take: as max_serviceable(),
+  // and within each tenant's GPU quota once its open and pinned frames are counted.
+  int64_t serviceable_prefix(const std::vector<PageId>& pages) const;
 
   // Replacement policy of the GPU tier (pager_span.cpp). Raises std::invalid_argument for a
   // decay outside [0, 1) or a negative page count.
@@ -201,6 +218,8 @@ class Pager {
     void (Pager::*make_lower_room)(int64_t, const std::string&);
     void (Pager::*write_back)(const std::vector<PageId>&);
   };
+  EvictionTier gpu_eviction_tier();
+  EvictionTier host_eviction_tier();
   // Victims are taken in the tier's LRU order, or in `order` (nodes of that list) when given.
   template <typename OutOfVictims>
   void evict_for_room(const EvictionTier& tier, int64_t count, const std::string& why,
@@ -209,6 +228,16 @@ class Pager {
   std::vector<int64_t> span_victim_order() const;
   [[noreturn]] void raise_no_frames(int64_t count, const std::string& why) const;
   [[noreturn]] void raise_tiers_full(const std::string& why, const char* tier) const;
+
+  // Quotas (pager_quota.cpp): before `need` (pages per tenant) new indices of `tier` are taken,
+  // evict each tenant's own pages there until they fit its quota, or raise PagerError.
+  IndexAllocator& indices_of(Tier tier);
+  const IndexAllocator& indices_of(Tier tier) const;
+  void make_quota_room(Tier tier, const std::map<int32_t, int64_t>& need, const std::string& why);
+  void evict_tenant(Tier tier, int32_t tenant, int64_t count, const std::string& why);
+  std::vector<int64_t> nodes_of_tenant(const std::vector<int64_t>& nodes, const IndexAllocator& indices,
+                                       int32_t tenant) const;
+  std::map<int32_t, int64_t> tenants_of(const std::vector<PageId>& pages) const;
 
   template <typename Move, typename MakeMove, typename Issue, typename Commit>
   void move_batch(const std::vector<PageId>& pages, IndexAllocator& to, const MakeMove& make_move,
@@ -245,6 +274,7 @@ class Pager {
   std::vector<int64_t> dirty_rows_;
   uint64_t next_generation_ = 0;
   bool moves_pending_ = false;
+  std::unordered_map<int32_t, std::array<int64_t, 3>> quotas_;  // per tenant, per tier (-1: none)
   Replacement replacement_ = Replacement::kLru;
   SpanPolicy span_;
   PagerStats stats_;

@@ -106,6 +106,15 @@ void Pager::check_invariants() const {
     if (!row_dirty_[row]) err << "dirty row " << row << " is not flagged; ";
   }
   if (moves_pending_) err << "moves were left unflushed; ";
+  for (const auto& [tenant, limits] : quotas_) {
+    for (const Tier tier : {Tier::kGpu, Tier::kHost, Tier::kDisk}) {
+      const int64_t limit = limits[static_cast<int>(tier)];
+      if (limit >= 0 && usage(tenant, tier) > limit) {
+        err << "tenant " << tenant << " holds " << usage(tenant, tier) << " indices of tier "
+            << static_cast<int>(tier) << ", over its quota of " << limit << "; ";
+      }
+    }
+  }
 
   const std::string problems = err.str();
   if (!problems.empty()) {
@@ -121,6 +130,7 @@ int64_t Pager::bytes_of_metadata() const {
   }
   bytes += row_ids_.bytes() + frames_.bytes() + host_slots_.bytes() + disk_slots_.bytes();
   bytes += gpu_lru_.bytes() + host_lru_.bytes() + disk_lru_.bytes();
+  bytes += static_cast<int64_t>(quotas_.size() * (sizeof(int32_t) + sizeof(std::array<int64_t, 3>)));
   bytes += static_cast<int64_t>(ptes_.capacity() * sizeof(int32_t) + row_dirty_.capacity() +
                                 dirty_rows_.capacity() * sizeof(int64_t));
   return bytes;

@@ -111,12 +111,23 @@ void Pager::evict_for_room(const EvictionTier& tier, int64_t count, const std::s
   tier.evictions += static_cast<int64_t>(write_backs.size());
 }
 
+Pager::EvictionTier Pager::gpu_eviction_tier() {
+  return EvictionTier{gpu_lru_,          frames_,
+                      stats_.evictions_gpu, &Pager::drop_frame,
+                      &Pager::host_room, &Pager::make_free_host_slots,
+                      &Pager::write_back_to_host};
+}
+
+Pager::EvictionTier Pager::host_eviction_tier() {
+  return EvictionTier{host_lru_,          host_slots_,
+                      stats_.evictions_host, &Pager::drop_host_copy,
+                      &Pager::disk_room, &Pager::make_free_disk_slots,
+                      &Pager::write_back_to_disk};
+}
+
 void Pager::make_free_frames(int64_t count, const std::string& why) {
   if (count > frame_room()) raise_no_frames(count, why);
-  const EvictionTier gpu{gpu_lru_,           frames_,
-                         stats_.evictions_gpu, &Pager::drop_frame,
-                         &Pager::host_room,  &Pager::make_free_host_slots,
-                         &Pager::write_back_to_host};
+  const EvictionTier gpu = gpu_eviction_tier();
   if (replacement_ == Replacement::kSpan) {
     const std::vector<int64_t> order = span_victim_order();
     evict_for_room(gpu, count, why, [&] { raise_no_frames(count, why); }, &order);
@@ -127,10 +138,7 @@ void Pager::make_free_frames(int64_t count, const std::string& why) {
 
 void Pager::make_free_host_slots(int64_t count, const std::string& why) {
   if (count > host_room()) raise_tiers_full(why, "host slot");
-  const EvictionTier host{host_lru_,            host_slots_,
-                          stats_.evictions_host, &Pager::drop_host_copy,
-                          &Pager::disk_room,    &Pager::make_free_disk_slots,
-                          &Pager::write_back_to_disk};
+  const EvictionTier host = host_eviction_tier();
   evict_for_room(host, count, why, [&] { raise_tiers_full(why, "host slot"); });
 }
 
@@ -146,6 +154,36 @@ void Pager::make_free_disk_slots(int64_t count, const std::string& why) {
   }
 }
 
+// A tenant past its quota in `tier` gives up `count` of its own pages there.
+void Pager::evict_tenant(Tier tier, int32_t tenant, int64_t count, const std::string& why) {
+  const auto quota_full = [&] {
+    std::ostringstream m;
+    m << "paged_kv pager: " << why << ": tenant " << tenant << " would hold more than its quota of "
+      << quota(tenant, tier) << " " << (tier == Tier::kGpu ? "GPU frames" : tier == Tier::kHost ? "host slots" : "disk slots") << " (it holds " << usage(tenant, tier)
+      << "), and too few of its pages there can leave: they are open, pinned, or the tiers below have "
+         "no room for them. Raise the tenant's quota, or seal, unpin or remove its pages";
+    throw PagerError(m.str());
+  };
+  if (tier == Tier::kGpu) {
+    const std::vector<int64_t> order = nodes_of_tenant(
+        replacement_ == Replacement::kSpan ? span_victim_order() : gpu_lru_.order(), frames_, tenant);
+    evict_for_room(gpu_eviction_tier(), frames_.num_free() + count, why, quota_full, &order);
+  } else if (tier == Tier::kHost) {
+    const std::vector<int64_t> order = nodes_of_tenant(host_lru_.order(), host_slots_, tenant);
+    evict_for_room(host_eviction_tier(), host_slots_.num_free() + count, why, quota_full, &order);
+  } else {
+    // Only copies of pages resident higher up can leave the disk.
+    const std::vector<int64_t> order = nodes_of_tenant(disk_lru_.order(), disk_slots_, tenant);
+    if (static_cast<int64_t>(order.size()) < count) quota_full();
+    for (int64_t i = 0; i < count; ++i) {
+      const PageId victim = page_of_owner(disk_slots_.owner(order[i]));
+      drop_disk_copy(victim, meta(victim));
+      refresh(victim);
+      ++stats_.evictions_disk;
+    }
+  }
+}
+
 // ---- moves ----
 
 // One batched move: a destination from `to` for every page, one Mover call, then either the
@@ -156,6 +194,10 @@ void Pager::move_batch(const std::vector<PageId>& pages, IndexAllocator& to,
                        const MakeMove& make_move, const Issue& issue, const Commit& commit,
                        Direction direction) {
   if (pages.empty()) return;
+  if (&to != &frames_) {  // frames: the callers made quota room for the whole request
+    make_quota_room(&to == &host_slots_ ? Tier::kHost : Tier::kDisk, tenants_of(pages),
+                    "a move of " + std::to_string(pages.size()) + " pages to the " + to.name() + "s");
+  }
   std::vector<int64_t> owners;
   owners.reserve(pages.size());
   for (const PageId& id : pages) owners.push_back(owner_key(id));
@@ -298,6 +340,7 @@ void Pager::make_gpu_resident(const std::vector<PageId>& pages, const std::strin
     if (meta(id).current_tier() != Tier::kGpu) missing.push_back(id);
   }
   if (missing.empty()) return;
+  make_quota_room(Tier::kGpu, tenants_of(missing), why);
   make_free_frames(static_cast<int64_t>(missing.size()), why);
   load_into_frames(missing);
 }
