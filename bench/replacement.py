@@ -48,13 +48,15 @@ def variants(quick: bool) -> list[TraceConfig]:
     ]
 
 
-def run(cfg: TraceConfig, replacement: str, frames: int, decay: float) -> dict:
+def run(cfg: TraceConfig, replacement: str, frames: int, decay: float, share: float | None = None) -> dict:
     total_pages = cfg.initial_pages + cfg.steps // cfg.page_size + 1
     # The pager moves real bytes; tiny pages keep that cheap (the counts do not depend on it).
     pool = paged_kv.new_pool(frames, 1, 1, 16, 8, torch.float32)
     host_pool = paged_kv.new_pool(total_pages, 1, 1, 16, 8, torch.float32)
     pager = paged_kv.Pager(pool, host_pool, max_sequences=1, max_pages=total_pages)
-    pager.set_replacement(replacement, decay=decay, sink_pages=cfg.sink_pages, window_pages=cfg.window_pages)
+    share = Policy().span_share if share is None else share
+    pager.set_replacement(replacement, decay=decay, share=share, sink_pages=cfg.sink_pages,
+                          window_pages=cfg.window_pages)
     row = pager.add_sequence(0)
     while pager.num_pages(row) < cfg.initial_pages:
         pager.append_pages(row, 1)
@@ -125,7 +127,7 @@ def optimal_faults(cfg: TraceConfig, frames: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_args(__doc__.splitlines()[0])
-    parser.add_argument("--decays", default="0.5,0.8,0.95,0.99",
+    parser.add_argument("--decays", default="0.9,0.99,0.999",
                         help="span_decay values to run besides the Policy default (comma-separated)")
     args = parser.parse_args(argv)
     default_decay = Policy().span_decay

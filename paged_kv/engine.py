@@ -221,7 +221,7 @@ class Engine:
             raise
         self.io_backend = self.pager.io_backend
         self.io_backend_reason = self.pager.io_backend_reason
-        self.pager.set_replacement(policy.replacement, decay=policy.span_decay,
+        self.pager.set_replacement(policy.replacement, decay=policy.span_decay, share=policy.span_share,
                                    sink_pages=policy.span_sink_pages, window_pages=policy.span_window_pages)
         self.page_table = new_page_table(max_sequences, max_pages, device)
         # Span-aware replacement reads what attention uses: the kernel adds each page's softmax

@@ -164,28 +164,34 @@ class Pager:
 
     # ---- replacement ----
 
-    def set_replacement(self, replacement: str, *, decay: float = 0.9, sink_pages: int = 1,
-                        window_pages: int = 4) -> None:
+    def set_replacement(self, replacement: str, *, decay: float = 0.995, share: float = 0.3,
+                        sink_pages: int = 1, window_pages: int = 4) -> None:
         """How the GPU tier picks victims: "lru" (least recently used first) or "span"
-        (span-aware: pages ranked by a decaying average of the attention mass they received,
-        see record_attention, least first, ties by recency; each sequence's first `sink_pages`
-        and last `window_pages` pages are taken only when nothing else is left). The host and
-        disk tiers stay LRU. ValueError for an unknown name, a decay outside [0, 1) or a
-        negative page count."""
-        self._pager.set_replacement(replacement, decay, sink_pages, window_pages)
+        (span-aware: pages ranked by their attention scores, see record_attention, least
+        first, ties by recency; each sequence's first `sink_pages` and last `window_pages` pages
+        are taken only when nothing else is left). The host and disk tiers stay LRU. ValueError
+        for an unknown name, a decay outside [0, 1), a share that is not a finite number > 0 or
+        a negative page count."""
+        self._pager.set_replacement(replacement, decay, share, sink_pages, window_pages)
 
     @property
     def replacement(self) -> str:
         return self._pager.replacement()
 
     def record_attention(self, row: int, mass: torch.Tensor) -> None:
-        """Fold one step's attention mass of the row's pages 0 .. len(mass) - 1 (a 1-D CPU
-        tensor, such as a row of the attention kernel's telemetry) into their decaying averages:
-        average = decay * average + (1 - decay) * mass."""
+        """Count one step's attention mass of the row's pages 0 .. len(mass) - 1 (a 1-D CPU
+        tensor, such as a row of the attention kernel's telemetry) into their scores. A page
+        draws on the step when its mass is at least `share` (set_replacement) times its fair
+        share, mass.sum() / len(mass); its score is the share of its steps it drew on, each
+        step's weight decaying by `decay` per later step. The sink and window pages are not
+        counted (they draw mass for where they sit), nor is a step whose mass is all zero. An
+        evicted page keeps its score, so a page attention retrieves again is ranked by the
+        history it earned."""
         self._pager.record_attention(row, mass)
 
     def attention_scores(self, row: int) -> torch.Tensor:
-        """The decaying attention averages of the row's pages, float32 [num_pages(row)]."""
+        """The attention scores of the row's pages, float32 [num_pages(row)] in [0, 1]: the
+        decayed share of counted steps in which the page drew its share (0 before any)."""
         return self._pager.attention_scores(row)
 
     # ---- use, pins, residency ----

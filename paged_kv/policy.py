@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -142,11 +143,15 @@ class Policy:
     fault_mode     "service" (faults are serviced inside the op) or "forbid" (the pager keeps
                    every needed page in tiers 0-1 and a fault is an error; for CUDA graphs).
     replacement    which page the GPU tier evicts: "lru" (least recently used) or "span"
-                   (span-aware: the lowest decaying average of the attention mass the kernel
-                   reports, ties by recency; each sequence's first span_sink_pages and last
-                   span_window_pages pages go only when nothing else is left).
-    span_decay     how fast a page's attention average forgets, in [0, 1): each step,
-                   average = span_decay * average + (1 - span_decay) * the step's mass.
+                   (span-aware: the page attention comes back to least often, by the mass the
+                   kernel reports, ties by recency; each sequence's first span_sink_pages and
+                   last span_window_pages pages go only when nothing else is left).
+    span_share     a step counts for a page under "span" when the page draws at least
+                   span_share times its fair share of the step's attention mass (the mass over
+                   the pages); a number > 0. A page's score is the share of its steps that count.
+    span_decay     how fast a page's score forgets, in [0, 1): each step's weight in it is
+                   multiplied by span_decay per later step (0.995: a memory of about 200 steps).
+                   A page keeps its score while evicted.
     span_sink_pages, span_window_pages
                    pages kept at the start (attention sinks) and end (local window) of each
                    sequence under "span".
@@ -163,7 +168,8 @@ class Policy:
     write_policy: str = "write_back"
     fault_mode: str = "service"
     replacement: str = "lru"
-    span_decay: float = 0.9
+    span_decay: float = 0.995
+    span_share: float = 0.3
     span_sink_pages: int = 1
     span_window_pages: int = 4
 
@@ -196,6 +202,13 @@ class Policy:
         if not 0 <= self.span_decay < 1:
             raise ValueError(f"Policy.span_decay must be in [0, 1), got {self.span_decay!r}")
         store("span_decay", float(self.span_decay))
+        if isinstance(self.span_share, bool) or not isinstance(self.span_share, (int, float)):
+            raise TypeError(f"Policy.span_share must be a number > 0 (of a page's fair share), got "
+                            f"{type(self.span_share).__name__} {self.span_share!r}")
+        if not (math.isfinite(self.span_share) and self.span_share > 0):
+            raise ValueError(f"Policy.span_share must be a finite number > 0 (of a page's fair share), "
+                             f"got {self.span_share!r}")
+        store("span_share", float(self.span_share))
         for name in ("span_sink_pages", "span_window_pages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -317,7 +330,8 @@ class Policy:
             ("replacement", self.replacement),
         ]
         if self.replacement == "span":
-            rows += [("span_decay", f"{self.span_decay:g}"), ("span_sink_pages", str(self.span_sink_pages)),
+            rows += [("span_decay", f"{self.span_decay:g}"), ("span_share", f"{self.span_share:g}"),
+                     ("span_sink_pages", str(self.span_sink_pages)),
                      ("span_window_pages", str(self.span_window_pages))]
         width = max(len(name) for name, _ in rows)
         return "Policy\n" + "\n".join(f"  {name.ljust(width)}  {text}" for name, text in rows)

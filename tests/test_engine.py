@@ -439,8 +439,11 @@ def test_span_replacement_is_exact_and_ranks_by_attention(device):
         scores = engine.pager.attention_scores(row)
         n = engine.pager.num_pages(row)
         assert scores.shape == (n,)
-        # Kept pages (the sink, the 2-page window) gather nothing; every other page was read.
-        assert bool((scores[1: n - 2] > 0).all()) and float(scores[0]) == 0.0 and bool((scores[n - 2:] == 0).all())
+        # Kept pages (the sink, the 2-page window) gather nothing; every other page was read, and a
+        # score is the share of steps a page drew its share on (random weights spread attention
+        # evenly, so most pages draw it, though not necessarily every one).
+        assert float(scores[0]) == 0.0 and bool((scores[n - 2:] == 0).all())
+        assert bool(((scores >= 0) & (scores <= 1)).all()) and float((scores[1: n - 2] > 0).float().mean()) > 0.5
         tiers = _tiers(engine, row)
         assert tiers[0] == Tier.GPU and tiers[-1] == Tier.GPU and tiers[-2] == Tier.GPU
         engine.pager.check_invariants()

@@ -125,7 +125,8 @@ def test_defaults():
         "write_policy": "write_back",
         "fault_mode": "service",
         "replacement": "lru",
-        "span_decay": 0.9,
+        "span_decay": 0.995,
+        "span_share": 0.3,
         "span_sink_pages": 1,
         "span_window_pages": 4,
     }
@@ -290,8 +291,8 @@ def test_dict_round_trip():
 def test_from_dict_unknown_keys():
     with raises(ValueError, "Policy.from_dict: unknown setting(s) 'gpu_bugdet' (did you mean 'gpu_budget'?), "
                             "'colour'; known settings: page_size, gpu_budget, host_budget, disk_budget, disk_path, "
-                            "io_backend, zero_copy, prefetch, write_policy, fault_mode, replacement, span_decay, span_sink_pages, "
-                            "span_window_pages"):
+                            "io_backend, zero_copy, prefetch, write_policy, fault_mode, replacement, span_decay, "
+                            "span_share, span_sink_pages, span_window_pages"):
         Policy.from_dict({"gpu_bugdet": "1GiB", "colour": "red"})
     # Nested tables are not read: the mapping is flat.
     with raises(ValueError, "unknown setting(s) 'policy'"):
@@ -452,6 +453,10 @@ def test_describe():
     ({"span_decay": -0.1}, ValueError, r"Policy.span_decay must be in \[0, 1\), got -0.1"),
     ({"span_decay": "0.5"}, TypeError, "Policy.span_decay must be a number in \\[0, 1\\), got str '0.5'"),
     ({"span_decay": True}, TypeError, "got bool True"),
+    ({"span_share": 0}, ValueError, r"Policy.span_share must be a finite number > 0 \(of a page's fair share\), got 0"),
+    ({"span_share": float("inf")}, ValueError, "Policy.span_share must be a finite number > 0"),
+    ({"span_share": "1"}, TypeError, "Policy.span_share must be a number > 0 \\(of a page's fair share\\), got str '1'"),
+    ({"span_share": False}, TypeError, "got bool False"),
     ({"span_sink_pages": -1}, ValueError, "Policy.span_sink_pages must be >= 0 \\(pages\\), got -1"),
     ({"span_window_pages": 2.0}, TypeError, "Policy.span_window_pages must be an int >= 0 \\(pages\\), got float 2.0"),
 ])
@@ -461,8 +466,9 @@ def test_span_settings_bad(settings, error, match):
 
 
 def test_span_settings_good_and_described():
-    policy = Policy(replacement="span", span_decay=0, span_sink_pages=0, span_window_pages=16)
-    assert (policy.span_decay, policy.span_sink_pages, policy.span_window_pages) == (0.0, 0, 16)
-    assert isinstance(policy.span_decay, float)
+    policy = Policy(replacement="span", span_decay=0, span_share=2, span_sink_pages=0, span_window_pages=16)
+    assert (policy.span_decay, policy.span_share, policy.span_sink_pages, policy.span_window_pages) == (0.0, 2.0, 0, 16)
+    assert isinstance(policy.span_decay, float) and isinstance(policy.span_share, float)
+    assert "span_share         2" in policy.describe()
     assert "span_window_pages  16" in policy.describe()
     assert "span_decay" not in Policy().describe()

@@ -210,7 +210,8 @@ void bind_engine(py::module_& m) {
       .def("num_pages", [](PagerHandle& h, int64_t row) { return h.pager().num_pages(row); }, py::arg("row"))
       .def("tenant", [](PagerHandle& h, int64_t row) { return h.pager().tenant(row); }, py::arg("row"))
       .def("set_replacement",
-           [](PagerHandle& h, const std::string& name, double decay, int64_t sink_pages, int64_t window_pages) {
+           [](PagerHandle& h, const std::string& name, double decay, double share, int64_t sink_pages,
+              int64_t window_pages) {
              engine::Replacement replacement = engine::Replacement::kLru;
              if (name == "span") {
                replacement = engine::Replacement::kSpan;
@@ -218,9 +219,11 @@ void bind_engine(py::module_& m) {
                throw std::invalid_argument("paged_kv pager: set_replacement: replacement must be 'lru' or "
                                            "'span', got '" + name + "'");
              }
-             h.pager().set_replacement(replacement, engine::SpanPolicy{decay, sink_pages, window_pages});
+             h.pager().set_replacement(replacement, engine::SpanPolicy{decay, share, sink_pages, window_pages});
            },
-           py::arg("replacement"), py::arg("decay") = 0.9, py::arg("sink_pages") = 1, py::arg("window_pages") = 4)
+           py::arg("replacement"), py::arg("decay") = engine::SpanPolicy().decay,
+           py::arg("share") = engine::SpanPolicy().share, py::arg("sink_pages") = engine::SpanPolicy().sink_pages,
+           py::arg("window_pages") = engine::SpanPolicy().window_pages)
       .def("replacement",
            [](PagerHandle& h) {
              return std::string(h.pager().replacement() == engine::Replacement::kSpan ? "span" : "lru");
@@ -237,7 +240,7 @@ void bind_engine(py::module_& m) {
            py::arg("row"), py::arg("mass"))
       .def("attention_scores",
            [](PagerHandle& h, int64_t row) {
-             const std::vector<float>& scores = h.pager().attention_scores(row);
+             const std::vector<float> scores = h.pager().attention_scores(row);
              return at::tensor(c10::ArrayRef<float>(scores), at::TensorOptions().dtype(at::kFloat));
            },
            py::arg("row"))

@@ -144,6 +144,7 @@ int64_t Pager::add_sequence(int32_t tenant, int64_t row) {
   rows_[row].tenant = tenant;
   rows_[row].pages.clear();
   rows_[row].scores.clear();
+  rows_[row].score_weights.clear();
   return row;
 }
 
@@ -168,6 +169,8 @@ void Pager::remove_sequence(int64_t row) {
   r.pages.shrink_to_fit();
   r.scores.clear();
   r.scores.shrink_to_fit();
+  r.score_weights.clear();
+  r.score_weights.shrink_to_fit();
   row_ids_.release(row, r.tenant);
 }
 
@@ -222,6 +225,7 @@ int64_t Pager::append_pages(int64_t row, int64_t n, bool seal_open) {
 
   r.pages.reserve(static_cast<size_t>(first + n));
   r.scores.resize(static_cast<size_t>(first + n), 0.f);
+  r.score_weights.resize(static_cast<size_t>(first + n), 0.f);
   std::vector<int64_t> to_zero;  // frames whose last page was another tenant's
   for (int64_t i = 0; i < n; ++i) {
     const PageId id{static_cast<int32_t>(row), static_cast<int32_t>(first + i)};

@@ -37,13 +37,15 @@
 namespace paged_kv::engine {
 
 // How the GPU tier picks victims. kLru: least recently used first. kSpan: span-aware: pages
-// ranked by a decaying average of the attention mass they received (record_attention), least
-// first, ties by recency; a sequence's first sink_pages and last window_pages are taken only
+// ranked by how often attention came back to them (record_attention: the decayed share of steps
+// in which a page drew at least `share` of its fair share of the mass), least first, ties by
+// recency; a sequence's first sink_pages and last window_pages are taken only
 // when nothing else is left. The host and disk tiers stay LRU.
 enum class Replacement { kLru, kSpan };
 
 struct SpanPolicy {
-  double decay = 0.9;        // average = decay * average + (1 - decay) * this step's mass
+  double decay = 0.995;      // each step's weight in a page's score decays by this factor
+  double share = 0.3;        // a step counts for a page drawing >= share * (step's mass / pages)
   int64_t sink_pages = 1;    // leading pages of each sequence kept (attention sinks)
   int64_t window_pages = 4;  // trailing pages of each sequence kept (the local window)
 };
@@ -118,18 +120,20 @@ class Pager {
   int64_t serviceable_prefix(const std::vector<PageId>& pages) const;
 
   // Replacement policy of the GPU tier (pager_span.cpp). Raises std::invalid_argument for a
-  // decay outside [0, 1) or a negative page count.
+  // decay outside [0, 1), a share that is not a finite number > 0, or a negative page count.
   void set_replacement(Replacement replacement, const SpanPolicy& span = SpanPolicy());
   Replacement replacement() const { return replacement_; }
   const SpanPolicy& span_policy() const { return span_; }
-  // Folds one step's attention mass of the row's pages 0 .. mass.size() - 1 into their decaying
-  // averages (recorded under either policy; kSpan reads them), except for the pages the span
-  // policy keeps anyway (sinks and window), whose averages stay as they were. Raises
-  // std::invalid_argument for a dead row, more values than pages, or a value that is negative
-  // or not finite.
+  // Folds one step's attention mass of the row's pages 0 .. mass.size() - 1 into their scores
+  // (recorded under either policy; kSpan reads them): each page's decayed count of steps in
+  // which it drew at least span.share * (the step's total mass / mass.size()), and its decayed
+  // count of steps. The pages the span policy keeps anyway (sinks and window) are skipped, and a
+  // step whose mass is all zero is not counted. Raises std::invalid_argument for a dead row,
+  // more values than pages, or a value that is negative or not finite.
   void record_attention(int64_t row, const std::vector<float>& mass);
-  // The decaying averages of the row's pages.
-  const std::vector<float>& attention_scores(int64_t row) const;
+  // The scores of the row's pages: for each, the decayed share of its counted steps in which it
+  // drew at least span.share of its fair share, in [0, 1] (0 before any step was counted).
+  std::vector<float> attention_scores(int64_t row) const;
 
   // Moves pages up to `tier` (kGpu or kHost); pages already there or higher stay.
   void promote(const std::vector<PageId>& pages, Tier tier);
@@ -171,7 +175,8 @@ class Pager {
   struct Row {
     int32_t tenant = 0;
     std::vector<PageMeta> pages;
-    std::vector<float> scores;  // per page: decaying average of its attention mass
+    std::vector<float> scores;         // per page: decayed count of steps it drew its share on
+    std::vector<float> score_weights;  // per page: decayed count of the steps counted for it
   };
 
   // Arguments.
@@ -224,6 +229,8 @@ class Pager {
   template <typename OutOfVictims>
   void evict_for_room(const EvictionTier& tier, int64_t count, const std::string& why,
                       const OutOfVictims& out_of_victims, const std::vector<int64_t>* order = nullptr);
+  // A page's score: scores / score_weights (0 before any counted step).
+  float attention_score(const Row& r, int64_t page) const;
   // The GPU tier's evictable frames in span-aware victim order (pager_span.cpp).
   std::vector<int64_t> span_victim_order() const;
   [[noreturn]] void raise_no_frames(int64_t count, const std::string& why) const;

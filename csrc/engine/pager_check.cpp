@@ -17,8 +17,9 @@ void Pager::check_invariants() const {
     const bool live = !row_ids_.is_free(row);
     const int64_t n = static_cast<int64_t>(r.pages.size());
     if (!live && n > 0) err << "free row " << row << " holds " << n << " pages; ";
-    if (static_cast<int64_t>(r.scores.size()) != n) {
-      err << "row " << row << " has " << r.scores.size() << " attention scores for " << n << " pages; ";
+    if (static_cast<int64_t>(r.scores.size()) != n || static_cast<int64_t>(r.score_weights.size()) != n) {
+      err << "row " << row << " has " << r.scores.size() << " attention scores and " << r.score_weights.size()
+          << " score weights for " << n << " pages; ";
     }
     if (live && row_ids_.owner(row) != r.tenant) {
       err << "row " << row << " is owned by tenant " << row_ids_.owner(row) << " but records tenant "
@@ -126,7 +127,7 @@ int64_t Pager::bytes_of_metadata() const {
   int64_t bytes = static_cast<int64_t>(sizeof(Pager));
   bytes += static_cast<int64_t>(rows_.capacity() * sizeof(Row));
   for (const Row& r : rows_) {
-    bytes += static_cast<int64_t>(r.pages.capacity() * sizeof(PageMeta) + r.scores.capacity() * sizeof(float));
+    bytes += static_cast<int64_t>(r.pages.capacity() * sizeof(PageMeta) + (r.scores.capacity() + r.score_weights.capacity()) * sizeof(float));
   }
   bytes += row_ids_.bytes() + frames_.bytes() + host_slots_.bytes() + disk_slots_.bytes();
   bytes += gpu_lru_.bytes() + host_lru_.bytes() + disk_lru_.bytes();
