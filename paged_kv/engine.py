@@ -566,9 +566,12 @@ class Engine:
         self._counters["attention_calls"] += 1
         self._tick += 1
         dev = self.device
-        sequences_t = torch.tensor(rows, dtype=torch.int32, device=dev)
-        starts_t = torch.tensor(starts, dtype=torch.int32, device=dev)
-        kv_lens_t = torch.tensor(kv_lens, dtype=torch.int32, device=dev)
+        # One copy for the three index arrays, from pinned memory: a copy from pageable memory
+        # would wait for the kernels queued before it, serialising this host work with them.
+        packed = torch.tensor(rows + starts + kv_lens, dtype=torch.int32)
+        if dev.type == "cuda":
+            packed = packed.pin_memory().to(dev, non_blocking=True)
+        sequences_t, starts_t, kv_lens_t = packed.split([len(rows), len(starts), len(kv_lens)])
         max_query_len = max(max(lengths), 1)
         pages_per_entry = [-(-kv // self.page_size) for kv in kv_lens]
         capacity = sum(pages_per_entry) + 1
