@@ -258,6 +258,24 @@ class Engine:
         self._sequences[row] = _Sequence(self.num_layers)
         return row
 
+    def fork(self, row: int) -> int:
+        """A new sequence with `row`'s tokens, of its tenant; returns the new row. Its full pages
+        are shared with `row` (no KV byte is copied, and a shared page is stored once in each
+        tier), its partly written last page is copied; from there the two grow apart. Every
+        layer must have written the same tokens."""
+        seq = self._sequence(row)
+        if any(w != seq.reserved for w in seq.written):
+            raise ValueError(f"Engine.fork: sequence {row} is in the middle of a step (tokens written per "
+                             f"layer: {seq.written}); fork it between steps")
+        try:
+            child = self.pager.fork(row)
+        finally:
+            self.pager.sync_table(self.page_table)
+        copy = _Sequence(self.num_layers)
+        copy.reserved, copy.written = seq.reserved, list(seq.written)
+        self._sequences[child] = copy
+        return child
+
     def free_sequence(self, row: int) -> None:
         """Free the row and all its pages (unbinding it from any batch slot)."""
         self._sequence(row)

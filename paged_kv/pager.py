@@ -128,6 +128,13 @@ class Pager:
         """Free the row and every frame and slot of its pages; its PTEs become unmapped."""
         self._pager.remove_sequence(row)
 
+    def fork(self, parent: int, row: int | None = None) -> int:
+        """A new sequence (in `row`, or the lowest free row) of the parent's tenant holding the
+        parent's pages: the sealed ones shared (no bytes copied; a shared page moves between
+        tiers for every sequence holding it and lives while any does), the open ones copied
+        into new frames. Returns the new row."""
+        return self._pager.fork(parent, -1 if row is None else row)
+
     def append_pages(self, row: int, n: int = 1, *, seal_open: bool = True) -> int:
         """Append n open pages in GPU frames (evicting least recently used pages as needed) and
         return the first new page's index. Write the new pages (paged_kv.append_kv through a
@@ -280,7 +287,10 @@ class Pager:
 
     def page_info(self, row: int, page: int) -> dict:
         """The page's metadata: tier, pte, frame, host_slot, disk_slot (-1 when none), sealed,
-        host_valid, disk_valid, pins, tenant, last_use, generation."""
+        host_valid, disk_valid, pins, tenant, last_use, generation, sharers (how many sequences
+        hold it: more than 1 for a page shared by forks, whose copies these are), disk_tag (the
+        (tenant, sequence, page, generation) its disk copy carries: the sequence and page that
+        first held it)."""
         return self._pager.page_info(row, page)
 
     @property

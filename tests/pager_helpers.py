@@ -34,8 +34,7 @@ def read_any_copy(pager, row, page):
     if info["tier"] == paged_kv.Tier.HOST:
         return pager.host_pool.view(torch.int32)[info["host_slot"]]
     out = torch.empty_like(pager.pool[0]).view(torch.int32)
-    tag = (info["tenant"], row, page, info["generation"])
-    return pager.disk_store.read_page(info["disk_slot"], tag, out)
+    return pager.disk_store.read_page(info["disk_slot"], info["disk_tag"], out)
 
 
 def pattern(pager, tag):

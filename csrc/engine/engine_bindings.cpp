@@ -122,6 +122,9 @@ py::dict page_info(Pager& pager, int64_t row, int64_t page) {
   d["tenant"] = m.tenant;
   d["last_use"] = m.last_use;
   d["generation"] = m.generation;
+  d["sharers"] = pager.sharers(row, page);
+  const store::SlotTag tag = pager.disk_tag(row, page);
+  d["disk_tag"] = py::make_tuple(tag.tenant, tag.session, tag.logical_page, tag.generation);
   return d;
 }
 
@@ -199,6 +202,8 @@ void bind_engine(py::module_& m) {
            py::arg("tenant"), py::arg("row") = -1)
       .def("remove_sequence", [](PagerHandle& h, int64_t row) { h.pager().remove_sequence(row); },
            py::arg("row"))
+      .def("fork", [](PagerHandle& h, int64_t parent, int64_t row) { return h.pager().fork(parent, row); },
+           py::arg("parent"), py::arg("row") = -1)
       .def("append_pages",
            [](PagerHandle& h, int64_t row, int64_t n, bool seal_open) {
              return h.pager().append_pages(row, n, seal_open);

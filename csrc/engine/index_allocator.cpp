@@ -90,6 +90,18 @@ void IndexAllocator::release(int64_t index, int64_t owner) {
   free_.push_back(static_cast<int32_t>(index));
 }
 
+void IndexAllocator::transfer(int64_t index, int64_t from, int64_t to) {
+  check_range(index, "transfer");
+  if (owner_[index] != from || from < 0 || to < 0) {
+    std::ostringstream m;
+    m << "transfer " << name_ << " " << index << " from owner key " << from << " to " << to
+      << ", but its owner key is " << owner_[index];
+    fail(m.str());
+  }
+  if (group_of_ && group_of_(from) != group_of_(to)) fail("transfer between groups");
+  owner_[index] = to;
+}
+
 void IndexAllocator::set_group_of(std::function<int32_t(int64_t)> group_of) {
   if (num_owned() != 0) fail("grouping set while indices are owned");
   group_of_ = std::move(group_of);

@@ -40,6 +40,8 @@ class IndexAllocator {
   void allocate_at(int64_t index, int64_t owner);
   // Returns `index`, which `owner` must own.
   void release(int64_t index, int64_t owner);
+  // Gives `index`, owned by `from`, to `to` (which must be in the same group).
+  void transfer(int64_t index, int64_t from, int64_t to);
 
   // Counts owned indices by group (the pager's groups are tenants): `group_of` maps an owner key
   // >= 0 to its group, and must give the same group from allocation to release. Set it while

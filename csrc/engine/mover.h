@@ -46,6 +46,12 @@ struct DiskFrameMove {
   store::SlotTag tag;
 };
 
+// A GPU frame copied into another.
+struct FramePair {
+  int64_t from = 0;
+  int64_t to = 0;
+};
+
 class Mover {
  public:
   virtual ~Mover() = default;
@@ -61,6 +67,9 @@ class Mover {
   virtual bool needs_bounce_slots() const { return true; }
   // Sets every byte of the frames to zero (ordered like a move that writes them).
   virtual void zero_frames(const std::vector<int64_t>& frames) = 0;
+  // Copies whole frames to other frames (a fork's open pages), ordered after the work already
+  // queued on the device that writes the sources.
+  virtual void gpu_to_gpu(const std::vector<FramePair>& copies) = 0;
   virtual void flush() = 0;
 };
 

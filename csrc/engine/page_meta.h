@@ -40,6 +40,8 @@ inline PageId page_of_owner(int64_t key) {
 constexpr uint8_t kPageSealed = 1;     // full and immutable; an open page is the tail being written
 constexpr uint8_t kPageHostValid = 2;  // host_slot holds a valid copy
 constexpr uint8_t kPageDiskValid = 4;  // disk_slot holds a valid copy
+constexpr uint8_t kPageShared = 8;     // a fork's view of another sequence's sealed page: no copies
+                                       // of its own; the pager maps it to that page
 
 // Per-page metadata, 32 bytes. Frames and slots fit in 30 bits (the PTE's index field), so
 // int32 holds them; -1 means none.
@@ -57,6 +59,7 @@ struct PageMeta {
   bool sealed() const { return (flags & kPageSealed) != 0; }
   bool host_valid() const { return (flags & kPageHostValid) != 0; }
   bool disk_valid() const { return (flags & kPageDiskValid) != 0; }
+  bool shared_view() const { return (flags & kPageShared) != 0; }
   Tier current_tier() const { return static_cast<Tier>(tier); }
   void set_flag(uint8_t flag, bool on) {
     flags = on ? static_cast<uint8_t>(flags | flag) : static_cast<uint8_t>(flags & ~flag);

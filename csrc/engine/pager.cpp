@@ -99,7 +99,9 @@ void Pager::check_page(PageId id, const char* op) const { page_id(id.row, id.pag
 
 std::vector<PageId> Pager::distinct_pages(const std::vector<PageId>& pages, const char* op) const {
   for (const PageId& id : pages) check_page(id, op);
-  std::vector<PageId> distinct(pages);
+  std::vector<PageId> distinct;
+  distinct.reserve(pages.size());
+  for (const PageId& id : pages) distinct.push_back(resolve(id));  // a fork's view: the page it shares
   std::sort(distinct.begin(), distinct.end());
   distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
   return distinct;
@@ -109,8 +111,11 @@ store::SlotTag Pager::tag_of(PageId id) const {
   const PageMeta& m = meta(id);
   store::SlotTag tag;
   tag.tenant = m.tenant;
-  tag.session = id.row;
-  tag.logical_page = id.page;
+  // A page that took over a removed sequence's copies keeps that page's tag (pager_fork.cpp).
+  const auto origin = tag_origin_.find(owner_key(id));
+  const PageId named = origin == tag_origin_.end() ? id : origin->second;
+  tag.session = named.row;
+  tag.logical_page = named.page;
   tag.generation = m.generation;
   return tag;
 }
@@ -152,12 +157,7 @@ void Pager::remove_sequence(int64_t row) {
   check_row(row, "remove_sequence");
   Row& r = rows_[row];
   for (size_t p = 0; p < r.pages.size(); ++p) {
-    const PageId id{static_cast<int32_t>(row), static_cast<int32_t>(p)};
-    PageMeta& m = r.pages[p];
-    unlink_all(m);
-    if (m.frame >= 0) drop_frame(id, m);
-    if (m.host_slot >= 0) drop_host_copy(id, m);
-    if (m.disk_slot >= 0) drop_disk_copy(id, m);
+    release_page(PageId{static_cast<int32_t>(row), static_cast<int32_t>(p)});
   }
   std::fill(ptes_.begin() + row * config_.max_pages,
             ptes_.begin() + row * config_.max_pages + static_cast<int64_t>(r.pages.size()), kPteUnmapped);
@@ -281,7 +281,8 @@ void Pager::seal_pages(const std::vector<PageId>& pages) {
 
 void Pager::touch(const std::vector<PageId>& pages, int64_t tick) {
   for (const PageId& id : pages) check_page(id, "touch");
-  for (const PageId& id : pages) {
+  for (const PageId& view : pages) {
+    const PageId id = resolve(view);
     PageMeta& m = meta(id);
     m.last_use = tick;
     if (m.frame >= 0 && gpu_lru_.contains(m.frame)) gpu_lru_.touch(m.frame);
@@ -310,8 +311,10 @@ void Pager::drop_pin(PageId id) {
   relink(id, m);
 }
 
-void Pager::pin(const std::vector<PageId>& pages) {
-  for (const PageId& id : pages) check_page(id, "pin");
+void Pager::pin(const std::vector<PageId>& views) {
+  for (const PageId& id : views) check_page(id, "pin");
+  std::vector<PageId> pages;
+  for (const PageId& id : views) pages.push_back(resolve(id));
   size_t done = 0;
   try {
     for (; done < pages.size(); ++done) add_pin(pages[done]);
@@ -321,8 +324,10 @@ void Pager::pin(const std::vector<PageId>& pages) {
   }
 }
 
-void Pager::unpin(const std::vector<PageId>& pages) {
-  for (const PageId& id : pages) check_page(id, "unpin");
+void Pager::unpin(const std::vector<PageId>& views) {
+  for (const PageId& id : views) check_page(id, "unpin");
+  std::vector<PageId> pages;
+  for (const PageId& id : views) pages.push_back(resolve(id));
   // Check the counts first (a page may be listed more than once), so a bad call changes nothing.
   std::vector<PageId> sorted(pages);
   std::sort(sorted.begin(), sorted.end());
@@ -351,12 +356,24 @@ void Pager::refresh(PageId id) {
 void Pager::update_tier(PageId id, PageMeta& m) {
   m.tier = static_cast<uint8_t>(m.resident_tier());
   const int32_t pte = m.pte();
-  int32_t& entry = ptes_[static_cast<size_t>(id.row) * config_.max_pages + id.page];
-  if (entry != pte) {
-    entry = pte;
-    if (!row_dirty_[id.row]) {
-      row_dirty_[id.row] = 1;
-      dirty_rows_.push_back(id.row);
+  const auto write = [&](PageId at) {
+    int32_t& entry = ptes_[static_cast<size_t>(at.row) * config_.max_pages + at.page];
+    if (entry != pte) {
+      entry = pte;
+      if (!row_dirty_[at.row]) {
+        row_dirty_[at.row] = 1;
+        dirty_rows_.push_back(at.row);
+      }
+    }
+  };
+  write(id);
+  if (!views_.empty()) {  // forks' views of this page read the same copies
+    const auto it = views_.find(owner_key(id));
+    if (it != views_.end()) {
+      for (const PageId& view : it->second) {
+        meta(view).tier = m.tier;
+        write(view);
+      }
     }
   }
 }
@@ -463,7 +480,7 @@ void Pager::mark_all_rows_dirty() {
 }
 
 const PageMeta& Pager::page_meta(int64_t row, int64_t page) const {
-  return meta(page_id(row, page, "page_meta"));
+  return meta(resolve(page_id(row, page, "page_meta")));
 }
 
 std::vector<int64_t> Pager::lru_order(Tier tier) const {

@@ -81,6 +81,18 @@ class Pager {
   // Seals an open page and the open pages before it (a no-op for a sealed page); with
   // write_through, writes them to host slots.
   void seal(int64_t row, int64_t page);
+  // Fork (pager_fork.cpp): a new sequence of the parent's tenant (in `row`, or the lowest free
+  // row when row < 0) with the parent's pages: its sealed pages are shared, not copied (the
+  // child's PTEs name the same frames and slots, and a page moves for both), and its open pages
+  // are copied into new frames, since the parent goes on writing them. Sealed pages never
+  // change, so nothing is ever copied on a later write. A shared page lives while any of its
+  // sequences does. Returns the child's row. Raises PagerError when no row or frame is free.
+  int64_t fork(int64_t parent, int64_t row = -1);
+  // How many sequences hold the page (1 unless shared by forks).
+  int64_t sharers(int64_t row, int64_t page) const;
+  // The tag the page's disk copy carries (or would carry): its tenant, the sequence and page
+  // that first held it, and its generation.
+  store::SlotTag disk_tag(int64_t row, int64_t page) const;
   bool is_live(int64_t row) const;
   int64_t num_pages(int64_t row) const;
   int32_t tenant(int64_t row) const;
@@ -184,6 +196,12 @@ class Pager {
   void check_page(PageId id, const char* op) const;
   std::vector<PageId> distinct_pages(const std::vector<PageId>& pages, const char* op) const;
 
+  // The page that holds the copies of `id`: itself, or for a fork's shared view, the page it
+  // shares.
+  PageId resolve(PageId id) const;
+  // Drops every copy of the page, or, for a shared page, hands its copies to one of the
+  // sequences sharing it (remove_sequence).
+  void release_page(PageId id);
   PageMeta& meta(PageId id) { return rows_[id.row].pages[id.page]; }
   const PageMeta& meta(PageId id) const { return rows_[id.row].pages[id.page]; }
   store::SlotTag tag_of(PageId id) const;
@@ -282,6 +300,12 @@ class Pager {
   uint64_t next_generation_ = 0;
   bool moves_pending_ = false;
   std::unordered_map<int32_t, std::array<int64_t, 3>> quotas_;  // per tenant, per tier (-1: none)
+  // Forks (owner keys of pages): each shared view and the page holding its copies; each such
+  // page and its views; and, for a page that took over the copies of a removed sequence's
+  // page, that page (its disk copy carries that page's tag).
+  std::unordered_map<int64_t, PageId> shared_of_;
+  std::unordered_map<int64_t, std::vector<PageId>> views_;
+  std::unordered_map<int64_t, PageId> tag_origin_;
   Replacement replacement_ = Replacement::kLru;
   SpanPolicy span_;
   PagerStats stats_;

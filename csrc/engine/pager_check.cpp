@@ -1,4 +1,5 @@
 // Pager::check_invariants and Pager::bytes_of_metadata.
+#include <algorithm>
 #include <sstream>
 
 #include "engine/pager.h"
@@ -11,7 +12,7 @@ void Pager::check_invariants() const {
   err << row_ids_.check() << frames_.check() << host_slots_.check() << disk_slots_.check()
       << gpu_lru_.check("GPU") << host_lru_.check("host") << disk_lru_.check("disk");
 
-  int64_t frames_held = 0, host_held = 0, disk_held = 0;
+  int64_t frames_held = 0, host_held = 0, disk_held = 0, views_seen = 0;
   for (int64_t row = 0; row < config_.max_sequences; ++row) {
     const Row& r = rows_[row];
     const bool live = !row_ids_.is_free(row);
@@ -34,6 +35,35 @@ void Pager::check_invariants() const {
       where << "page " << p << " of sequence " << row;
       const std::string at = where.str();
       if (m.tenant != r.tenant) err << at << " has tenant " << m.tenant << ", its row " << r.tenant << "; ";
+      if (m.shared_view()) {
+        ++views_seen;
+        const auto it = shared_of_.find(key);
+        if (it == shared_of_.end()) {
+          err << at << " is a shared view of no page; ";
+          continue;
+        }
+        const PageId target = it->second;
+        const bool target_live = !row_ids_.is_free(target.row) &&
+                                 target.page < static_cast<int32_t>(rows_[target.row].pages.size());
+        if (!target_live) {
+          err << at << " views page " << target.page << " of sequence " << target.row << ", which does not exist; ";
+          continue;
+        }
+        const PageMeta& t = meta(target);
+        if (t.shared_view() || !t.sealed() || t.tenant != m.tenant) {
+          err << at << " views a page that is itself a view, open, or another tenant's; ";
+        }
+        const auto views = views_.find(owner_key(target));
+        if (views == views_.end() || std::find(views->second.begin(), views->second.end(), id) == views->second.end()) {
+          err << at << " is missing from its page's list of views; ";
+        }
+        if (m.frame >= 0 || m.host_slot >= 0 || m.disk_slot >= 0 || m.pins != 0) {
+          err << at << " is a shared view but holds copies or pins; ";
+        }
+        const int32_t pte = ptes_[static_cast<size_t>(row * config_.max_pages + p)];
+        if (pte != t.pte()) err << at << " has PTE " << pte << " but the page it views has " << t.pte() << "; ";
+        continue;
+      }
       if (m.current_tier() != m.resident_tier()) {
         err << at << " records tier " << tier_name(m.current_tier()) << " but its copies imply "
             << tier_name(m.resident_tier()) << "; ";
@@ -107,6 +137,12 @@ void Pager::check_invariants() const {
     if (!row_dirty_[row]) err << "dirty row " << row << " is not flagged; ";
   }
   if (moves_pending_) err << "moves were left unflushed; ";
+  int64_t views_listed = 0;
+  for (const auto& [key, views] : views_) views_listed += static_cast<int64_t>(views.size());
+  if (views_seen != static_cast<int64_t>(shared_of_.size()) || views_seen != views_listed) {
+    err << views_seen << " shared views exist, " << shared_of_.size() << " are mapped and " << views_listed
+        << " are listed; ";
+  }
   for (const auto& [tenant, limits] : quotas_) {
     for (const Tier tier : {Tier::kGpu, Tier::kHost, Tier::kDisk}) {
       const int64_t limit = limits[static_cast<int>(tier)];
@@ -132,6 +168,9 @@ int64_t Pager::bytes_of_metadata() const {
   bytes += row_ids_.bytes() + frames_.bytes() + host_slots_.bytes() + disk_slots_.bytes();
   bytes += gpu_lru_.bytes() + host_lru_.bytes() + disk_lru_.bytes();
   bytes += static_cast<int64_t>(quotas_.size() * (sizeof(int32_t) + sizeof(std::array<int64_t, 3>)));
+  bytes += static_cast<int64_t>((shared_of_.size() + tag_origin_.size()) * (sizeof(int64_t) + sizeof(PageId)) +
+                                views_.size() * (sizeof(int64_t) + sizeof(std::vector<PageId>)));
+  for (const auto& [key, views] : views_) bytes += static_cast<int64_t>(views.capacity() * sizeof(PageId));
   bytes += static_cast<int64_t>(ptes_.capacity() * sizeof(int32_t) + row_dirty_.capacity() +
                                 dirty_rows_.capacity() * sizeof(int64_t));
   return bytes;

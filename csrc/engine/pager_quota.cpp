@@ -125,8 +125,8 @@ int64_t Pager::serviceable_prefix(const std::vector<PageId>& pages) const {
     }
   }
   int64_t taken = 0;
-  for (const PageId& id : pages) {
-    const PageMeta& m = meta(id);
+  for (const PageId& view : pages) {
+    const PageMeta& m = meta(resolve(view));
     const bool missing = m.current_tier() != Tier::kGpu;
     if (missing && global_room-- <= 0) break;
     const auto it = room.find(m.tenant);

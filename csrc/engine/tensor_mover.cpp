@@ -180,6 +180,16 @@ void TensorMover::zero_frames(const std::vector<int64_t>& frames) {
 #endif
 }
 
+void TensorMover::gpu_to_gpu(const std::vector<FramePair>& copies) {
+  for (const FramePair& c : copies) {  // range checks before anything moves
+    frame_ptr(c.from);
+    frame_ptr(c.to);
+  }
+  if (copies.empty()) return;
+  wait_for_current_stream();  // the sources' last tokens may still be being written there
+  for (const FramePair& c : copies) copy_bytes(frame_ptr(c.to), frame_ptr(c.from), page_bytes_);
+}
+
 void TensorMover::gpu_to_host(const std::vector<FrameSlotMove>& moves) { copy_pages(moves, true); }
 
 void TensorMover::host_to_gpu(const std::vector<FrameSlotMove>& moves) { copy_pages(moves, false); }

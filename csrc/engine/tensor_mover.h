@@ -69,6 +69,7 @@ class TensorMover : public Mover {
   void disk_to_gpu(const std::vector<DiskFrameMove>& moves) override;
   bool needs_bounce_slots() const override { return bounce_through_host_slots_; }
   void zero_frames(const std::vector<int64_t>& frames) override;
+  void gpu_to_gpu(const std::vector<FramePair>& copies) override;
   void flush() override;
 
  private:
