@@ -581,6 +581,29 @@ def test_steady_decode_with_prefetch_services_no_faults(device, tmp_path):
         engine.pager.check_invariants()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fork_then_both_grow_exactly(device):
+    """A fork shares the parent's full pages and copies its partly written one; each then takes
+    its own tokens, through page boundaries and a suspend of the parent, and both stay exact."""
+    with _engine(_policy(_dtype(device), host_pages=24), device) as engine:
+        model = Model(engine, _generator("fork", device))
+        a = engine.new_sequence()
+        model.fill([a], 3 * PAGE_SIZE + 5, PAGE_SIZE)
+        b = engine.fork(a)
+        pages = engine.max_pages
+        model.ref_pool[b * pages:(b + 1) * pages] = model.ref_pool[a * pages:(a + 1) * pages]
+        assert engine.num_tokens(b) == engine.num_tokens(a)
+        assert [engine.pager.page_info(b, p)["sharers"] for p in range(4)] == [2, 2, 2, 1]
+        for i in range(PAGE_SIZE + 4):
+            model.step([a, b], [1, 1])
+            if i == 3:
+                engine.suspend(a, "host")  # the shared pages leave the GPU for both
+        with pytest.raises(ValueError, match="is in the middle of a step"):
+            model.append(a, 1, 0)
+            engine.fork(a)
+        engine.pager.check_invariants()
+
+
 def test_suspend_and_resume_errors():
     with _engine(_policy(torch.float32, host_pages=8), "cpu") as engine:
         row = engine.new_sequence()
