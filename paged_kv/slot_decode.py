@@ -1,0 +1,157 @@
+"""Decode over the bound batch slots with no host work inside the step, so a CUDA graph can
+capture it (docs/DESIGN.md, "Graph safety").
+
+    decoder = SlotDecoder(engine)            # the bound slots, in slot order, form the batch
+    decoder.reserve(steps)                   # host: pages for `steps` tokens, prefetched in reach
+    with torch.cuda.graph(graph):            # or eagerly, on any device
+        for layer in range(num_layers):
+            out = decoder.step(query[layer], key[layer], value[layer], layer)
+    for _ in range(steps):
+        ...copy the next token's inputs in place...; graph.replay()
+    decoder.commit(steps)                    # host: raises FaultError for a fault in the steps
+
+reserve() does the host's part ahead of time: it gives every bound sequence pages for its next
+`steps` tokens, brings every page within the kernel's reach (GPU frames, or host slots with
+zero-copy), writes each slot's length into a device tensor, and raises FaultError when a page
+cannot be brought in. step() only launches kernels over device tensors: it appends the token's
+K/V at the slot's length, attends the sequence with a fault queue, and after the last layer
+advances the lengths on the device. Nothing in it reads a device value on the host, so it never
+synchronises. A page that became unreachable anyway (moved by other work between reserve and the
+step) is recorded in the fault queue and skipped; commit() reads the queue once, after the steps,
+and raises FaultError naming it: the outputs of those steps are then incomplete. commit() also
+catches up the host's bookkeeping (tokens written, full pages sealed). The Engine's policy must
+have fault_mode "forbid".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paged_kv import ops
+from paged_kv.engine import Engine, FaultError, _pages_read
+from paged_kv.pte import TIER_SHIFT, Tier
+
+__all__ = ["SlotDecoder"]
+
+
+class SlotDecoder:
+    """Graph-safe decode steps over an Engine's bound batch slots; see the module docstring."""
+
+    def __init__(self, engine: Engine):
+        if not isinstance(engine, Engine):
+            raise TypeError(f"SlotDecoder needs a paged_kv.Engine, got {type(engine).__name__}")
+        if engine.policy.fault_mode != "forbid":
+            raise ValueError(
+                "SlotDecoder: the engine's Policy.fault_mode must be 'forbid' (a step inside a CUDA "
+                f"graph cannot service faults), got {engine.policy.fault_mode!r}"
+            )
+        self.engine = engine
+        self.rows: list[int] = []
+        self._pending = 0  # steps reserved and not yet committed
+        dev = engine.device
+        self.lengths = torch.zeros(engine.max_batch, dtype=torch.int32, device=dev)
+        self._starts = torch.arange(engine.max_batch + 1, dtype=torch.int32, device=dev)
+        capacity = engine.max_batch * engine.max_pages + 1
+        self._queue, self._count = ops.new_fault_queue(capacity, dev)
+        self._faults_in_steps = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    def reserve(self, steps: int) -> None:
+        """Prepare the next `steps` decode steps of the bound slots (host work, outside any graph):
+        pages for the tokens, every page brought within reach, the slots' lengths written. Raises
+        FaultError when a page cannot be made readable (raise the GPU budget, turn zero_copy on,
+        or give the host tier room)."""
+        engine = self.engine
+        engine._check_open()
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"SlotDecoder.reserve: steps must be a positive int, got {steps!r}")
+        if self._pending:
+            raise RuntimeError(f"SlotDecoder.reserve: {self._pending} reserved steps are not committed yet")
+        rows = engine.bound()
+        if not rows:
+            raise ValueError("SlotDecoder.reserve: no batch slot is bound (Engine.bind)")
+        lengths = []
+        for row in rows:
+            engine.reserve(row, steps)
+            lengths.append(engine.num_tokens(row))
+        engine.prefetch(rows)
+        unreachable = self._unreachable(rows)
+        if len(unreachable):
+            shown = ", ".join(f"(row {r}, page {p})" for r, p in unreachable[:16].tolist())
+            raise FaultError(
+                f"SlotDecoder.reserve: {len(unreachable)} page(s) of the bound sequences cannot be "
+                f"brought within the kernel's reach: {shown}; raise Policy.gpu_budget or the host "
+                f"tier, or turn zero_copy on"
+            )
+        values = torch.tensor(lengths, dtype=torch.int32)
+        self.lengths[: len(rows)].copy_(values.pin_memory() if self.lengths.is_cuda else values,
+                                        non_blocking=True)
+        self._faults_in_steps.zero_()
+        self.rows = rows
+        self._pending = steps
+
+    def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+             *, scale: float | None = None, window: int = 0, sinks: int = 0) -> torch.Tensor:
+        """One layer of one decode step for the reserved batch: appends key/value ([B, H, D]) at
+        each slot's length, attends query ([B, Hq, D]) over the sequence including it, and after
+        the last layer advances the lengths. Device work only."""
+        engine = self.engine
+        batch = len(self.rows)
+        if not self._pending:
+            raise RuntimeError("SlotDecoder.step: call reserve() before the steps")
+        if query.shape[0] != batch or key.shape[0] != batch or value.shape[0] != batch:
+            raise ValueError(
+                f"SlotDecoder.step: the batch is the {batch} bound slot(s), got query {tuple(query.shape)}, "
+                f"key {tuple(key.shape)}, value {tuple(value.shape)}"
+            )
+        layer = engine._layer(layer)
+        sequences = engine.batch_rows[:batch]
+        lengths = self.lengths[:batch]
+        ops.append_kv(key, value, engine.pool, engine.page_table, sequences, lengths, layer)
+        self._count.zero_()
+        out = ops.attention(
+            query, engine.pool, engine.page_table, sequences, self._starts[: batch + 1], lengths + 1, layer, 1,
+            scale=scale, window=window, sinks=sinks,
+            host_pool=engine.host_pool if engine.policy.zero_copy else None,
+            fault_queue=self._queue, fault_count=self._count,
+        )
+        self._faults_in_steps.add_(self._count)
+        if layer == engine.num_layers - 1:
+            lengths.add_(1)
+        return out
+
+    def commit(self, steps: int) -> None:
+        """After `steps` replays (or eager steps): read the fault count once and raise FaultError
+        when any step met an unreachable page; bring the engine's bookkeeping up to date."""
+        engine = self.engine
+        if steps != self._pending:
+            raise ValueError(f"SlotDecoder.commit: {self._pending} steps were reserved, got {steps}")
+        self._pending = 0
+        for row in self.rows:
+            seq = engine._sequence(row)
+            seq.written = [seq.reserved] * engine.num_layers
+            engine._release_if_done(row, seq)
+        engine._tick += 1
+        pages = [-(-engine.num_tokens(row) // engine.page_size) for row in self.rows]
+        engine.pager.touch(_pages_read(self.rows, pages), engine._tick)
+        faults = int(self._faults_in_steps.item())  # the one synchronisation
+        if faults:
+            last = ops.read_faults(self._queue, self._count)
+            shown = ", ".join(f"(row {r}, page {p})" for r, p in last[:16].tolist())
+            raise FaultError(
+                f"SlotDecoder.commit: {faults} page read(s) in the last {steps} step(s) found the page "
+                f"out of reach, so those steps' outputs are incomplete; the last layer missed: "
+                f"{shown or 'none'}. Keep the bound sequences' pages in reach between reserve() and commit()"
+            )
+
+    def _unreachable(self, rows: list[int]) -> torch.Tensor:
+        engine = self.engine
+        mirror = engine.pager.page_table()
+        zero_copy = engine.policy.zero_copy and engine.host_pool is not None
+        found = []
+        for row in rows:
+            n = engine.pager.num_pages(row)
+            tiers = (mirror[row, :n].to(torch.int64) & 0xFFFFFFFF) >> TIER_SHIFT
+            bad = ~((tiers == Tier.GPU) | ((tiers == Tier.HOST) & zero_copy))
+            pages = torch.nonzero(bad).flatten()
+            found.append(torch.stack([torch.full_like(pages, row), pages], 1))
+        return torch.cat(found)
