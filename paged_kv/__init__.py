@@ -12,6 +12,7 @@ from paged_kv.ops import attention, append_kv, check_errors, deferred_checks, ga
 from paged_kv.pager import Pager, PagerError
 from paged_kv.policy import Policy
 from paged_kv.pte import PAGE_SIZES, UNMAPPED, Tier, make_pte, new_page_table, new_pool
+from paged_kv.slot_decode import SlotDecoder
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "Pager",
     "PagerError",
     "Policy",
+    "SlotDecoder",
     "Tier",
     "UNMAPPED",
     "append_kv",
