@@ -296,25 +296,30 @@ class Engine:
         self._sequence(row)
         pages = self._sealed_pages(row)
         on_gpu = self._pages_in(row, pages, Tier.GPU)
-        if pages:
-            self.pager.demote(torch.tensor([(row, p) for p in pages], dtype=torch.int64).reshape(-1, 2), seq_tier)
-        self.pager.sync_table(self.page_table)
+        try:
+            if pages:
+                self.pager.demote(torch.tensor([(row, p) for p in pages], dtype=torch.int64).reshape(-1, 2), seq_tier)
+        finally:  # a refused call may still have moved pages
+            self.pager.sync_table(self.page_table)
         return on_gpu
 
     def resume(self, row: int, tier: str = "gpu") -> int:
         """Bring the sequence's pages up to the GPU (`tier="gpu"`, newest first, as many as the
-        frames that can be freed hold) or, from disk, to the host (`"host"`, all of them);
+        frames that can be freed, and the tenant's GPU quota, hold) or, from disk, to the host (`"host"`, all of them);
         returns how many pages moved up. The copies into GPU frames are queued on the pager's
         stream and the current stream waits for them, so the call does not wait for them."""
         target = _tier_named(tier, ("gpu", "host"), "Engine.resume")
         self._sequence(row)
         n = self.pager.num_pages(row)
-        below = [p for p in range(n - 1, -1, -1) if self._page_tier(row, p) > target]
-        if target == Tier.GPU:
-            below = below[: self.pager.max_serviceable()]
-        if below:
-            self.pager.promote(torch.tensor([(row, p) for p in below], dtype=torch.int64).reshape(-1, 2), target)
-        self.pager.sync_table(self.page_table)
+        below = torch.tensor([(row, p) for p in range(n - 1, -1, -1) if self._page_tier(row, p) > target],
+                             dtype=torch.int64).reshape(-1, 2)
+        if target == Tier.GPU:  # as many as the frames (and the tenant's GPU quota) can take
+            below = below[: self.pager.serviceable_prefix(below)]
+        try:
+            if len(below):
+                self.pager.promote(below, target)
+        finally:  # a refused call may still have moved pages
+            self.pager.sync_table(self.page_table)
         return len(below)
 
     # ---- prefetch ----
@@ -376,8 +381,10 @@ class Engine:
             if value is ...:
                 continue
             pages = None if value is None else parse_bytes(value, f"Engine.set_quota {name}") // self.page_bytes
-            self.pager.set_quota(tenant, tier, pages)
-            self.pager.sync_table(self.page_table)
+            try:
+                self.pager.set_quota(tenant, tier, pages)
+            finally:
+                self.pager.sync_table(self.page_table)
 
     def usage(self, tenant: int) -> dict[str, int]:
         """Pages of `tenant` held in each tier: {"gpu": frames, "host": slots, "disk": slots}."""

@@ -306,7 +306,9 @@ class Pager:
     def stats(self) -> dict:
         """Counters: service_calls, faults_serviced, pages_moved and bytes_moved per direction
         (gpu_to_host, host_to_gpu, host_to_disk, disk_to_host, disk_to_gpu), evictions per tier,
-        evictions_without_write, write_throughs, frames_zeroed (frames cleared before a page of another
+        evictions_without_write, write_throughs, write_throughs_deferred (sealed pages the host tier
+        had no room for under write-through: written back when evicted instead), frames_zeroed
+        (frames cleared before a page of another
         tenant was appended into them), service_seconds."""
         return self._pager.stats()
 

@@ -165,6 +165,7 @@ py::dict stats_dict(const Pager& pager) {
   d["evictions"] = evictions;
   d["evictions_without_write"] = s.evictions_without_write;
   d["write_throughs"] = s.write_throughs;
+  d["write_throughs_deferred"] = s.write_throughs_deferred;
   d["frames_zeroed"] = s.frames_zeroed;
   d["service_seconds"] = static_cast<double>(s.service_ns) * 1e-9;
   return d;

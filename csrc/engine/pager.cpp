@@ -270,10 +270,17 @@ void Pager::seal_pages(const std::vector<PageId>& pages) {
     if (config_.write_through && !m.host_valid()) write.push_back(id);
   }
   if (write.empty()) return;
-  // Written now, the page never needs a write-back when evicted.
-  make_free_host_slots(static_cast<int64_t>(write.size()),
-                       "write-through of " + std::to_string(write.size()) + " sealed pages");
-  write_back_to_host(write);
+  // Written now, the page never needs a write-back when evicted. Where the host tier (or the
+  // tenant's host quota) has no room, the pages stay sealed without a host copy and are written
+  // back when evicted, as under write-back: sealing never fails for want of room.
+  try {
+    make_free_host_slots(static_cast<int64_t>(write.size()),
+                         "write-through of " + std::to_string(write.size()) + " sealed pages");
+    write_back_to_host(write);
+  } catch (const PagerError&) {
+    stats_.write_throughs_deferred += static_cast<int64_t>(write.size());
+    return;
+  }
   stats_.write_throughs += static_cast<int64_t>(write.size());
 }
 

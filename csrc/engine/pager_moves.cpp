@@ -164,12 +164,21 @@ void Pager::evict_tenant(Tier tier, int32_t tenant, int64_t count, const std::st
          "no room for them. Raise the tenant's quota, or seal, unpin or remove its pages";
     throw PagerError(m.str());
   };
+  // Refuse before anything moves when too few of the tenant's pages can leave: those with a
+  // lower copy, and as many of the others as the tier below can take.
+  const auto check_room = [&](const std::vector<int64_t>& order, const LruList& lru, int64_t lower_room) {
+    int64_t dirty = 0;
+    for (const int64_t node : order) dirty += lru.is_dirty(node) ? 1 : 0;
+    if (static_cast<int64_t>(order.size()) - dirty + std::min(dirty, lower_room) < count) quota_full();
+  };
   if (tier == Tier::kGpu) {
     const std::vector<int64_t> order = nodes_of_tenant(
         replacement_ == Replacement::kSpan ? span_victim_order() : gpu_lru_.order(), frames_, tenant);
+    check_room(order, gpu_lru_, host_room());
     evict_for_room(gpu_eviction_tier(), frames_.num_free() + count, why, quota_full, &order);
   } else if (tier == Tier::kHost) {
     const std::vector<int64_t> order = nodes_of_tenant(host_lru_.order(), host_slots_, tenant);
+    check_room(order, host_lru_, disk_room());
     evict_for_room(host_eviction_tier(), host_slots_.num_free() + count, why, quota_full, &order);
   } else {
     // Only copies of pages resident higher up can leave the disk.

@@ -4,6 +4,7 @@
 // quota is O(1). Only a tenant over its quota costs more: its own pages are found by walking the
 // tier's eviction list, then evicted through the same path as any other eviction
 // (Pager::evict_tenant, in pager_moves.cpp beside the eviction it uses).
+#include <algorithm>
 #include <sstream>
 #include <stdexcept>
 
@@ -111,7 +112,12 @@ std::vector<int64_t> Pager::nodes_of_tenant(const std::vector<int64_t>& nodes, c
 
 int64_t Pager::serviceable_prefix(const std::vector<PageId>& pages) const {
   for (const PageId& id : pages) check_page(id, "serviceable_prefix");
-  int64_t global_room = frame_room();
+  // As frame_room(), but each host-resident page taken is pinned for the call, so its slot can
+  // no longer make room for a dirty GPU page written back.
+  const int64_t gpu_dirty = gpu_lru_.num_dirty();
+  const int64_t gpu_room = frames_.num_free() + (gpu_lru_.size() - gpu_dirty);
+  int64_t host_left = host_room();
+  int64_t missing_taken = 0;
   // Per tenant with a GPU quota: frames it may still take, counting its evictable frames as
   // free (pinning one for the call takes it out of reach, so it costs one too).
   std::unordered_map<int32_t, int64_t> room;
@@ -128,7 +134,13 @@ int64_t Pager::serviceable_prefix(const std::vector<PageId>& pages) const {
   for (const PageId& view : pages) {
     const PageMeta& m = meta(resolve(view));
     const bool missing = m.current_tier() != Tier::kGpu;
-    if (missing && global_room-- <= 0) break;
+    if (missing) {
+      const bool pins_a_slot = m.current_tier() == Tier::kHost && host_lru_.contains(m.host_slot);
+      const int64_t host_after = host_left - (pins_a_slot ? 1 : 0);
+      if (missing_taken + 1 > gpu_room + std::min(gpu_dirty, std::max<int64_t>(host_after, 0))) break;
+      host_left = host_after;
+      ++missing_taken;
+    }
     const auto it = room.find(m.tenant);
     if (it != room.end() && (missing || gpu_lru_.contains(m.frame)) && it->second-- <= 0) break;
     ++taken;

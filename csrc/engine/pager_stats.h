@@ -32,6 +32,7 @@ struct PagerStats {
   // Evictions that wrote nothing because the page already had a valid lower copy.
   int64_t evictions_without_write = 0;
   int64_t write_throughs = 0;  // pages written to the host tier when sealed
+  int64_t write_throughs_deferred = 0;  // sealed pages the host had no room for (written back later)
   int64_t frames_zeroed = 0;   // frames cleared before a page of another tenant was appended
   int64_t service_ns = 0;      // steady-clock time spent in service()
 };
