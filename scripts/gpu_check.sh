@@ -39,14 +39,15 @@ if ldd paged_kv/_C*.so | grep -q libstdc++; then echo "   links the shared libst
 step info python3 -m paged_kv info
 step tests python3 -m pytest tests -q --maxfail=20
 # memcheck over every CUDA-parametrised test and the CUDA-only ones (torch.compile excluded:
-# its compiler subprocesses make the run long and add no kernel of ours).
+# its compiler subprocesses make the run long and add no kernel of ours; the soak test too:
+# it runs for a set time and checks memory growth, which the instrumentation itself changes).
 # API errors are not reported: libcufile's own cuFileDriverOpen frees an invalid pointer inside
 # the library where GPUDirect Storage is not set up (the auto I/O backend opens it), which
 # memcheck would count. paged_kv checks every CUDA call's status itself and the tests see those
 # errors; memcheck's job here is the kernels' memory accesses.
 step memcheck compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 7 \
   --target-processes all \
-  python3 -m pytest tests -q -k "cuda and not compiled and not bench" -p no:cacheprovider
+  python3 -m pytest tests -q -k "cuda and not compiled and not bench and not soak" -p no:cacheprovider
 wheel=$(ls .peers/flashinfer_python-*.whl 2>/dev/null | head -n 1)
 if [ -n "$wheel" ] && [ ! -d .peers/flashinfer/flashinfer ]; then
   step flashinfer_install python3 -m pip install --no-deps --target .peers/flashinfer "$wheel"
