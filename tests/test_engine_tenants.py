@@ -362,21 +362,23 @@ def test_random_tenants_stay_isolated_exact_and_within_quota(device, zero_copy, 
     # The workload did what it is for: every kind of step ran and was checked, pages were evicted
     # from every tier and faulted back, frames passed between tenants, and quotas and full tiers
     # refused some operations.
+    print(f"stats: {dict((k, stats[k]) for k in ('evictions', 'faults_seen', 'fault_services', 'pages_moved', 'frames_zeroed', 'write_throughs', 'fault_host_passes', 'fault_batches'))}")
     print(f"refused: {work.refused}; steps checked: {work.steps_checked} (over bound slots "
           f"{work.bound_steps}, windowed {work.window_steps}, mixed tenants {work.mixed_steps})")
     assert work.steps_checked > 1200 and work.bound_steps > 150 and work.window_steps > 20
     assert work.tenants_checked == set(range(TENANTS)) and work.mixed_steps > 300
-    assert stats["evictions"]["gpu"] > 300 and stats["evictions"]["host"] > 200
-    assert stats["faults_seen"] > 1000 and stats["fault_services"] > 300
-    assert stats["pages_moved"]["disk_to_host"] + stats["pages_moved"]["disk_to_gpu"] > 500
-    assert stats["frames_zeroed"] > 200
+    # Floors about 40% of what the CPU run gives (the CUDA run's refusals, and so its path, differ).
+    assert stats["evictions"]["gpu"] > 250 and stats["evictions"]["host"] > 150
+    assert stats["faults_seen"] > 500 and stats["fault_services"] > 150
+    assert stats["pages_moved"]["disk_to_host"] + stats["pages_moved"]["disk_to_gpu"] > 300
+    assert stats["frames_zeroed"] > 120
     assert work.refused.get("reserve", 0) > 10  # quotas and full tiers did refuse appends
     if write_policy == "write_through":
-        assert stats["write_throughs"] > 300
+        assert stats["write_throughs"] > 200
     if zero_copy:
         assert stats["fault_host_passes"] > 100
     else:
-        assert stats["fault_batches"] > 800 and stats["pages_moved"]["host_to_gpu"] > 1000
+        assert stats["fault_batches"] > 600 and stats["pages_moved"]["host_to_gpu"] > 900
 
 
 # ---- refused moves ----
