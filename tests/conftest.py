@@ -13,6 +13,30 @@ PAGE_SIZES = list(paged_kv.PAGE_SIZES)
 SEEDS = [0, 1]
 
 
+def engine_dtype(device):
+    """The K/V dtype the engine tests use: float32 on the CPU, bfloat16 on CUDA."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def engine_tolerance(dtype):
+    """float32 near-exact; a low precision twice its unit roundoff."""
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5)
+    u = torch.finfo(dtype).eps / 2
+    return dict(rtol=2 * u, atol=2 * u)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors: on a small CPU, threads only contend (a
+    float64 reference step takes ten times longer with two threads than with one on a busy
+    2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def poisoned_pool(num_frames, num_layers, num_kv_heads, page_size, head_dim, dtype, device):
     """A pool filled with NaN, so any read of memory nothing wrote shows up in the result."""
     pool = paged_kv.new_pool(num_frames, num_layers, num_kv_heads, page_size, head_dim, dtype, device)

@@ -74,3 +74,12 @@ def append_written(pager, row, n, tags, seal_open=True):
 
 def tier(pager, row, page):
     return paged_kv.Tier(pager.page_info(row, page)["tier"])
+
+
+def service_some(pager, rng, row, k=3):
+    """Fault in up to k random pages of `row`: as many, from the front, as one service() can take."""
+    pages = [(row, p) for p in range(pager.num_pages(row))]
+    want = rng.sample(pages, min(len(pages), k))
+    take = pager.serviceable_prefix(want)
+    if take:
+        pager.service(want[:take])

@@ -14,21 +14,10 @@ import paged_kv
 from paged_kv import Engine, FaultError, Policy, Tier, reference
 from paged_kv.policy import format_bytes
 
-from conftest import DEVICES
+from conftest import DEVICES, engine_dtype as _dtype, engine_tolerance as _tolerance
 
 PAGE_SIZE, LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 16, 2, 2, 4, 64
 GPU_PAGES = 6
-
-
-def _dtype(device):
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
-def _tolerance(dtype):
-    if dtype == torch.float32:
-        return dict(rtol=1e-5, atol=1e-5)
-    u = torch.finfo(dtype).eps / 2  # unit roundoff
-    return dict(rtol=2 * u, atol=2 * u)
 
 
 def _page_bytes(dtype):

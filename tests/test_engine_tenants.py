@@ -27,7 +27,7 @@ import torch
 import paged_kv
 from paged_kv import Engine, PagerError, Policy, Tier, reference
 
-from conftest import DEVICES
+from conftest import DEVICES, engine_dtype as _dtype, engine_tolerance as _tolerance
 
 PAGE_SIZE, LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 16, 2, 2, 4, 64
 TENANTS = 4  # tenants 0-2 have quotas; tenant 3 has none
@@ -39,28 +39,6 @@ TIERS = {"gpu": Tier.GPU, "host": Tier.HOST, "disk": Tier.DISK}
 CAPACITY = {"gpu": FRAMES, "host": HOST_SLOTS, "disk": DISK_SLOTS}
 # Starting quotas in pages (gpu, host, disk) of the tenants that have them.
 QUOTAS = {0: (4, 6, 16), 1: (5, 5, 12), 2: (3, 8, 20)}
-
-
-@pytest.fixture
-def one_thread():
-    """The tensors here are tiny: on a small CPU, intra-op threads only contend (a float64
-    reference step takes ten times longer with two threads than with one on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _dtype(device):
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
-def _tolerance(dtype):
-    """As tests/test_engine.py: float32 near-exact, low precision twice the unit roundoff."""
-    if dtype == torch.float32:
-        return dict(rtol=1e-5, atol=1e-5)
-    u = torch.finfo(dtype).eps / 2
-    return dict(rtol=2 * u, atol=2 * u)
 
 
 def _page_bytes(dtype):

@@ -11,7 +11,7 @@ import torch
 
 from paged_kv import Engine, PagerError, Policy, Tier
 
-from pager_helpers import append_written, make_pager, new_tag, pattern, read_any_copy, tier, write_page
+from pager_helpers import append_written, make_pager, new_tag, pattern, read_any_copy, service_some, tier, write_page
 
 
 def _parent(pager, sealed, open_pages, tags, tenant=3):
@@ -139,12 +139,7 @@ def test_random_forks_keep_every_page_and_free_everything(tmp_path):
                     write_page(pager, row, first, tag)
                     contents[row].append(tag)
             elif action < 0.85 and live:
-                row = rng.choice(live)
-                pages = [(row, p) for p in range(pager.num_pages(row))]
-                want = rng.sample(pages, min(len(pages), 3))
-                take = pager.serviceable_prefix(want)
-                if take:
-                    pager.service(want[:take])
+                service_some(pager, rng, rng.choice(live))
             elif live:
                 row = rng.choice(live)
                 sealed = [(row, p) for p in range(pager.num_pages(row)) if pager.page_info(row, p)["sealed"]]

@@ -12,7 +12,7 @@ import torch
 
 from paged_kv import Engine, PagerError, Policy, Tier
 
-from pager_helpers import append_written, make_pager, pattern, read_any_copy, tier
+from pager_helpers import append_written, make_pager, pattern, read_any_copy, service_some, tier
 
 
 def _sealed_row(pager, tenant, n, tags):
@@ -170,12 +170,7 @@ def test_random_tenants_keep_their_quotas_and_their_bytes(tmp_path):
                 if pager.num_pages(row) < 10:
                     append_written(pager, row, 1, tags)
             elif action < 0.75 and live:
-                row = rng.choice(live)
-                pages = [(row, p) for p in range(pager.num_pages(row))]
-                want = rng.sample(pages, min(len(pages), 3))
-                take = pager.serviceable_prefix(want)
-                if take:
-                    pager.service(want[:take])
+                service_some(pager, rng, rng.choice(live))
             elif action < 0.9 and live:
                 row = rng.choice(live)
                 sealed = [(row, p) for p in range(pager.num_pages(row)) if pager.page_info(row, p)["sealed"]]

@@ -30,7 +30,7 @@ import torch
 import paged_kv
 from paged_kv import Engine, Policy, reference
 
-from conftest import DEVICES
+from conftest import DEVICES, engine_dtype as _dtype, engine_tolerance as _tolerance
 
 PAGE_SIZE, LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 16, 2, 2, 4, 64
 TENANTS = 3
@@ -50,27 +50,6 @@ CUDA_SLACK_BYTES = 2**20
 # capacity after the warm-up (a few hundred bytes per row at most); a per-session leak over
 # thousands of sessions would pass this.
 METADATA_SLACK_BYTES = 4096
-
-
-@pytest.fixture
-def one_thread():
-    """The tensors here are tiny: on a small CPU, intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _dtype(device):
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
-def _tolerance(dtype):
-    """As tests/test_engine.py: float32 near-exact, low precision twice the unit roundoff."""
-    if dtype == torch.float32:
-        return dict(rtol=1e-5, atol=1e-5)
-    u = torch.finfo(dtype).eps / 2
-    return dict(rtol=2 * u, atol=2 * u)
 
 
 def _rss_bytes():
