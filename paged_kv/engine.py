@@ -683,7 +683,7 @@ class Engine:
                 try:
                     self.pager.promote(faults, Tier.HOST)
                 except PagerError:
-                    self._counters["prefetches_refused"] += 1
+                    pass  # the host tier is full: the batches below bring them into frames
                 else:
                     part, part_lse = run(self._only(faults), host_pool, ops.new_fault_queue(capacity, self.device))
                     outs.append(part)
