@@ -3,6 +3,7 @@
 # Sourced by scripts/test.sh and scripts/demo.sh; safe to run again (it rebuilds what changed).
 #   PAGED_KV_TORCH   the torch requirement (default torch==2.14.1, a CUDA 13.0 build)
 #   PAGED_KV_VENV    where the virtual environment lives (default .venv in the repository)
+#   PAGED_KV_TRANSFORMERS  the transformers requirement (default transformers==5.17.0)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PAGED_KV_VENV:-$ROOT/.venv}"
@@ -15,6 +16,8 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q "$TORCH_REQ" numpy ninja setuptools wheel pytest hypothesis
+# The Hugging Face integration (paged_kv.integrations.transformers) and its tests.
+"$PY" -m pip install -q "${PAGED_KV_TRANSFORMERS:-transformers==5.17.0}"
 
 # With no GPU visible, name the architectures explicitly (torch would otherwise probe for one).
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
