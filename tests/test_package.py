@@ -1,9 +1,10 @@
-"""Package-level behaviour: import without the compiled library, the CLI, the README example."""
+"""Package-level behaviour: import without the compiled library, the CLI, the README examples."""
 
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import paged_kv
@@ -49,10 +50,19 @@ def test_demo_command_small():
     assert "every page read back bit-identical" in out.stdout
 
 
-def test_readme_example_on_cpu():
+def _readme_python_block(index):
     text = open(os.path.join(ROOT, "README.md")).read()
-    example = text.split("```python\n", 1)[1].split("```", 1)[0].replace('"cuda"', '"cpu"')
-    out = _python(example)
+    return text.split("```python\n")[index + 1].split("```", 1)[0].replace('"cuda"', '"cpu"')
+
+
+def test_readme_hugging_face_example_on_cpu():
+    pytest.importorskip("transformers")
+    out = _python(_readme_python_block(0))
+    assert out.returncode == 0, out.stderr
+
+
+def test_readme_ops_example_on_cpu():
+    out = _python(_readme_python_block(1))
     assert out.returncode == 0, out.stderr
 
 
