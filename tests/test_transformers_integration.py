@@ -75,7 +75,7 @@ def test_greedy_generation_matches_sdpa(arch, tmp_path):
     assert stats["faults_seen"] > 0 and stats["evictions"]["gpu"] > 0  # the context did not fit the frames
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt_neox", "falcon"])
 def test_logits_match_at_every_step(arch, tmp_path):
     ref, paged = _models(arch)
     ids = torch.randint(0, 96, (1, PROMPT), generator=torch.Generator().manual_seed(2))
