@@ -16,8 +16,8 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q "$TORCH_REQ" numpy ninja setuptools wheel pytest hypothesis
-# The Hugging Face integration (paged_kv.integrations.transformers) and its tests.
-"$PY" -m pip install -q "${PAGED_KV_TRANSFORMERS:-transformers==5.17.0}"
+# The Hugging Face integration (paged_kv.integrations.transformers), its tests and the demo (its plot).
+"$PY" -m pip install -q "${PAGED_KV_TRANSFORMERS:-transformers==5.17.0}" matplotlib
 
 # With no GPU visible, name the architectures explicitly (torch would otherwise probe for one).
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
