@@ -119,17 +119,14 @@ def run(args) -> int:
         last[s] = token
         generated[s].append(int(token))
 
-    total = args.sessions * (1 + args.turns * args.tokens_per_turn)
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc="steps", unit="step")
-    except ImportError:  # pragma: no cover - tqdm comes with transformers
-        bar = None
+    from tqdm import tqdm  # a dependency of transformers
+
+    bar = tqdm(total=args.sessions * (1 + args.turns * args.tokens_per_turn), desc="steps", unit="step")
     began = time.perf_counter()
     for s in range(args.sessions):  # prefill every session
         engine.bind(0, caches[s].rows[0])
         step(s, prompts[s])
-        bar and bar.update(1)
+        bar.update(1)
     decode_began, decode_steps = time.perf_counter(), 0
     for _ in range(args.turns):
         for s in range(args.sessions):
@@ -144,9 +141,9 @@ def run(args) -> int:
                 if i == 0:
                     first_steps.append(steps_ms[-1])
                 decode_steps += 1
-                bar and bar.update(1)
+                bar.update(1)
     decode_s = time.perf_counter() - decode_began
-    bar and bar.close()
+    bar.close()
     stats = engine.stats()
     decode_ms = steps_ms[args.sessions:]  # the first step of each session was its prefill
 

@@ -305,14 +305,12 @@ class Engine:
 
     def resume(self, row: int, tier: str = "gpu") -> int:
         """Bring the sequence's pages up to the GPU (`tier="gpu"`, newest first, as many as the
-        frames that can be freed, and the tenant's GPU quota, hold) or, from disk, to the host (`"host"`, all of them);
-        returns how many pages moved up. The copies into GPU frames are queued on the pager's
+        frames that can be freed, and the tenant's GPU quota, hold) or, from disk, to the host
+        (`"host"`, all of them); returns how many pages moved up. The copies into GPU frames are queued on the pager's
         stream and the current stream waits for them, so the call does not wait for them."""
         target = _tier_named(tier, ("gpu", "host"), "Engine.resume")
         self._sequence(row)
-        n = self.pager.num_pages(row)
-        below = torch.tensor([(row, p) for p in range(n - 1, -1, -1) if self._page_tier(row, p) > target],
-                             dtype=torch.int64).reshape(-1, 2)
+        below = self._pages_where([row], {Tier.HOST, Tier.DISK} if target == Tier.GPU else {Tier.DISK})
         if target == Tier.GPU:  # as many as the frames (and the tenant's GPU quota) can take
             below = below[: self.pager.serviceable_prefix(below)]
         try:
@@ -340,12 +338,12 @@ class Engine:
         if not rows:
             return moved
         try:
-            on_disk = self._pages_of(rows, Tier.DISK)
+            on_disk = self._pages_where(rows, {Tier.DISK}) if self.disk_store is not None else ()
             if len(on_disk):
                 self.pager.promote(on_disk, Tier.HOST)
                 moved["disk_to_host"] = len(on_disk)
             if not (self.policy.zero_copy and self.host_pool is not None):
-                on_host = self._pages_of(rows, Tier.HOST)
+                on_host = self._pages_where(rows, {Tier.HOST})
                 take = min(self.pager.serviceable_prefix(on_host), self.pager.free_frames())
                 if take:
                     self.pager.promote(on_host[:take], Tier.GPU)
@@ -355,15 +353,17 @@ class Engine:
         self._counters["prefetched_pages"] += moved["disk_to_host"] + moved["host_to_gpu"]
         return moved
 
-    def _pages_of(self, rows: list[int], tier: Tier) -> torch.Tensor:
-        """The (row, page) pairs of `rows` whose PTE names `tier`, newest pages first, as int64 [n, 2]."""
+    def _pages_where(self, rows: list[int], tiers: set[Tier]) -> torch.Tensor:
+        """The (row, page) pairs of `rows` whose PTE names one of `tiers`, newest pages first, as
+        int64 [n, 2] (one read of the pager's mirror)."""
         mirror = self.pager.page_table()
+        wanted = torch.tensor([int(t) for t in tiers], dtype=torch.int64)
         found = []
         for row in dict.fromkeys(rows):
             n = self.pager.num_pages(row)
             pages = torch.arange(n - 1, -1, -1, dtype=torch.int64)
-            tiers = (mirror[row, :n].flip(0).to(torch.int64) & 0xFFFFFFFF) >> TIER_SHIFT
-            pages = pages[tiers == int(tier)]
+            row_tiers = (mirror[row, :n].flip(0).to(torch.int64) & 0xFFFFFFFF) >> TIER_SHIFT
+            pages = pages[torch.isin(row_tiers, wanted)]
             found.append(torch.stack([torch.full_like(pages, row), pages], 1))
         return torch.cat(found) if found else torch.empty(0, 2, dtype=torch.int64)
 

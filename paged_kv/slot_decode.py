@@ -29,7 +29,7 @@ import torch
 
 from paged_kv import ops
 from paged_kv.engine import Engine, FaultError, _pages_read
-from paged_kv.pte import TIER_SHIFT, Tier
+from paged_kv.pte import Tier
 
 __all__ = ["SlotDecoder"]
 
@@ -145,13 +145,7 @@ class SlotDecoder:
 
     def _unreachable(self, rows: list[int]) -> torch.Tensor:
         engine = self.engine
-        mirror = engine.pager.page_table()
-        zero_copy = engine.policy.zero_copy and engine.host_pool is not None
-        found = []
-        for row in rows:
-            n = engine.pager.num_pages(row)
-            tiers = (mirror[row, :n].to(torch.int64) & 0xFFFFFFFF) >> TIER_SHIFT
-            bad = ~((tiers == Tier.GPU) | ((tiers == Tier.HOST) & zero_copy))
-            pages = torch.nonzero(bad).flatten()
-            found.append(torch.stack([torch.full_like(pages, row), pages], 1))
-        return torch.cat(found)
+        out_of_reach = {Tier.DISK, Tier.UNMAPPED}
+        if not (engine.policy.zero_copy and engine.host_pool is not None):
+            out_of_reach.add(Tier.HOST)
+        return engine._pages_where(rows, out_of_reach)

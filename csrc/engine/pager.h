@@ -257,6 +257,7 @@ class Pager {
   // Quotas (pager_quota.cpp): before `need` (pages per tenant) new indices of `tier` are taken,
   // evict each tenant's own pages there until they fit its quota, or raise PagerError.
   IndexAllocator& indices_of(Tier tier);
+  static const char* units_of(Tier tier);  // "GPU frames", "host slots" or "disk slots"
   const IndexAllocator& indices_of(Tier tier) const;
   void make_quota_room(Tier tier, const std::map<int32_t, int64_t>& need, const std::string& why);
   void evict_tenant(Tier tier, int32_t tenant, int64_t count, const std::string& why);

@@ -159,7 +159,7 @@ void Pager::evict_tenant(Tier tier, int32_t tenant, int64_t count, const std::st
   const auto quota_full = [&] {
     std::ostringstream m;
     m << "paged_kv pager: " << why << ": tenant " << tenant << " would hold more than its quota of "
-      << quota(tenant, tier) << " " << (tier == Tier::kGpu ? "GPU frames" : tier == Tier::kHost ? "host slots" : "disk slots") << " (it holds " << usage(tenant, tier)
+      << quota(tenant, tier) << " " << units_of(tier) << " (it holds " << usage(tenant, tier)
       << "), and too few of its pages there can leave: they are open, pinned, or the tiers below have "
          "no room for them. Raise the tenant's quota, or seal, unpin or remove its pages";
     throw PagerError(m.str());

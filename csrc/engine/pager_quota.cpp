@@ -24,11 +24,11 @@ int tier_index(Tier tier) {
   }
 }
 
-const char* units_of(Tier tier) {
+}  // namespace
+
+const char* Pager::units_of(Tier tier) {
   return tier == Tier::kGpu ? "GPU frames" : tier == Tier::kHost ? "host slots" : "disk slots";
 }
-
-}  // namespace
 
 IndexAllocator& Pager::indices_of(Tier tier) {
   return const_cast<IndexAllocator&>(static_cast<const Pager*>(this)->indices_of(tier));
