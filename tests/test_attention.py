@@ -2,6 +2,7 @@
 decode and prefill chunks, windows and sinks, NaN poison, faults serviced and merged, zero-copy
 host pages and telemetry."""
 
+import dataclasses
 import math
 import zlib
 
@@ -439,3 +440,33 @@ def test_hopper_prefill_runs_the_wgmma_kernel(head_dim, expected, monkeypatch):
     monkeypatch.setenv("PAGED_KV_PREFILL_KERNEL", "mma")
     names = kernels()
     assert names and all("wgmma" not in n for n in names), names
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("page_size", [16, 256])
+def test_decode_blocks_of_both_widths(page_size):
+    """Decode of head_dim 128 runs the 8-warp block when the page table holds at most 128K
+    tokens and the 4-warp block above that: the same decode batch through a page table of each
+    capacity (the wider one's extra pages unmapped) matches the reference in both, with faults
+    in neither, and the two runs use different kernels."""
+    g = _generator("decode widths", page_size)
+    specs = [(int(torch.randint(1, 3000, (1,), generator=g)), 1) for _ in range(3)]
+    batch = make_batch("cuda", torch.bfloat16, page_size, 128, 32, 8, specs, g)
+    wide_pages = 128 * 1024 // page_size + 1
+    table = paged_kv.new_page_table(batch.page_table.shape[0], wide_pages, device="cuda")
+    table[:, : batch.page_table.shape[1]] = batch.page_table
+    long_table = dataclasses.replace(batch, page_table=table)
+    ref_out, ref_lse, _, _ = _reference(batch)
+
+    names = []
+    for each in (batch, long_table):
+        queue, count = new_fault_queue(64, "cuda")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out, lse = _attention(each, fault_queue=queue, fault_count=count)
+            torch.cuda.synchronize()
+        assert read_faults(queue, count).numel() == 0
+        _assert_matches(out, lse, ref_out, ref_lse, torch.bfloat16)
+        names.append({e.name for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA and "paged_attention" in e.name})
+    if names[0] and names[1]:  # the profiler records nothing under compute-sanitizer
+        assert names[0] != names[1], names

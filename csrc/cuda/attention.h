@@ -51,6 +51,7 @@ struct AttentionPlan {
   int64_t num_splits;    // key splits per sequence; > 1 needs the partial workspaces
   int64_t chunk_tokens;  // telemetry granularity: min(page_size, key tile)
   int64_t max_chunks;    // telemetry chunks per sequence
+  bool wide_decode;      // decode with the 8-warp block (see attention.cu, uses_wide_decode)
 };
 
 AttentionPlan plan_attention(const AttentionProblem& problem, int num_sms);
