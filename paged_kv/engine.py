@@ -235,6 +235,7 @@ class Engine:
         self.batch_rows = torch.full((max_batch,), -1, dtype=torch.int32, device=device)
         self._bound: dict[int, int] = {}  # batch slot -> row
         self._tick = 0
+        self._count_up: torch.Tensor | None = None  # see _counting
         self._counters = {
             "attention_calls": 0,
             "tokens_appended": 0,
@@ -505,13 +506,24 @@ class Engine:
                     f"(written per layer: {seq.written}); write the same tokens to every layer of a step"
                 )
         if n:
-            positions = torch.arange(start, start + n, dtype=torch.int32, device=self.device)
-            sequences = torch.full((n,), row, dtype=torch.int32, device=self.device)
+            positions = self._counting(start + n)[start:]
+            if n == 1:
+                sequences = self._counting(row + 1)[row:]
+            else:
+                sequences = torch.full((n,), row, dtype=torch.int32, device=self.device)
             ops.append_kv(key, value, self.pool, self.page_table, sequences, positions, layer)
         seq.written[layer] = start + n
         if layer == 0:
             self._counters["tokens_appended"] += n
         self._release_if_done(row, seq)
+
+    def _counting(self, end: int) -> torch.Tensor:
+        """0 .. end - 1 as int32 on the device, sliced from one kept tensor: a decode step's
+        positions and row index then launch no kernel of their own."""
+        if self._count_up is None or len(self._count_up) < end:
+            size = max(end, 2 * (0 if self._count_up is None else len(self._count_up)), 1024)
+            self._count_up = torch.arange(size, dtype=torch.int32, device=self.device)
+        return self._count_up[:end]
 
     def _release_if_done(self, row: int, seq: _Sequence) -> None:
         if not all(w == seq.reserved for w in seq.written):
@@ -550,9 +562,9 @@ class Engine:
         paged_kv.attention for the masking. Returns output [N, Hq, D] and, with return_lse, the
         float32 LSE [N, Hq].
 
-        The step runs as one operator, torch.ops.paged_kv.engine_attention (see
+        Under torch.compile the step is one operator, torch.ops.paged_kv.engine_attention (see
         paged_kv.engine_op), which model code may also call directly and torch.compile keeps
-        whole.
+        whole; eagerly the same body runs without the operator's dispatch.
         """
         self._check_open()
         if rows is None:
@@ -561,8 +573,13 @@ class Engine:
                 raise ValueError("Engine.attention: rows=None reads the bound batch slots, but none is bound")
         rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
         starts = [int(s) for s in (query_starts.tolist() if isinstance(query_starts, torch.Tensor) else query_starts)]
-        out, lse = torch.ops.paged_kv.engine_attention(
-            query, self.pool, self.page_table, self.op_id, rows, starts, int(layer), scale, window, sinks)
+        if torch.compiler.is_compiling():
+            out, lse = torch.ops.paged_kv.engine_attention(
+                query, self.pool, self.page_table, self.op_id, rows, starts, int(layer), scale, window, sinks)
+        else:
+            # Eagerly the operator's body runs directly: the custom op's dispatch layers cost
+            # more host time than the rest of a decode step's host work.
+            out, lse = self._attend(query, rows, starts, int(layer), scale, window, sinks)
         return (out, lse) if return_lse else out
 
     def _attend(self, query, rows: list[int], starts: list[int], layer: int, scale, window: int,
@@ -600,7 +617,6 @@ class Engine:
         max_query_len = max(max(lengths), 1)
         pages_per_entry = [-(-kv // self.page_size) for kv in kv_lens]
         capacity = sum(pages_per_entry) + 1
-        used = _pages_read(rows, pages_per_entry)
 
         def run(table, host_pool, queue):
             return ops.attention(
@@ -614,7 +630,7 @@ class Engine:
         host_pool = self.host_pool if zero_copy else None
         # The mirror says on the host whether any page is out of reach; only then is the fault
         # count read, so the common case never synchronises.
-        if not self._unreachable(used, zero_copy):
+        if self.pager.prefixes_reachable(rows, pages_per_entry, zero_copy):
             out, lse = run(self.page_table, host_pool, None)
         else:
             queue = ops.new_fault_queue(capacity, dev)
@@ -631,7 +647,7 @@ class Engine:
                         f"(or host slots with zero_copy) before the step, or use fault_mode='service'"
                     )
                 out, lse = self._service(faults, out, lse, run, capacity, host_pool)
-        self.pager.touch(used, self._tick)
+        self.pager.touch_prefixes(rows, pages_per_entry, self._tick)
         if layer == self.num_layers - 1:
             if self._telemetry is not None:
                 self._record_attention(sorted(set(rows)))
@@ -652,15 +668,6 @@ class Engine:
         self._telemetry.index_fill_(0, index, 0.0)
         for i, row in enumerate(rows):
             self.pager.record_attention(row, mass[i, : self.pager.num_pages(row)])
-
-    def _unreachable(self, pages: torch.Tensor, zero_copy: bool) -> bool:
-        if not len(pages):
-            return False
-        mirror = self.pager.page_table()
-        ptes = mirror[pages[:, 0], pages[:, 1]].to(torch.int64) & 0xFFFFFFFF
-        tiers = ptes >> TIER_SHIFT
-        reachable = (tiers == Tier.GPU) | ((tiers == Tier.HOST) & zero_copy)
-        return not bool(reachable.all())
 
     def _only(self, pages: torch.Tensor) -> torch.Tensor:
         """A page table mapping `pages` alone (as the device table does): the op reads them and

@@ -207,6 +207,16 @@ class Pager:
         """Record a use at `tick`: the pages become the most recently used in their tiers."""
         self._pager.touch(_pages(pages), tick)
 
+    def touch_prefixes(self, rows: list[int], counts: list[int], tick: int) -> None:
+        """touch() of pages 0 .. counts[i] - 1 of each rows[i] (the pages an attention call
+        reads), without building the page list."""
+        self._pager.touch_prefixes(rows, counts, tick)
+
+    def prefixes_reachable(self, rows: list[int], counts: list[int], host_readable: bool) -> bool:
+        """Whether pages 0 .. counts[i] - 1 of each rows[i] are all in GPU frames, or in host
+        slots when `host_readable` (the attention kernel reads host memory in place)."""
+        return self._pager.prefixes_reachable(rows, counts, host_readable)
+
     def pin(self, pages: Pages) -> None:
         """Keep pages in their current tier until unpinned (pins nest)."""
         self._pager.pin(_pages(pages))

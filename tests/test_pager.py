@@ -203,6 +203,31 @@ def test_touch_picks_the_least_recently_used_victim():
     assert_content(pager, tags)
 
 
+def test_prefix_reach_and_touch():
+    """prefixes_reachable reads the tiers of pages 0 .. n - 1 of each row (host pages count only
+    when the kernel reads host memory); touch_prefixes touches those pages as touch() would."""
+    pager = make_pager(frames=4, host=4)
+    tags = {}
+    a, b = pager.add_sequence(), pager.add_sequence()
+    append_written(pager, a, 3, tags)
+    pager.seal(a, 2)
+    append_written(pager, b, 1, tags)
+    assert pager.prefixes_reachable([a, b], [3, 1], host_readable=False)
+    pager.demote([(a, 1)], HOST)
+    assert pager.prefixes_reachable([a], [1], host_readable=False)  # page 1 is not read
+    assert not pager.prefixes_reachable([b, a], [1, 2], host_readable=False)
+    assert pager.prefixes_reachable([b, a], [1, 2], host_readable=True)
+    assert pager.prefixes_reachable([a], [0], host_readable=False)
+    with pytest.raises(Exception, match="prefixes_reachable"):
+        pager.prefixes_reachable([a], [4], host_readable=True)  # past the sequence's pages
+    with pytest.raises(Exception, match="page counts"):
+        pager.prefixes_reachable([a, b], [1], host_readable=True)
+    pager.touch_prefixes([a, a], [1, 1], tick=7)
+    assert pager.page_info(a, 0)["last_use"] == 7 and pager.page_info(a, 2)["last_use"] != 7
+    assert pager.lru_order(GPU)[-1] == pager.page_info(a, 0)["frame"]
+    assert_content(pager, tags)
+
+
 def test_pinned_page_is_never_evicted():
     pager = make_pager(frames=2, host=4)
     tags = {}

@@ -107,6 +107,35 @@ int64_t sync_table(Pager& pager, at::Tensor& table, bool all_rows) {
   return static_cast<int64_t>(rows.size());
 }
 
+// Pages 0 .. counts[i] - 1 of each rows[i]: the pages one attention call reads.
+std::vector<PageId> prefix_pages(const Pager& pager, const std::vector<int64_t>& rows,
+                                 const std::vector<int64_t>& counts, const char* op) {
+  TORCH_CHECK(rows.size() == counts.size(), "paged_kv pager: ", op, ": ", rows.size(), " rows but ",
+              counts.size(), " page counts");
+  std::vector<PageId> ids;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    for (int64_t p = 0; p < counts[i]; ++p) ids.push_back(pager.page_id(rows[i], p, op));
+  }
+  return ids;
+}
+
+// Whether every page an attention call reads is within the kernel's reach (a GPU frame, or a
+// host slot when the kernel reads host memory): one pass over the PTE mirror, no tensors, so a
+// decode step's check costs little host time.
+bool prefixes_reachable(const Pager& pager, const std::vector<int64_t>& rows,
+                        const std::vector<int64_t>& counts, bool host_readable) {
+  const std::vector<PageId> ids = prefix_pages(pager, rows, counts, "prefixes_reachable");
+  const int64_t stride = pager.config().max_pages;
+  const std::vector<int32_t>& mirror = pager.pte_mirror();
+  for (const PageId& id : ids) {
+    const int32_t pte = mirror[static_cast<size_t>(id.row * stride + id.page)];
+    if (pte == kPteUnmapped) return false;
+    const Tier tier = pte_tier(pte);
+    if (!(tier == Tier::kGpu || (host_readable && tier == Tier::kHost))) return false;
+  }
+  return true;
+}
+
 py::dict page_info(Pager& pager, int64_t row, int64_t page) {
   const PageMeta& m = pager.page_meta(row, page);
   py::dict d;
@@ -255,6 +284,14 @@ void bind_engine(py::module_& m) {
              h.pager().touch(page_list(h.pager(), pages, "touch"), tick);
            },
            py::arg("pages"), py::arg("tick"))
+      .def("touch_prefixes",
+           [](PagerHandle& h, const std::vector<int64_t>& rows, const std::vector<int64_t>& counts,
+              int64_t tick) { h.pager().touch(prefix_pages(h.pager(), rows, counts, "touch_prefixes"), tick); },
+           py::arg("rows"), py::arg("counts"), py::arg("tick"))
+      .def("prefixes_reachable",
+           [](PagerHandle& h, const std::vector<int64_t>& rows, const std::vector<int64_t>& counts,
+              bool host_readable) { return prefixes_reachable(h.pager(), rows, counts, host_readable); },
+           py::arg("rows"), py::arg("counts"), py::arg("host_readable"))
       .def("pin", [](PagerHandle& h, const at::Tensor& pages) { h.pager().pin(page_list(h.pager(), pages, "pin")); },
            py::arg("pages"))
       .def("unpin",
