@@ -21,6 +21,11 @@ step) is recorded in the fault queue and skipped; commit() reads the queue once,
 and raises FaultError naming it: the outputs of those steps are then incomplete. commit() also
 catches up the host's bookkeeping (tokens written, full pages sealed). The Engine's policy must
 have fault_mode "forbid".
+
+Model code whose cache update and attention are separate calls (Hugging Face's) uses the two
+halves of step(), append(key, value, layer) and attend(query, layer); they leave the check of the
+reservation to the caller, on the host, so that a compiled step reads no host counter
+(paged_kv.integrations.transformers.CompiledDecoder does so).
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ class SlotDecoder:
         """Prepare the next `steps` decode steps of the bound slots (host work, outside any graph):
         pages for the tokens, every page brought within reach, the slots' lengths written. Raises
         FaultError when a page cannot be made readable (raise the GPU budget, turn zero_copy on,
-        or give the host tier room)."""
+        or give the host tier room); the sequences are then left as they were, so the call can
+        be repeated once there is room."""
         engine = self.engine
         engine._check_open()
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -69,19 +75,26 @@ class SlotDecoder:
         rows = engine.bound()
         if not rows:
             raise ValueError("SlotDecoder.reserve: no batch slot is bound (Engine.bind)")
-        lengths = []
-        for row in rows:
-            engine.reserve(row, steps)
-            lengths.append(engine.num_tokens(row))
-        engine.prefetch(rows)
-        unreachable = self._unreachable(rows)
-        if len(unreachable):
-            shown = ", ".join(f"(row {r}, page {p})" for r, p in unreachable[:16].tolist())
-            raise FaultError(
-                f"SlotDecoder.reserve: {len(unreachable)} page(s) of the bound sequences cannot be "
-                f"brought within the kernel's reach: {shown}; raise Policy.gpu_budget or the host "
-                f"tier, or turn zero_copy on"
-            )
+        lengths = [engine.num_tokens(row) for row in rows]
+        reserved = [engine._sequence(row).reserved for row in rows]
+        try:
+            for row in rows:
+                engine.reserve(row, steps)
+            engine.prefetch(rows)
+            unreachable = self._unreachable(rows)
+            if len(unreachable):
+                shown = ", ".join(f"(row {r}, page {p})" for r, p in unreachable[:16].tolist())
+                raise FaultError(
+                    f"SlotDecoder.reserve: {len(unreachable)} page(s) of the bound sequences cannot be "
+                    f"brought within the kernel's reach: {shown}; raise Policy.gpu_budget or the host "
+                    f"tier, or turn zero_copy on"
+                )
+        except BaseException:
+            # Refused: the sequences keep the tokens they had (pages added for the new ones stay,
+            # empty), so reserve() can be tried again once there is room.
+            for row, tokens in zip(rows, reserved):
+                engine._sequence(row).reserved = tokens
+            raise
         values = torch.tensor(lengths, dtype=torch.int32)
         self.lengths[: len(rows)].copy_(values.pin_memory() if self.lengths.is_cuda else values,
                                         non_blocking=True)
@@ -89,28 +102,54 @@ class SlotDecoder:
         self.rows = rows
         self._pending = steps
 
+    @property
+    def pending(self) -> int:
+        """Steps reserved and not yet committed (0 outside reserve() .. commit())."""
+        return self._pending
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """The device tensors a step reads or writes in place, besides its arguments: the
+        engine's pools, page table and batch rows and the decoder's lengths and fault queue.
+        Their addresses never change, which is what a CUDA graph replaying the step needs
+        (torch.compile's "reduce-overhead" mode must be told so: torch._dynamo.mark_static_address)."""
+        engine = self.engine
+        tensors = [engine.pool, engine.page_table, engine.batch_rows, self.lengths, self._starts,
+                   self._queue, self._count, self._faults_in_steps]
+        return tensors + ([engine.host_pool] if engine.host_pool is not None else [])
+
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
              *, scale: float | None = None, window: int = 0, sinks: int = 0) -> torch.Tensor:
         """One layer of one decode step for the reserved batch: appends key/value ([B, H, D]) at
         each slot's length, attends query ([B, Hq, D]) over the sequence including it, and after
         the last layer advances the lengths. Device work only."""
-        engine = self.engine
-        batch = len(self.rows)
         if not self._pending:
             raise RuntimeError("SlotDecoder.step: call reserve() before the steps")
-        if query.shape[0] != batch or key.shape[0] != batch or value.shape[0] != batch:
-            raise ValueError(
-                f"SlotDecoder.step: the batch is the {batch} bound slot(s), got query {tuple(query.shape)}, "
-                f"key {tuple(key.shape)}, value {tuple(value.shape)}"
-            )
+        self.append(key, value, layer)
+        return self.attend(query, layer, scale=scale, window=window, sinks=sinks)
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, layer: int) -> None:
+        """The first half of step(): writes key/value ([B, H, D]) at each slot's length in `layer`.
+        For model code whose cache update and attention are separate calls. Unlike step() it
+        does not check the reservation (`pending`, host state that a compiled step must not read,
+        or it would be recompiled as it changes): the caller checks it on the host."""
+        engine = self.engine
+        batch = self._check_batch(key=key, value=value)
+        ops.append_kv(key, value, engine.pool, engine.page_table, engine.batch_rows[:batch],
+                      self.lengths[:batch], engine._layer(layer))
+
+    def attend(self, query: torch.Tensor, layer: int, *, scale: float | None = None, window: int = 0,
+               sinks: int = 0) -> torch.Tensor:
+        """The second half of step(): attends query ([B, Hq, D]) over each slot's sequence up to
+        and including the token append() wrote at `layer`, and after the last layer advances
+        the lengths. Returns [B, Hq, D]."""
+        engine = self.engine
+        batch = self._check_batch(query=query)
         layer = engine._layer(layer)
-        sequences = engine.batch_rows[:batch]
         lengths = self.lengths[:batch]
-        ops.append_kv(key, value, engine.pool, engine.page_table, sequences, lengths, layer)
         self._count.zero_()
         out = ops.attention(
-            query, engine.pool, engine.page_table, sequences, self._starts[: batch + 1], lengths + 1, layer, 1,
-            scale=scale, window=window, sinks=sinks,
+            query, engine.pool, engine.page_table, engine.batch_rows[:batch], self._starts[: batch + 1],
+            lengths + 1, layer, 1, scale=scale, window=window, sinks=sinks,
             host_pool=engine.host_pool if engine.policy.zero_copy else None,
             fault_queue=self._queue, fault_count=self._count,
         )
@@ -142,6 +181,14 @@ class SlotDecoder:
                 f"out of reach, so those steps' outputs are incomplete; the last layer missed: "
                 f"{shown or 'none'}. Keep the bound sequences' pages in reach between reserve() and commit()"
             )
+
+    def _check_batch(self, **tensors: torch.Tensor) -> int:
+        """The batch (the reserved slots); raises when a tensor's first dimension differs."""
+        batch = len(self.rows)
+        if any(t.shape[0] != batch for t in tensors.values()):
+            shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
+            raise ValueError(f"SlotDecoder: the batch is the {batch} bound slot(s), got {shapes}")
+        return batch
 
     def _unreachable(self, rows: list[int]) -> torch.Tensor:
         engine = self.engine

@@ -2,7 +2,8 @@
 attn_implementation="paged_kv" with a PagedKVCache whose GPU budget holds a few pages (the rest on
 host and disk), against the same weights under transformers' own sdpa attention: logits within
 float32's tolerance at every step, and greedy generation identical for 64 tokens, for Llama,
-Mistral (a window shorter than the context), Qwen2, GPT-NeoX and Falcon (multi-query)."""
+Mistral (a window shorter than the context), Qwen2, GPT-NeoX and Falcon (multi-query); on a GPU in
+bfloat16, logits at every step within twice sdpa's own bfloat16 error against float32."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _cache(model, tmp_path, batch=1):
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if config.model_type == "falcon":
         kv_heads = 1  # multi-query
-    page_bytes = config.num_hidden_layers * 2 * kv_heads * PAGE * head_dim * 4
+    page_bytes = config.num_hidden_layers * 2 * kv_heads * PAGE * head_dim * model.dtype.itemsize
     # The frames hold a prompt's open pages for the whole batch, and about half of the context.
     policy = Policy(page_size=PAGE, gpu_budget=8 * page_bytes, host_budget=2 * page_bytes,
                     disk_budget=32 * page_bytes, disk_path=str(tmp_path))
@@ -104,3 +105,32 @@ def test_clear_errors(tmp_path):
             paged(torch.randint(0, 96, (2, 5)), past_key_values=_cache(paged, tmp_path / "b"))
     with pytest.raises(ValueError, match="attention implementation is 'sdpa'"):
         _cache(ref, tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt_neox", "falcon"])
+def test_bf16_on_gpu_within_sdpas_own_error(arch, tmp_path):
+    """bfloat16 on the GPU, most pages on host and disk: at every step the paged model's logits
+    differ from the float32 sdpa model's by at most twice what the bfloat16 sdpa model's do
+    (the precision's own error), over the same inputs (float32 sdpa's greedy tokens)."""
+    ref, paged = _models(arch)
+    ref32 = ref.to("cuda")
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    paged16 = paged.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 96, (1, PROMPT), generator=torch.Generator().manual_seed(3)).to("cuda")
+    caches = [transformers.DynamicCache(config=ref.config), transformers.DynamicCache(config=ref.config),
+              _cache(paged16, tmp_path)]
+    step, sdpa_error, paged_error = ids, [], []
+    with torch.no_grad():
+        for _ in range(32):
+            want = ref32(step, past_key_values=caches[0], use_cache=True).logits
+            scale = want.abs().max()
+            sdpa16 = ref16(step, past_key_values=caches[1], use_cache=True).logits.float()
+            got = paged16(step, past_key_values=caches[2], use_cache=True).logits.float()
+            assert torch.isfinite(got).all()
+            sdpa_error.append(float((sdpa16 - want).abs().max() / scale))
+            paged_error.append(float((got - want).abs().max() / scale))
+            step = want[:, -1:].argmax(-1)
+    assert max(paged_error) <= 2 * max(sdpa_error), (paged_error, sdpa_error)
+    stats = caches[2].engine.stats()
+    assert stats["faults_seen"] > 0 and stats["evictions"]["gpu"] > 0  # the context did not fit the frames

@@ -16,11 +16,36 @@ refuses to run when that record is not for its layer (a model whose attention is
 needs a PagedKVCache). Importing this module registers "paged_kv" with transformers'
 AttentionInterface and a mask function that refuses padded batches (not supported yet).
 
+Compiled decode (CompiledDecoder). The path above does host work in every layer (pager calls,
+fault service), which torch.compile cannot trace into one graph. CompiledDecoder moves it out
+of the step, as paged_kv.SlotDecoder does for the raw ops (docs/DESIGN.md, "Graph safety"):
+
+    cache = PagedKVCache.for_model(model, Policy(..., fault_mode="forbid"))
+    decoder = CompiledDecoder(model, cache)            # or compile={"mode": "reduce-overhead"}
+    tokens = decoder.generate(input_ids, max_new_tokens=64)   # greedy; or by hand:
+    logits = decoder.prefill(input_ids)                # the prompt, eagerly, through the path above
+    decoder.reserve(n)                                 # host: pages for n tokens, all within reach
+    for _ in range(n):
+        logits = decoder.step(next_tokens)             # [B, 1] -> [B, vocab], the compiled forward
+    decoder.commit()                                   # host: bookkeeping, one read of the faults
+
+Between reserve() and commit() the cache is in decode mode (cache.decoder is set): update()
+writes the token's K/V at each sequence's device-side length (SlotDecoder.append) and the
+attention function attends through the page table with a fault queue (SlotDecoder.attend), so
+the forward launches device work only; positions come from the same device lengths, and the
+mask sizes and query offset that transformers' mask code asks for are constants or device
+tensors, so the graph is not specialised on the length. The step compiles with no graph break
+(fullgraph=True) and once for all steps, and on a GPU mode="reduce-overhead" replays it as a
+CUDA graph; that needs Policy(zero_copy=False) or no host tier, since inductor does not capture
+a graph that reads a CPU (pinned) tensor. The Policy must have fault_mode "forbid": a page that
+left the kernel's reach during the steps is raised by commit().
+
 Supported: decoder-only models whose attention goes through transformers' attention interface
 with a standard KV cache (tested: Llama, Mistral with its sliding window, Qwen2, GPT-NeoX), and
 Falcon with rotary positions (its attention class is added under the same name); batches of
-equal-length sequences without padding, greedy and sampled generation. Not supported yet, with a clear error: padding masks,
-beam search (reordering the cache), cropping, dropout.
+equal-length sequences without padding, greedy and sampled generation; compiled decode of all
+five. Not supported yet, with a clear error: padding masks, beam search (reordering the cache),
+cropping, dropout.
 """
 
 from __future__ import annotations
@@ -38,10 +63,12 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
         "paged_kv.integrations.transformers needs the `transformers` package (pip install transformers)"
     ) from error
 
+from paged_kv import ops
 from paged_kv.engine import Engine
 from paged_kv.policy import Policy
+from paged_kv.slot_decode import SlotDecoder
 
-__all__ = ["NAME", "PagedKVCache", "paged_kv_attention"]
+__all__ = ["NAME", "CompiledDecoder", "PagedKVCache", "paged_kv_attention"]
 
 NAME = "paged_kv"
 
@@ -67,16 +94,26 @@ class _PagedLayer(CacheLayerMixin):
         batch = key_states.shape[0]
         if batch != len(cache.rows):
             raise ValueError(f"PagedKVCache holds {len(cache.rows)} sequences, the model's batch has {batch}")
-        for b, row in enumerate(cache.rows):
-            # [H, T, D] per row -> the engine's [T, H, D]
-            cache.engine.append(row, key_states[b].transpose(0, 1), value_states[b].transpose(0, 1), self.layer)
+        if cache.decoder is not None:
+            cache.decoder._append(key_states, value_states, self.layer)
+        else:
+            for b, row in enumerate(cache.rows):
+                # [H, T, D] per row -> the engine's [T, H, D]
+                cache.engine.append(row, key_states[b].transpose(0, 1), value_states[b].transpose(0, 1), self.layer)
         _last_update.cache, _last_update.layer = cache, self.layer
         return key_states, value_states
 
     def get_seq_length(self) -> int:
+        if self.cache.decoder is not None:
+            return self.cache.decoder.num_tokens
         return self.cache.engine.num_tokens(self.cache.rows[0], self.layer)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.cache.decoder is not None:
+            # Read only by transformers' mask code, whose "paged_kv" mask function makes no mask.
+            # A constant, as transformers' StaticLayer gives, so a compiled step does not
+            # specialise on the length (and recompile at every token).
+            return self.get_max_length(), 0
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
@@ -104,7 +141,8 @@ class PagedKVCache(Cache):
     Args:
         engine: an Engine with the model's KV geometry (layers, KV heads, head_dim, dtype, device).
         batch_size: the model's batch; that many new sequences are made (of `tenant`).
-    Attributes: engine, rows (the engine's sequence rows, one per batch entry).
+    Attributes: engine, rows (the engine's sequence rows, one per batch entry), decoder (the
+    CompiledDecoder whose reserved steps are running, else None: see CompiledDecoder).
     """
 
     def __init__(self, engine: Engine, batch_size: int = 1, tenant: int = 0):
@@ -114,7 +152,15 @@ class PagedKVCache(Cache):
             raise ValueError(f"PagedKVCache: batch_size must be a positive int, got {batch_size!r}")
         self.engine = engine
         self.rows = [engine.new_sequence(tenant) for _ in range(batch_size)]
+        self.decoder: CompiledDecoder | None = None
         super().__init__(layers=[_PagedLayer(self, layer) for layer in range(engine.num_layers)])
+
+    def get_query_offset(self, layer_idx: int = 0):
+        if self.decoder is not None:
+            # The device lengths (as transformers' StaticLayer gives a tensor): no host counter
+            # in a compiled step.
+            return self.decoder._positions()[0, 0]
+        return super().get_query_offset(layer_idx)
 
     @classmethod
     def for_model(cls, model, policy: Policy, batch_size: int = 1, *, max_tokens: int | None = None,
@@ -122,13 +168,7 @@ class PagedKVCache(Cache):
         """A cache with its own Engine sized from the model's config: its layers, KV heads,
         head_dim, dtype and device; room for `max_tokens` tokens per sequence (default the
         config's max_position_embeddings). The model's attention must be "paged_kv"."""
-        config = model.config.get_text_config(decoder=True)
-        if getattr(config, "_attn_implementation", None) != NAME:
-            raise ValueError(
-                f"PagedKVCache.for_model: the model's attention implementation is "
-                f"{getattr(config, '_attn_implementation', None)!r}; load it with "
-                f"attn_implementation={NAME!r}, or its attention would see only the new tokens"
-            )
+        config = _check_attention(model, "PagedKVCache.for_model")
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         if config.model_type == "falcon":  # as FalconAttention counts them
@@ -139,6 +179,168 @@ class PagedKVCache(Cache):
                         dtype=model.dtype, device=model.device, max_sequences=batch_size,
                         max_pages=-(-max_tokens // policy.page_size))
         return cls(engine, batch_size, tenant)
+
+
+class CompiledDecoder:
+    """Decode steps of a Hugging Face model over a PagedKVCache with every host call outside the
+    step, so that the step compiles into one graph (torch.compile(fullgraph=True)) and, on a GPU,
+    replays as a CUDA graph (mode="reduce-overhead"). See the module docstring.
+
+    Args:
+        model: the model, loaded with attn_implementation="paged_kv".
+        cache: its PagedKVCache, whose engine's Policy has fault_mode="forbid" (a step cannot
+            service faults) and binds no batch slot but the cache's rows.
+        compile: True compiles the step with torch.compile(fullgraph=True); a dict compiles it
+            with those torch.compile options (fullgraph defaults to True); False runs it eagerly.
+
+    Attributes: model, cache, slots (the paged_kv.SlotDecoder underneath), num_tokens (tokens
+    per sequence so far, counting the steps run since reserve()).
+
+    In bfloat16 or float16, inductor's fused kernels round differently from eager, so greedy
+    tokens can part from eager's at a near-tie; the "cudagraphs" backend (eager kernels, captured)
+    or torch._inductor.config.emulate_precision_casts keeps closer to eager.
+    """
+
+    def __init__(self, model, cache: PagedKVCache, *, compile: bool | dict = True):
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"CompiledDecoder needs a PagedKVCache, got {type(cache).__name__}")
+        _check_attention(model, "CompiledDecoder")
+        engine = cache.engine
+        if engine.policy.fault_mode != "forbid":
+            raise ValueError(
+                f"CompiledDecoder: the cache's Policy.fault_mode must be 'forbid' (a compiled step "
+                f"cannot service faults; reserve() brings the pages within reach instead), got "
+                f"{engine.policy.fault_mode!r}"
+            )
+        options = _compile_options(compile)
+        if options is not None and _uses_cuda_graphs(options) and engine.device.type == "cuda":
+            if engine.host_pool is not None and engine.policy.zero_copy:
+                raise ValueError(
+                    "CompiledDecoder: CUDA graphs (torch.compile mode "
+                    f"{options.get('mode', options.get('backend'))!r}) cannot read the pinned host slots in "
+                    "place (inductor leaves a graph with a CPU tensor uncaptured); use "
+                    "Policy(zero_copy=False), so that reserve() brings host pages into GPU frames, or no host tier"
+                )
+        others = set(engine.bound()) - set(cache.rows)
+        if others:
+            raise ValueError(f"CompiledDecoder: the engine's batch slots hold other sequences ({sorted(others)}); "
+                             f"the decoder's batch is the cache's rows alone, so unbind them first")
+        for slot, row in enumerate(cache.rows):
+            engine.bind(slot, row)
+        self.model, self.cache = model, cache
+        self.slots = SlotDecoder(engine)
+        self.num_tokens = 0
+        self._steps = self._left = 0  # steps reserved, steps of them not run yet
+        self._forward = self._device_step
+        if options is not None:
+            for tensor in self.slots.static_tensors():  # CUDA graphs replay them in place
+                torch._dynamo.mark_static_address(tensor)
+            self._forward = torch.compile(self._device_step, **options)
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt (or any chunk of T tokens) through the ordinary, eager path; returns the
+        logits of its last position, [B, vocab]."""
+        if self.cache.decoder is not None:
+            raise RuntimeError("CompiledDecoder.prefill: reserved steps are running; commit() them first")
+        with torch.no_grad():
+            return self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+    def reserve(self, steps: int) -> None:
+        """Host work for the next `steps` tokens (outside any graph): pages for them, every page
+        of the sequences within the kernel's reach. Raises paged_kv.FaultError when a page cannot
+        be brought in (see SlotDecoder.reserve)."""
+        engine = self.cache.engine
+        if self._steps:
+            raise RuntimeError(f"CompiledDecoder.reserve: {self._steps} reserved steps are not committed yet")
+        if engine.bound() != self.cache.rows:
+            raise RuntimeError(
+                f"CompiledDecoder.reserve: the engine's bound rows {engine.bound()} are not the cache's rows "
+                f"{self.cache.rows} (something rebound the batch slots)"
+            )
+        self.slots.reserve(steps)
+        self.num_tokens = engine.num_tokens(self.cache.rows[0])
+        self._steps = self._left = steps
+        self.cache.decoder = self
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One reserved decode step: input_ids [B, 1] (the sequences' next tokens, on the model's
+        device) through the compiled forward; returns the next logits, [B, vocab] (a copy,
+        which later steps leave alone). It reads no device value on the host; on CUDA each
+        paged_kv op still waits for its input checks unless they are deferred
+        (paged_kv.deferred_checks(), as generate() does) or captured in a CUDA graph."""
+        if not self._left:
+            state = f"all {self._steps} reserved steps have run; commit()" if self._steps else "call reserve(steps)"
+            raise RuntimeError(f"CompiledDecoder.step: no reserved step left: {state} first")
+        batch = len(self.cache.rows)
+        if not isinstance(input_ids, torch.Tensor) or tuple(input_ids.shape) != (batch, 1):
+            raise ValueError(f"CompiledDecoder.step: input_ids must be a [{batch}, 1] tensor (one token per "
+                             f"sequence), got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        with torch.no_grad():
+            logits = self._forward(input_ids)
+        self._left -= 1
+        self.num_tokens += 1
+        # Under CUDA graphs the output is a buffer the next replay overwrites.
+        return logits.clone()
+
+    def commit(self) -> None:
+        """After the reserved steps: the host's bookkeeping, and one read of the fault count;
+        raises paged_kv.FaultError when a step met a page out of reach (SlotDecoder.commit)."""
+        if not self._steps:
+            raise RuntimeError("CompiledDecoder.commit: no steps are reserved")
+        if self._left:
+            raise RuntimeError(f"CompiledDecoder.commit: {self._left} of the {self._steps} reserved steps "
+                               f"have not run; run them first")
+        steps, self._steps = self._steps, 0
+        self.cache.decoder = None
+        self.slots.commit(steps)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, steps_per_reserve: int = 16
+                 ) -> torch.Tensor:
+        """Greedy decoding: the prompt through prefill(), then max_new_tokens - 1 compiled steps,
+        reserved and committed `steps_per_reserve` at a time (the host synchronises once per
+        commit). Returns [B, T + max_new_tokens], the prompt and the new tokens, as
+        model.generate(do_sample=False) does; it does not stop at an end-of-sequence token."""
+        for name, value in (("max_new_tokens", max_new_tokens), ("steps_per_reserve", steps_per_reserve)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CompiledDecoder.generate: {name} must be a positive int, got {value!r}")
+        token = self.prefill(input_ids).argmax(-1, keepdim=True)
+        tokens = [input_ids, token]
+        left = max_new_tokens - 1
+        with ops.deferred_checks():  # the ops' input checks wait for no kernel; raised at the end
+            while left:
+                steps = min(steps_per_reserve, left)
+                self.reserve(steps)
+                for _ in range(steps):
+                    token = self.step(token).argmax(-1, keepdim=True)
+                    tokens.append(token)
+                self.commit()
+                left -= steps
+        return torch.cat(tokens, 1)
+
+    # ---- the step's device work (traced by torch.compile) ----
+
+    def _device_step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = self._positions()
+        out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def _positions(self) -> torch.Tensor:
+        """Each sequence's next position, [B, 1] int64, from the device lengths."""
+        return self.slots.lengths[: len(self.cache.rows)].to(torch.int64).unsqueeze(1)
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor, layer: int) -> None:
+        if key_states.shape[2] != 1:
+            raise ValueError(
+                f"PagedKVCache: between CompiledDecoder.reserve() and commit() a forward step takes one "
+                f"token per sequence, got {key_states.shape[2]}"
+            )
+        # [B, H, 1, D] -> the decoder's [B, H, D]
+        self.slots.append(key_states[:, :, 0], value_states[:, :, 0], layer)
+
+    def _attend(self, query: torch.Tensor, layer: int, scale: float | None, window: int) -> torch.Tensor:
+        """query [B, Hq, 1, D] -> output [B, 1, Hq, D]."""
+        out = self.slots.attend(query[:, :, 0].contiguous(), layer, scale=scale, window=window)
+        return out.unsqueeze(1)
 
 
 def paged_kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -159,10 +361,38 @@ def paged_kv_attention(module, query, key, value, attention_mask, scaling=None, 
         raise RuntimeError(f"paged_kv attention: the cache handed back {key.shape[2]} keys for {length} queries")
     # Mistral and Qwen2 pass their window; a layer without one gets None.
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None)) or 0
+    if cache.decoder is not None:
+        return cache.decoder._attend(query, layer, scaling, window), None
     q = query.transpose(1, 2).reshape(batch * length, q_heads, head_dim)
     starts = [b * length for b in range(batch + 1)]
     out = cache.engine.attention(q.contiguous(), cache.rows, starts, layer, scale=scaling, window=window)
     return out.reshape(batch, length, q_heads, head_dim), None
+
+
+def _compile_options(compile) -> dict | None:
+    """CompiledDecoder's `compile` argument as torch.compile options (None: run eagerly)."""
+    if isinstance(compile, dict):
+        return {"fullgraph": True, **compile}
+    if isinstance(compile, bool):
+        return {"fullgraph": True} if compile else None
+    raise TypeError(f"CompiledDecoder: compile must be a bool or a dict of torch.compile options, "
+                    f"got {type(compile).__name__}")
+
+
+def _uses_cuda_graphs(options: dict) -> bool:
+    return options.get("mode") in ("reduce-overhead", "max-autotune") or options.get("backend") == "cudagraphs"
+
+
+def _check_attention(model, where: str):
+    """The model's text config; raises unless its attention is "paged_kv"."""
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "_attn_implementation", None) != NAME:
+        raise ValueError(
+            f"{where}: the model's attention implementation is "
+            f"{getattr(config, '_attn_implementation', None)!r}; load it with "
+            f"attn_implementation={NAME!r}, or its attention would see only the new tokens"
+        )
+    return config
 
 
 def _unpadded_mask(*args, attention_mask=None, **kwargs):

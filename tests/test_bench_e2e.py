@@ -1,0 +1,80 @@
+"""The end-to-end benchmark (bench/e2e.py): its --quick run on the CPU writes a row per case and
+attention with finite, positive figures, paged_kv's logits match sdpa's, the GPU-only parts are
+skipped with a reason, and --cases / --steps pick what runs."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ROWS = [("fits_64", "sdpa"), ("fits_64", "paged_kv"), ("fits_256", "sdpa"), ("fits_256", "paged_kv"),
+        ("beyond_256", "paged_kv")]
+GPU_ONLY = ("memory", "bound")
+
+
+def run_quick(out_dir: Path, *flags: str) -> dict:
+    done = subprocess.run([sys.executable, "bench/e2e.py", "--quick", "--out", str(out_dir), *flags],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out_dir / "e2e.json").read_text())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_on_the_cpu(tmp_path):
+    data = run_quick(tmp_path, "--steps", "5")
+    assert data["quick"] is True and data["device_info"]["device_type"] == "cpu"
+    assert not data["failures"]
+    assert all("skipped" in entry for entry in data["ceilings"].values())
+    assert data["memory_margin_bytes"] == 2 << 30 and data["steps"] == 5
+    assert data["model"]["num_hidden_layers"] == 2
+    rows = data["rows"]
+    assert [(row["case"], row["attention"]) for row in rows] == ROWS
+    for row in rows:
+        assert "error" not in row and "skipped" not in row, row
+        assert row["decode_steps"] == 5
+        for name in ("decode_ms_per_token", "decode_p10_ms", "decode_p90_ms", "tokens_per_s"):
+            assert positive(row[name]), (name, row)
+        for name in GPU_ONLY:  # no GPU: a reason instead of the figures, the same keys
+            assert set(row[name]) == {"skipped"}, row
+        assert row["fraction_of_bound"] is None
+        if row["case"].startswith("fits"):
+            assert positive(row["prefill_ms"]), row
+
+    for row in rows:
+        if row["attention"] != "paged_kv":
+            assert row["met"] is None
+            continue
+        check = row["check"]
+        assert row["correct"] is True and check["correct"] is True, check
+        assert check["checked_steps"] == 4 and check["tokens_agree"] is True
+        assert 0 <= check["decode_logits_rel_diff"] < check["tolerance"]
+        assert isinstance(row["bar"], dict) and row["bar_rule"] and set(row["met_by_bar"]) == set(row["bar"])
+
+    fits = {row["case"]: row for row in rows if row["attention"] == "paged_kv" and row["case"].startswith("fits")}
+    for row in fits.values():
+        assert positive(row["prefill_ratio_vs_sdpa"]) and positive(row["decode_ratio_vs_sdpa"])
+        assert isinstance(row["met"], bool)
+        assert row["residency"]["host_pages"] == 0
+        assert 0 <= row["check"]["prefill_logits_rel_diff"] < row["check"]["tolerance"]
+
+    beyond = rows[-1]
+    assert beyond["prefill_ms"] is None and positive(beyond["fill_ms"]) and "context_source" in beyond
+    assert beyond["context_kv_bytes"] >= 4 * beyond["gpu_budget_bytes"]  # far beyond the GPU budget
+    assert beyond["residency"]["host_pages"] >= 3 * beyond["residency"]["gpu_pages"] > 0
+    assert beyond["decode_engine_stats"]["fault_services"] == 0  # the host pages are read in place
+    assert beyond["met"] is None and beyond["met_by_bar"] == {"fraction_of_bound": None}
+
+
+def test_cases_and_steps_flags(tmp_path):
+    data = run_quick(tmp_path, "--cases", "^beyond", "--steps", "2")
+    assert [(row["case"], row["attention"]) for row in data["rows"]] == [("beyond_256", "paged_kv")]
+    row = data["rows"][0]
+    assert row["decode_steps"] == 2 and row["check"]["checked_steps"] == 2 and row["correct"] is True
