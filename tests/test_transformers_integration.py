@@ -48,7 +48,7 @@ def _models(arch):
     return ref, paged
 
 
-def _cache(model, tmp_path, batch=1):
+def _cache(model, tmp_path, batch=1, max_tokens=PROMPT + NEW + PAGE):
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -58,7 +58,7 @@ def _cache(model, tmp_path, batch=1):
     # The frames hold a prompt's open pages for the whole batch, and about half of the context.
     policy = Policy(page_size=PAGE, gpu_budget=8 * page_bytes, host_budget=2 * page_bytes,
                     disk_budget=32 * page_bytes, disk_path=str(tmp_path))
-    return PagedKVCache.for_model(model, policy, batch, max_tokens=PROMPT + NEW + PAGE)
+    return PagedKVCache.for_model(model, policy, batch, max_tokens=max_tokens)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt_neox", "falcon"])
@@ -107,30 +107,43 @@ def test_clear_errors(tmp_path):
         _cache(ref, tmp_path)
 
 
+def _within_own_error(arch, tmp_path, device, low):
+    """Logits of the paged model in dtype `low` against the sdpa model in float32, and of the
+    sdpa model in `low` against the same: the largest relative errors of each over a prompt fed
+    in chunks of 32 tokens (a chunk's pages must fit the frames) and 24 decode steps, on the same
+    inputs (float32 sdpa's greedy tokens). Returns (paged errors, sdpa errors, engine stats)."""
+    ref, paged = _models(arch)
+    ref32 = ref.to(device)
+    ref_low = copy.deepcopy(ref32).to(low)
+    paged_low = paged.to(device, low)
+    prompt = torch.randint(0, 96, (1, 5 * 32), generator=torch.Generator().manual_seed(3)).to(device)
+    caches = [transformers.DynamicCache(config=ref.config), transformers.DynamicCache(config=ref.config),
+              _cache(paged_low, tmp_path, max_tokens=5 * 32 + 24)]
+    steps = list(prompt.split(32, dim=1))
+    sdpa_error, paged_error = [], []
+    with torch.no_grad():
+        while len(steps) < 5 + 24:
+            step = steps[len(sdpa_error)]
+            want = ref32(step, past_key_values=caches[0], use_cache=True).logits
+            scale = want.abs().max()
+            sdpa_low = ref_low(step, past_key_values=caches[1], use_cache=True).logits.float()
+            got = paged_low(step, past_key_values=caches[2], use_cache=True).logits.float()
+            assert torch.isfinite(got).all()
+            sdpa_error.append(float((sdpa_low - want).abs().max() / scale))
+            paged_error.append(float((got - want).abs().max() / scale))
+            if len(sdpa_error) >= 5:
+                steps.append(want[:, -1:].argmax(-1))
+    return paged_error, sdpa_error, caches[2].engine.stats()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt_neox", "falcon"])
 def test_bf16_on_gpu_within_sdpas_own_error(arch, tmp_path):
-    """bfloat16 on the GPU, most pages on host and disk: at every step the paged model's logits
-    differ from the float32 sdpa model's by at most twice what the bfloat16 sdpa model's do
-    (the precision's own error), over the same inputs (float32 sdpa's greedy tokens)."""
-    ref, paged = _models(arch)
-    ref32 = ref.to("cuda")
-    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
-    paged16 = paged.to("cuda", torch.bfloat16)
-    ids = torch.randint(0, 96, (1, PROMPT), generator=torch.Generator().manual_seed(3)).to("cuda")
-    caches = [transformers.DynamicCache(config=ref.config), transformers.DynamicCache(config=ref.config),
-              _cache(paged16, tmp_path)]
-    step, sdpa_error, paged_error = ids, [], []
-    with torch.no_grad():
-        for _ in range(32):
-            want = ref32(step, past_key_values=caches[0], use_cache=True).logits
-            scale = want.abs().max()
-            sdpa16 = ref16(step, past_key_values=caches[1], use_cache=True).logits.float()
-            got = paged16(step, past_key_values=caches[2], use_cache=True).logits.float()
-            assert torch.isfinite(got).all()
-            sdpa_error.append(float((sdpa16 - want).abs().max() / scale))
-            paged_error.append(float((got - want).abs().max() / scale))
-            step = want[:, -1:].argmax(-1)
+    """bfloat16 on the GPU with most pages on host and disk: at every step the paged model's
+    logits differ from the float32 sdpa model's by at most twice what the bfloat16 sdpa model's
+    do (the precision's own error)."""
+    paged_error, sdpa_error, stats = _within_own_error(arch, tmp_path, "cuda", torch.bfloat16)
     assert max(paged_error) <= 2 * max(sdpa_error), (paged_error, sdpa_error)
-    stats = caches[2].engine.stats()
-    assert stats["faults_seen"] > 0 and stats["evictions"]["gpu"] > 0  # the context did not fit the frames
+    assert stats["evictions"]["gpu"] > 0  # the context did not fit the frames
+    if arch != "mistral":  # Mistral's window never reads the pages that left the frames
+        assert stats["faults_seen"] > 0
