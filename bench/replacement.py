@@ -81,35 +81,20 @@ def run(cfg: TraceConfig, replacement: str, frames: int, decay: float, share: fl
             "service_batches": batches}
 
 
-def optimal_faults(cfg: TraceConfig, frames: int) -> int:
-    """Faults of Belady's optimal replacement (evict the page used again furthest in the future)
-    on the same trace and frames: a lower bound for any policy, to show how much of LRU's
-    faults any ranking could remove."""
-    trace = [(step.num_pages, step.used) for step in generate(cfg)]
-    uses: dict[int, list[int]] = {}
-    for t, (_, used) in enumerate(trace):
-        for p in used:
-            uses.setdefault(p, []).append(t)
-    # As in run(): the newest pages of the initial context start in the frames, and a page
-    # created by decoding gets a frame without a fault.
+def _replay(cfg: TraceConfig, frames: int, trace: list, victim) -> int:
+    """Faults of a replacement that evicts victim(resident, t, pending, num_pages) whenever a
+    frame is needed, replayed on `trace` ((num_pages, used) per step) as the pager runs: the
+    newest pages of the initial context start in the frames, a page created by decoding takes a
+    frame without a fault, and a page the step has already read may go while the step's other
+    faults are serviced (batched fault service)."""
     resident = set(range(max(0, cfg.initial_pages - frames), cfg.initial_pages))
     faults = 0
     for t, (num_pages, used) in enumerate(trace):
-        # This step's pages still to be read must stay; one already read (a hit, or one just
-        # brought in) may go, as the pager's batched fault service lets it. A page decoding
-        # created takes its frame first, as the pager's append does before attention.
         pending: set[int] = set(used)
-
-        def next_use(q: int) -> int:
-            if q in pending:
-                return t
-            times = uses.get(q, [])
-            i = bisect.bisect_right(times, t)
-            return times[i] if i < len(times) else 1 << 60
 
         def take_frame() -> None:
             if len(resident) >= frames:
-                resident.remove(max(resident, key=next_use))
+                resident.remove(victim(resident, t, pending, num_pages))
 
         new_page = num_pages - 1
         if new_page not in resident and new_page >= cfg.initial_pages:
@@ -123,6 +108,56 @@ def optimal_faults(cfg: TraceConfig, frames: int) -> int:
                 take_frame()
                 resident.add(p)
     return faults
+
+
+def optimal_faults(cfg: TraceConfig, frames: int) -> int:
+    """Faults of Belady's optimal replacement (evict the page used again furthest in the future)
+    on the same trace and frames: a lower bound for any policy, to show how much of LRU's
+    faults any ranking could remove."""
+    trace = [(step.num_pages, step.used) for step in generate(cfg)]
+    uses: dict[int, list[int]] = {}
+    for t, (_, used) in enumerate(trace):
+        for p in used:
+            uses.setdefault(p, []).append(t)
+
+    def furthest(resident, t, pending, num_pages):
+        def next_use(q: int) -> int:
+            if q in pending:
+                return t
+            times = uses.get(q, [])
+            i = bisect.bisect_right(times, t)
+            return times[i] if i < len(times) else 1 << 60
+        return max(resident, key=next_use)
+
+    return _replay(cfg, frames, trace, furthest)
+
+
+def rate_oracle_faults(cfg: TraceConfig, frames: int) -> int:
+    """Faults of the best a ranking by how often pages are used can do: each page's true share
+    of the steps that use it, counted over the whole trace (the future included) on the steps
+    where it is ranked at all (past the window), with the sinks and the window kept as
+    span-aware replacement keeps them; the lowest share is evicted first. Where usage is
+    independent from step to step (the background's jitter), no ranking learnt from the past
+    can beat this one."""
+    trace = [(step.num_pages, step.used) for step in generate(cfg)]
+    ranked_steps: dict[int, int] = {}
+    used_steps: dict[int, int] = {}
+    for num_pages, used in trace:
+        for p in used:
+            if cfg.sink_pages <= p < num_pages - cfg.window_pages:
+                used_steps[p] = used_steps.get(p, 0) + 1
+    sizes = [num_pages for num_pages, _ in trace]
+    for p in range(max(sizes)):
+        ranked_steps[p] = sum(1 for n in sizes if p < n - cfg.window_pages)
+    share = {p: used_steps.get(p, 0) / ranked_steps[p] if ranked_steps[p] else 0.0 for p in ranked_steps}
+
+    def least_used(resident, t, pending, num_pages):
+        def rank(q: int) -> tuple[bool, bool, float]:
+            kept = q < cfg.sink_pages or q >= num_pages - cfg.window_pages
+            return (q in pending, kept, share.get(q, 0.0))
+        return min(resident, key=rank)
+
+    return _replay(cfg, frames, trace, least_used)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         frames = max(cfg.sink_pages + cfg.window_pages + 2, round(BUDGET_SHARE * ws))
         lru = run(cfg, "lru", frames, default_decay)
         optimal = optimal_faults(cfg, frames)
+        rate_oracle = rate_oracle_faults(cfg, frames)
         for decay in decays:
             span = run(cfg, "span", frames, decay)
             fewer = 1 - span["faults"] / max(lru["faults"], 1)
@@ -147,14 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                    "lru_faults": lru["faults"], "span_faults": span["faults"], "used_pages": lru["used"],
                    "lru_hit_rate": lru["hit_rate"], "span_hit_rate": span["hit_rate"],
                    "fewer_faults": fewer, "optimal_faults": optimal,
-                   "optimal_fewer_faults": 1 - optimal / max(lru["faults"], 1), "trace_config": cfg.as_dict()}
+                   "optimal_fewer_faults": 1 - optimal / max(lru["faults"], 1), "rate_oracle_faults": rate_oracle,
+                   "rate_oracle_fewer_faults": 1 - rate_oracle / max(lru["faults"], 1), "trace_config": cfg.as_dict()}
             if cfg.name == "default" and decay == default_decay:
                 row.update(bar=BAR, bar_rule="fewer_faults >= bar", met=fewer >= BAR)
             rows.append(row)
         print(f"{cfg.name}: {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
     print(format_table(rows, ["trace", "working_set_pages", "gpu_frames", "span_decay", "lru_faults",
-                              "span_faults", "optimal_faults", "lru_hit_rate", "span_hit_rate", "fewer_faults",
-                              "optimal_fewer_faults"]))
+                              "span_faults", "optimal_faults", "rate_oracle_faults", "lru_hit_rate", "span_hit_rate",
+                              "fewer_faults", "optimal_fewer_faults", "rate_oracle_fewer_faults"]))
     extra = {"source": "synthetic traces (bench/traces.py): sinks, a local window, recurring retrieval "
                        "of distant spans, heavy-tailed background; no model's attention was recorded",
              "budget": f"GPU frames = {BUDGET_SHARE} x the trace's working set (distinct pages used)",

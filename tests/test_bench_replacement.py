@@ -28,6 +28,8 @@ def test_quick_run(tmp_path):
         assert 0 < row["gpu_frames"] <= row["working_set_pages"]
         assert 0 <= row["span_faults"] <= row["used_pages"] and 0 <= row["lru_faults"] <= row["used_pages"]
         assert abs(row["fewer_faults"] - (1 - row["span_faults"] / row["lru_faults"])) < 1e-9
+        # Belady's replacement is optimal: no policy, the rate oracle included, faults less.
+        assert row["optimal_faults"] <= min(row["rate_oracle_faults"], row["span_faults"], row["lru_faults"])
 
 
 def test_traces_have_sinks_window_and_recurring_spans():
