@@ -14,6 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import paged_kv  # noqa: E402
 from paged_kv import Policy  # noqa: E402
 from paged_kv.integrations.transformers import PagedKVCache  # noqa: E402
 
@@ -105,6 +106,21 @@ def test_clear_errors(tmp_path):
             paged(torch.randint(0, 96, (2, 5)), past_key_values=_cache(paged, tmp_path / "b"))
     with pytest.raises(ValueError, match="attention implementation is 'sdpa'"):
         _cache(ref, tmp_path)
+
+
+def test_prompt_longer_than_the_frames(tmp_path):
+    """A prompt whose pages exceed the GPU frames is refused with the remedy; fed in chunks
+    (generate's prefill_chunk_size), it generates what sdpa does."""
+    ref, paged = _models("llama")
+    ids = torch.randint(0, 96, (1, 150), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=16, do_sample=False)
+        with pytest.raises(paged_kv.PagerError, match=r"pass prefill_chunk_size=112 \(or less\)"):
+            paged.generate(ids, max_new_tokens=16, do_sample=False,
+                           past_key_values=_cache(paged, tmp_path, max_tokens=176))
+        got = paged.generate(ids, max_new_tokens=16, do_sample=False, prefill_chunk_size=32,
+                             past_key_values=_cache(paged, tmp_path, max_tokens=176))
+    assert torch.equal(got, want)
 
 
 def _within_own_error(arch, tmp_path, device, low):

@@ -65,6 +65,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from paged_kv import ops
 from paged_kv.engine import Engine
+from paged_kv.pager import PagerError
 from paged_kv.policy import Policy
 from paged_kv.slot_decode import SlotDecoder
 
@@ -97,9 +98,13 @@ class _PagedLayer(CacheLayerMixin):
         if cache.decoder is not None:
             cache.decoder._append(key_states, value_states, self.layer)
         else:
-            for b, row in enumerate(cache.rows):
-                # [H, T, D] per row -> the engine's [T, H, D]
-                cache.engine.append(row, key_states[b].transpose(0, 1), value_states[b].transpose(0, 1), self.layer)
+            try:
+                for b, row in enumerate(cache.rows):
+                    # [H, T, D] per row -> the engine's [T, H, D]
+                    cache.engine.append(row, key_states[b].transpose(0, 1), value_states[b].transpose(0, 1),
+                                        self.layer)
+            except PagerError as error:
+                raise _too_long_for_frames(cache, key_states.shape[2]) from error
         _last_update.cache, _last_update.layer = cache, self.layer
         return key_states, value_states
 
@@ -367,6 +372,20 @@ def paged_kv_attention(module, query, key, value, attention_mask, scaling=None, 
     starts = [b * length for b in range(batch + 1)]
     out = cache.engine.attention(q.contiguous(), cache.rows, starts, layer, scale=scaling, window=window)
     return out.reshape(batch, length, q_heads, head_dim), None
+
+
+def _too_long_for_frames(cache: PagedKVCache, tokens: int) -> PagerError:
+    """The error for a forward whose new tokens need more GPU frames at once than the engine can
+    free: a step's pages stay in frames until every layer has written them."""
+    engine, batch = cache.engine, len(cache.rows)
+    page = engine.page_size
+    chunk = max(page, (engine.num_frames // batch - 1) * page)
+    return PagerError(
+        f"PagedKVCache: a forward of {tokens} new tokens per sequence ({batch} sequences) needs their pages "
+        f"in GPU frames at once (a step's pages stay in frames until every layer has written them), and the "
+        f"engine's {engine.num_frames} frames cannot hold them: pass prefill_chunk_size={chunk} (or less) "
+        f"to generate(), feed the prompt in chunks of at most that many tokens, or raise Policy.gpu_budget"
+    )
 
 
 def _compile_options(compile) -> dict | None:
