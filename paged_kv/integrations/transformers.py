@@ -16,6 +16,10 @@ refuses to run when that record is not for its layer (a model whose attention is
 needs a PagedKVCache). Importing this module registers "paged_kv" with transformers'
 AttentionInterface and a mask function that refuses padded batches (not supported yet).
 
+A forward's new tokens need their pages in GPU frames at once (a step's pages stay in frames
+until every layer has written them), so a prompt longer than the GPU budget goes in chunks:
+generate(..., prefill_chunk_size=N); without, the refusal names the largest N that fits.
+
 Compiled decode (CompiledDecoder). The path above does host work in every layer (pager calls,
 fault service), which torch.compile cannot trace into one graph. CompiledDecoder moves it out
 of the step, as paged_kv.SlotDecoder does for the raw ops (docs/DESIGN.md, "Graph safety"):
