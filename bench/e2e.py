@@ -129,6 +129,13 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def release_paged(cache, device: torch.device) -> None:
+    """Closes a PagedKVCache's engine (its pools go with it) and hands the memory back."""
+    if cache is not None:
+        cache.engine.close()
+    free_memory(device)
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -455,10 +462,7 @@ def run_fits(model, case: Case, setup: Setup) -> list[dict]:
     except Exception as error:
         failed(paged_row, error, "paged_kv")
     finally:
-        if cache is not None:
-            cache.engine.close()
-        del cache
-        free_memory(device)
+        release_paged(cache, device)
     for row in (sdpa_row, paged_row):
         add_fraction_of_bound(row)
     sdpa_row.update(bar=None, bar_rule="the reference: no bar", met=None)
@@ -509,10 +513,7 @@ def run_beyond(model, case: Case, setup: Setup) -> list[dict]:
     except Exception as error:
         failed(row, error, "paged_kv")
     finally:
-        if cache is not None:
-            cache.engine.close()
-        del cache
-        free_memory(device)
+        release_paged(cache, device)
     if run is not None:
         row["check"] = beyond_reference(model, case, setup, run)
         row["correct"] = row["check"].get("correct")
