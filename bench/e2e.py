@@ -59,6 +59,7 @@ ROPE = {"rope_type": "default", "rope_theta": 500000.0}  # Llama 3's
 
 MEMORY_MARGIN = 2 * GiB  # activations and workspace on top of the KV budget and the weights
 CHECK_STEPS = 4  # decode steps whose logits are compared with sdpa's
+COMPILE_WARMUP_STEPS = 3  # compiled steps left out of the timing: compilation, CUDA graph recording
 LOGIT_TOLERANCE = 0.05  # max |paged - sdpa| over max |sdpa| of a step's logits
 FILL_CHUNK = 16 * K  # tokens of random K/V appended at a time in the beyond case
 WARMUP_TOKENS = 256
@@ -111,6 +112,7 @@ class Setup:
     steps: int
     fill_chunk: int
     ceilings: dict
+    compiled: bool = False  # also run the compiled decode step in the fits cases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def dense_cache(model):
     return transformers.DynamicCache(config=model.config)
 
 
-def paged_cache(model, setup: Setup, case: Case):
+def paged_cache(model, setup: Setup, case: Case, fault_mode: str = "service"):
     """A PagedKVCache whose GPU frames hold the whole context and the decoded tokens (fits) or
     `case.gpu_share` of the context's KV, with the rest in host slots read in place (beyond)."""
     from paged_kv.integrations.transformers import PagedKVCache
@@ -212,7 +214,7 @@ def paged_cache(model, setup: Setup, case: Case):
         model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim, model.dtype.itemsize)
     pages = -(-max_tokens // setup.page_size)
     if case.gpu_share is None:
-        policy = Policy(page_size=setup.page_size, gpu_budget=(pages + 1) * page_bytes)
+        policy = Policy(page_size=setup.page_size, gpu_budget=(pages + 1) * page_bytes, fault_mode=fault_mode)
     else:
         # The frames must also hold a fill chunk's pages: a step's pages stay open until written.
         frames = max(int(case.gpu_share * case.context) // setup.page_size,
@@ -284,7 +286,8 @@ def decode(model, cache, first: torch.Tensor, steps: int, device: torch.device,
            forced: list[torch.Tensor] | None = None) -> dict:
     """`steps` single-token forward calls from `first` ([1, 1]). Each step's input is the greedy
     token of the step before, or forced[step - 1] when given (another run's greedy tokens).
-    Returns each step's milliseconds, greedy tokens and the logits of the first CHECK_STEPS."""
+    Returns each step's milliseconds, greedy tokens and the logits of the first
+    COMPILE_WARMUP_STEPS + CHECK_STEPS."""
     token, step_ms, greedy, logits_kept = first, [], [], []
     with torch.no_grad():
         for step in range(steps):
@@ -295,7 +298,7 @@ def decode(model, cache, first: torch.Tensor, steps: int, device: torch.device,
             (logits, chosen), seconds = timed(forward, device)
             step_ms.append(seconds * 1e3)
             greedy.append(chosen)
-            if step < CHECK_STEPS:
+            if step < COMPILE_WARMUP_STEPS + CHECK_STEPS:
                 logits_kept.append(logits.float().cpu())
             token = forced[step] if forced is not None else chosen
     return {"step_ms": step_ms, "greedy": greedy, "logits": logits_kept}
@@ -315,7 +318,7 @@ def logits_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
 def check_against(prefill_logits, run: dict, ref_prefill_logits, ref_run: dict) -> dict:
     """paged_kv's logits and greedy tokens against sdpa's for the same inputs: the prefill's last
     position (when both prefilled) and the first CHECK_STEPS decode steps."""
-    pairs = list(zip(run["logits"], ref_run["logits"]))
+    pairs = list(zip(run["logits"][:CHECK_STEPS], ref_run["logits"][:CHECK_STEPS]))
     tokens = [int(t) for t in run["greedy"][:len(pairs)]] == [int(t) for t in ref_run["greedy"][:len(pairs)]]
     diffs = [logits_rel_diff(a, b) for a, b in pairs]
     result = {"reference": "sdpa, same weights and inputs", "checked_steps": len(pairs),
@@ -467,7 +470,68 @@ def run_fits(model, case: Case, setup: Setup) -> list[dict]:
         add_fraction_of_bound(row)
     sdpa_row.update(bar=None, bar_rule="the reference: no bar", met=None)
     apply_bars(paged_row, ["prefill_ratio_vs_sdpa", "decode_ratio_vs_sdpa"])
-    return [sdpa_row, paged_row]
+    if not setup.compiled:
+        return [sdpa_row, paged_row]
+    return [sdpa_row, paged_row, run_compiled(model, case, setup, prompt, reference, sdpa_row)]
+
+
+def run_compiled(model, case: Case, setup: Setup, prompt: torch.Tensor, reference: dict | None,
+                 sdpa_row: dict) -> dict:
+    """paged_kv with the decode step compiled whole (CompiledDecoder: CUDA graphs on a GPU), every
+    page in GPU frames, fed sdpa's tokens. The prompt goes through the eager path; the first
+    COMPILE_WARMUP_STEPS steps (compilation, graph recording) are run but not timed, and the
+    check compares the CHECK_STEPS after them with sdpa's logits at the same positions."""
+    from paged_kv import ops
+    from paged_kv.integrations.transformers import CompiledDecoder
+
+    device = setup.device
+    row = base_row(case, "paged_kv_compiled", setup)
+    if reference is None:
+        row["skipped"] = "needs sdpa's tokens: " + sdpa_row.get("skipped", sdpa_row.get("error", ""))
+        return row
+    use_attention(model, "paged_kv")
+    cache = None
+    try:
+        cache = paged_cache(model, setup, case, fault_mode="forbid")
+        options = {"mode": "reduce-overhead"} if device.type == "cuda" else {"backend": "aot_eager"}
+        row.update(page_size=setup.page_size, gpu_budget_bytes=cache.engine.policy.gpu_budget,
+                   compile_options=options)
+        decoder = CompiledDecoder(model, cache, compile=options)
+        _, seconds = timed(lambda: decoder.prefill(prompt), device)
+        row["prefill_ms"] = seconds * 1e3
+        steps = COMPILE_WARMUP_STEPS + setup.steps
+        forced = reference["greedy"]
+        token, step_ms, greedy, logits_kept = reference["first"], [], [], []
+        decoder.reserve(steps)
+        with ops.deferred_checks():  # as CompiledDecoder.generate: no input check waits for a kernel
+            for step in range(steps):
+                logits, seconds = timed(lambda token=token: decoder.step(token), device)
+                step_ms.append(seconds * 1e3)
+                greedy.append(logits.argmax(-1, keepdim=True))
+                if step < COMPILE_WARMUP_STEPS + CHECK_STEPS:
+                    logits_kept.append(logits.float().cpu())
+                token = forced[step] if step < len(forced) else greedy[-1]
+        decoder.commit()
+        timed_steps = step_ms[COMPILE_WARMUP_STEPS:]
+        row.update(decode_figures({"step_ms": timed_steps}), compile_and_warmup_ms=sum(step_ms[:COMPILE_WARMUP_STEPS]))
+        w = COMPILE_WARMUP_STEPS
+        if len(reference["logits"]) > w:
+            row["check"] = check_against(None, {"logits": logits_kept[w:], "greedy": greedy[w:]}, None,
+                                         {"logits": reference["logits"][w:], "greedy": reference["greedy"][w:]})
+        else:
+            row["check"] = {"skipped": f"sdpa decoded {len(reference['logits'])} steps, none past the "
+                                       f"{w} compiled warm-up steps"}
+        row["correct"] = row["check"].get("correct")
+        row["decode_ratio_vs_sdpa"] = row["tokens_per_s"] / sdpa_row["tokens_per_s"]
+        row["bound"] = decode_bound(setup, 0, case.context * kv_bytes_per_token(model)
+                                    + weight_bytes_read_per_token(model))
+        add_fraction_of_bound(row)
+    except Exception as error:
+        failed(row, error, "paged_kv_compiled")
+    finally:
+        release_paged(cache, device)
+    row.update(bar=None, bar_rule="an extra row: the bars are read on the eager paged_kv row", met=None)
+    return row
 
 
 def add_fraction_of_bound(row: dict) -> None:
@@ -617,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=".*", metavar="REGEX", help="run the cases whose name matches")
     parser.add_argument("--steps", type=int, default=None,
                         help="decode steps timed per run (default 32, 8 with --quick)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="add a row per fits case with the decode step compiled (CompiledDecoder; CUDA "
+                             "graphs on a GPU, aot_eager on a CPU)")
     args = parser.parse_args(argv)
     # --quick alone stays on the CPU; --quick --device cuda is a fast smoke test on the GPU.
     device = resolve_device("cpu" if args.quick and args.device == "auto" else args.device)
@@ -633,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring ceilings ...", file=sys.stderr, flush=True)
     setup = Setup(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                   page_size=16 if args.quick else 256, steps=steps, fill_chunk=32 if args.quick else FILL_CHUNK,
-                  ceilings=measure_ceilings(device, args.quick))
+                  ceilings=measure_ceilings(device, args.quick), compiled=args.compiled)
     print("building the model ...", file=sys.stderr, flush=True)
     model = build_model(args.quick, device, setup.dtype, max(c.context for c in cases) + steps + WARMUP_TOKENS)
     warm_up(model, setup)

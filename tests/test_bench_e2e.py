@@ -78,3 +78,16 @@ def test_cases_and_steps_flags(tmp_path):
     assert [(row["case"], row["attention"]) for row in data["rows"]] == [("beyond_256", "paged_kv")]
     row = data["rows"][0]
     assert row["decode_steps"] == 2 and row["check"]["checked_steps"] == 2 and row["correct"] is True
+
+
+def test_compiled_row(tmp_path):
+    """--compiled adds a row per fits case with the decode step compiled (aot_eager on the CPU):
+    timed past its warm-up steps and checked against sdpa's logits at the same positions."""
+    data = run_quick(tmp_path, "--cases", "^fits_64$", "--compiled")
+    assert [(row["case"], row["attention"]) for row in data["rows"]] == [
+        ("fits_64", "sdpa"), ("fits_64", "paged_kv"), ("fits_64", "paged_kv_compiled")]
+    row = data["rows"][2]
+    assert "error" not in row, row.get("error")
+    assert row["compile_options"] == {"backend": "aot_eager"} and positive(row["compile_and_warmup_ms"])
+    assert positive(row["decode_ms_per_token"]) and positive(row["decode_ratio_vs_sdpa"])
+    assert row["check"]["checked_steps"] == 4 and row["correct"] is True and row["met"] is None
