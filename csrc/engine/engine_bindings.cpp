@@ -124,14 +124,19 @@ std::vector<PageId> prefix_pages(const Pager& pager, const std::vector<int64_t>&
 // decode step's check costs little host time.
 bool prefixes_reachable(const Pager& pager, const std::vector<int64_t>& rows,
                         const std::vector<int64_t>& counts, bool host_readable) {
-  const std::vector<PageId> ids = prefix_pages(pager, rows, counts, "prefixes_reachable");
+  TORCH_CHECK(rows.size() == counts.size(), "paged_kv pager: prefixes_reachable: ", rows.size(),
+              " rows but ", counts.size(), " page counts");
   const int64_t stride = pager.config().max_pages;
   const std::vector<int32_t>& mirror = pager.pte_mirror();
-  for (const PageId& id : ids) {
-    const int32_t pte = mirror[static_cast<size_t>(id.row * stride + id.page)];
-    if (pte == kPteUnmapped) return false;
-    const Tier tier = pte_tier(pte);
-    if (!(tier == Tier::kGpu || (host_readable && tier == Tier::kHost))) return false;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (counts[i] <= 0) continue;
+    pager.page_id(rows[i], counts[i] - 1, "prefixes_reachable");  // checks the row and the count
+    const int32_t* ptes = mirror.data() + rows[i] * stride;
+    for (int64_t p = 0; p < counts[i]; ++p) {
+      if (ptes[p] == kPteUnmapped) return false;
+      const Tier tier = pte_tier(ptes[p]);
+      if (!(tier == Tier::kGpu || (host_readable && tier == Tier::kHost))) return false;
+    }
   }
   return true;
 }

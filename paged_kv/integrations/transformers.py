@@ -108,7 +108,10 @@ class _PagedLayer(CacheLayerMixin):
                     cache.engine.append(row, key_states[b].transpose(0, 1), value_states[b].transpose(0, 1),
                                         self.layer)
             except PagerError as error:
-                raise _too_long_for_frames(cache, key_states.shape[2]) from error
+                tokens = key_states.shape[2]
+                if batch * (-(-tokens // cache.engine.page_size) + 1) <= cache.engine.num_frames:
+                    raise  # the frames could hold the step: the pager's own reason stands
+                raise _too_long_for_frames(cache, tokens) from error
         _last_update.cache, _last_update.layer = cache, self.layer
         return key_states, value_states
 
