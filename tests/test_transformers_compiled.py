@@ -118,7 +118,8 @@ def test_steps_one_by_one_match_eager_logits():
     eager_cache = _cache(paged)
     decoder = CompiledDecoder(paged, _cache(paged), compile=False)
     with torch.no_grad():
-        want = paged(ids, past_key_values=eager_cache).logits[:, -1]
+        # prefill computes the last position's logits alone (logits_to_keep=1), so the reference does too
+        want = paged(ids, past_key_values=eager_cache, logits_to_keep=1).logits[:, -1]
         torch.testing.assert_close(decoder.prefill(ids), want, rtol=0, atol=0)
         token = want.argmax(-1, keepdim=True)
         decoder.reserve(4)

@@ -255,7 +255,8 @@ class CompiledDecoder:
         if self.cache.decoder is not None:
             raise RuntimeError("CompiledDecoder.prefill: reserved steps are running; commit() them first")
         with torch.no_grad():
-            return self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True).logits[:, -1]
+            return self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
+                              logits_to_keep=1).logits[:, -1]
 
     def reserve(self, steps: int) -> None:
         """Host work for the next `steps` tokens (outside any graph): pages for them, every page
