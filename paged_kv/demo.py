@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -25,6 +26,10 @@ import torch
 
 import paged_kv
 from paged_kv.policy import format_bytes
+
+
+class DemoError(Exception):
+    """A problem with the demo's inputs, reported as one line and exit status 2."""
 
 
 def _sync(device: torch.device) -> None:
@@ -36,8 +41,11 @@ def _model(args, device, dtype):
     import transformers
 
     if args.model:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="paged_kv",
-                                                                  dtype=dtype)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="paged_kv",
+                                                                      dtype=dtype)
+        except (OSError, ValueError, KeyError) as error:  # no weights or config there, or no such architecture
+            raise DemoError(f"--model {args.model}: could not load a causal language model from it: {error}") from error
     else:
         big = device.type == "cuda"
         config = transformers.LlamaConfig(
@@ -90,9 +98,12 @@ def run(args) -> int:
     gpu_pages, host_pages = max(total_pages // 2, prompt_pages), max(total_pages // 4, prompt_pages)
     policy = paged_kv.Policy(page_size=args.page_size, gpu_budget=gpu_pages * page_bytes,
                              host_budget=host_pages * page_bytes, disk_budget=total_pages * page_bytes)
-    engine = paged_kv.Engine(policy, num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim,
-                             dtype=dtype, device=device, max_sequences=args.sessions,
-                             max_pages=pages_per_session + 1, max_batch=1)
+    try:
+        engine = paged_kv.Engine(policy, num_layers=config.num_hidden_layers, num_kv_heads=kv_heads,
+                                 head_dim=head_dim, dtype=dtype, device=device, max_sequences=args.sessions,
+                                 max_pages=pages_per_session + 1, max_batch=1)
+    except ValueError as error:  # a geometry the kernels do not take (a checkpoint's head_dim, say)
+        raise DemoError(f"this model's KV cannot be paged: {error}") from error
     print(f"paged_kv demo on {device} ({dtype}): {'model ' + args.model if args.model else 'a random-weight Llama'} "
           f"({config.num_hidden_layers} layers, {heads} query / {kv_heads} KV heads, head_dim {head_dim})")
     print(f"  {args.sessions} sessions of {prompt_len} prompt tokens + {args.turns} turns of {args.tokens_per_turn}: "
@@ -233,4 +244,10 @@ def main(argv=None) -> int:
         parser.error("--prompt must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    return run(args)
+    if args.model is not None and not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: no such folder (a local checkpoint folder is expected)")
+    try:
+        return run(args)
+    except DemoError as error:
+        print(f"paged_kv demo: {error}")
+        return 2

@@ -85,3 +85,37 @@ def test_pte_encoding_round_trip():
             assert -(2**31) <= pte < 2**31
             assert paged_kv.pte.pte_tier(pte) == tier and paged_kv.pte.pte_index(pte) == index
     assert paged_kv.pte.pte_tier(paged_kv.UNMAPPED) == paged_kv.Tier.UNMAPPED
+
+
+def test_demo_with_a_local_checkpoint(tmp_path):
+    """--model DIR: a checkpoint saved by transformers runs instead of the random Llama (float32 on
+    the CPU, so session 0's tokens equal sdpa's); a checkpoint whose head_dim the kernels do not
+    take, a folder that holds none, or no folder, is a one-line error."""
+    transformers = pytest.importorskip("transformers")
+    def save(folder, hidden_size):
+        config = transformers.Qwen2Config(vocab_size=300, hidden_size=hidden_size, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / folder)
+
+    save("ckpt", 256)  # head_dim 64
+    save("ckpt_head_dim_16", 64)
+
+    def demo(*flags):
+        return subprocess.run([sys.executable, "-m", "paged_kv", "demo", "--sessions", "2", "--prompt", "24",
+                               "--turns", "2", "--tokens-per-turn", "3", "--device", "cpu",
+                               "--plot", str(tmp_path / "demo.png"), *flags],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+    out = demo("--model", str(tmp_path / "ckpt"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"model {tmp_path / 'ckpt'} (2 layers, 4 query / 2 KV heads, head_dim 64)" in out.stdout
+    assert "session 0: all 7 tokens equal the same model under sdpa" in out.stdout
+
+    out = demo("--model", str(tmp_path / "ckpt_head_dim_16"))
+    assert out.returncode == 2 and "this model's KV cannot be paged: Engine: head_dim must be one of" in out.stdout
+    (tmp_path / "empty").mkdir()
+    out = demo("--model", str(tmp_path / "empty"))
+    assert out.returncode == 2 and "could not load a causal language model from it" in out.stdout, out.stdout + out.stderr
+    out = demo("--model", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "no such folder" in out.stderr
