@@ -1,8 +1,8 @@
 """paged_kv under Hugging Face transformers: models with random weights and small configurations,
 attn_implementation="paged_kv" with a PagedKVCache whose GPU budget holds a few pages (the rest on
 host and disk), against the same weights under transformers' own sdpa attention: logits within
-float32's tolerance at every step, and greedy generation identical for 64 tokens, for Llama,
-Mistral (a window shorter than the context), Qwen2, GPT-NeoX and Falcon (multi-query); on a GPU in
+float32's tolerance at every step, and greedy generation identical for 64 tokens, for Llama (GQA
+2:1, and Llama 2's and Llama 3.1's geometries), Mistral (a window shorter than the context), Qwen2, GPT-NeoX and Falcon (multi-query); on a GPU in
 bfloat16, logits at every step within twice sdpa's own bfloat16 error against float32."""
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ def _config(arch):
                   num_attention_heads=4, max_position_embeddings=256)
     if arch == "llama":
         return transformers.LlamaConfig(num_key_value_heads=2, head_dim=64, **common)
+    if arch == "llama2":  # Llama 2's geometry: multi-head (no GQA), RoPE theta 10,000
+        return transformers.LlamaConfig(num_key_value_heads=4, head_dim=64, **common)
+    if arch == "llama3":  # Llama 3.1's: GQA 4:1, RoPE theta 500,000 with its long-context scaling
+        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=64)
+        return transformers.LlamaConfig(num_key_value_heads=1, head_dim=64, rope_parameters=rope, **common)
     if arch == "mistral":  # a window shorter than the context: the window must be honoured
         return transformers.MistralConfig(num_key_value_heads=2, head_dim=64, sliding_window=24, **common)
     if arch == "qwen2":
@@ -62,7 +68,7 @@ def _cache(model, tmp_path, batch=1, max_tokens=PROMPT + NEW + PAGE):
     return PagedKVCache.for_model(model, policy, batch, max_tokens=max_tokens)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt_neox", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "llama2", "llama3", "mistral", "qwen2", "gpt_neox", "falcon"])
 def test_greedy_generation_matches_sdpa(arch, tmp_path):
     ref, paged = _models(arch)
     ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(1))
@@ -77,7 +83,7 @@ def test_greedy_generation_matches_sdpa(arch, tmp_path):
     assert stats["faults_seen"] > 0 and stats["evictions"]["gpu"] > 0  # the context did not fit the frames
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt_neox", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "llama2", "llama3", "mistral", "qwen2", "gpt_neox", "falcon"])
 def test_logits_match_at_every_step(arch, tmp_path):
     ref, paged = _models(arch)
     ids = torch.randint(0, 96, (1, PROMPT), generator=torch.Generator().manual_seed(2))
@@ -163,3 +169,30 @@ def test_bf16_on_gpu_within_sdpas_own_error(arch, tmp_path):
     assert stats["evictions"]["gpu"] > 0  # the context did not fit the frames
     if arch != "mistral":  # Mistral's window never reads the pages that left the frames
         assert stats["faults_seen"] > 0
+
+
+def test_attention_it_cannot_compute_is_refused(tmp_path):
+    """A layer asking for what the paged kernel does not compute (logit soft-capping, sink
+    logits, a position bias, non-causal attention) is refused by name, never silently dropped:
+    here a Gemma 2 model with soft-capping, end to end, and each case at the attention function."""
+    from types import SimpleNamespace
+
+    from paged_kv.integrations.transformers import paged_kv_attention
+
+    config = transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                       attn_logit_softcapping=50.0, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="paged_kv").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"does not support attention logit soft-capping "
+                                                          r"\(softcap\) \(Gemma2Attention, layer 0\)"):
+        model.generate(torch.randint(0, 96, (1, 5)), max_new_tokens=2, past_key_values=_cache(model, tmp_path))
+
+    q = k = v = torch.zeros(1, 4, 3, 64)
+    causal = SimpleNamespace(layer_idx=0, is_causal=True)
+    for module, kwargs, named in ((causal, {"s_aux": torch.zeros(4)}, "sink logits"),
+                                  (causal, {"position_bias": torch.zeros(1, 4, 3, 3)}, "position bias"),
+                                  (causal, {"is_causal": False}, "non-causal"),
+                                  (SimpleNamespace(layer_idx=0, is_causal=False), {}, "non-causal")):
+        with pytest.raises(ValueError, match=named):
+            paged_kv_attention(module, q, k, v, None, **kwargs)

@@ -360,6 +360,10 @@ def paged_kv_attention(module, query, key, value, attention_mask, scaling=None, 
     """The "paged_kv" attention function: query [B, Hq, T, D] attends each sequence's whole
     context in the PagedKVCache the layer just updated; returns ([B, T, Hq, D], None)."""
     layer = getattr(module, "layer_idx", None)
+    unsupported = _unsupported_attention(module, kwargs)
+    if unsupported:
+        raise ValueError(f"paged_kv attention does not support {unsupported} ({type(module).__name__}, layer "
+                         f"{layer}); load this model with another attn_implementation")
     cache = getattr(_last_update, "cache", None)
     if cache is None or getattr(_last_update, "layer", None) != layer:
         raise RuntimeError(
@@ -380,6 +384,23 @@ def paged_kv_attention(module, query, key, value, attention_mask, scaling=None, 
     starts = [b * length for b in range(batch + 1)]
     out = cache.engine.attention(q.contiguous(), cache.rows, starts, layer, scale=scaling, window=window)
     return out.reshape(batch, length, q_heads, head_dim), None
+
+
+def _unsupported_attention(module, kwargs) -> str | None:
+    """What in a layer's call the paged kernel cannot compute (it would be silently left out), or
+    None: the kernel is causal softmax attention with a scale, a window and sink tokens only."""
+    if kwargs.get("softcap") is not None:  # Gemma 2
+        return "attention logit soft-capping (softcap)"
+    if kwargs.get("s_aux") is not None:  # learned sink logits (GPT-OSS)
+        return "learned attention-sink logits (s_aux)"
+    if kwargs.get("position_bias") is not None:
+        return "an additive position bias"
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
+    if not causal:
+        return "non-causal attention (is_causal=False)"
+    return None
 
 
 def _too_long_for_frames(cache: PagedKVCache, tokens: int) -> PagerError:
