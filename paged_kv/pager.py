@@ -154,6 +154,12 @@ class Pager:
             )
         return self._pager.append_pages(row, n, seal_open=seal_open)
 
+    def drop_open_pages(self, row: int, n: int) -> None:
+        """Take back the sequence's last n pages, which must be open and unpinned: pages
+        appended for tokens that will not be written after all. Their frames are freed and their
+        PTEs unmapped (sync the page table). Raises ValueError, changing nothing, otherwise."""
+        self._pager.drop_open_pages(row, n)
+
     def seal(self, row: int, page: int) -> None:
         """Seal an open page and the open pages before it: they never change again and may now
         be evicted. With write_through, they are written to host slots at once. A no-op for a

@@ -77,6 +77,7 @@ class SlotDecoder:
             raise ValueError("SlotDecoder.reserve: no batch slot is bound (Engine.bind)")
         lengths = [engine.num_tokens(row) for row in rows]
         reserved = [engine._sequence(row).reserved for row in rows]
+        pages = [engine.pager.num_pages(row) for row in rows]
         try:
             for row in rows:
                 engine.reserve(row, steps)
@@ -90,10 +91,13 @@ class SlotDecoder:
                     f"tier, or turn zero_copy on"
                 )
         except BaseException:
-            # Refused: the sequences keep the tokens they had (pages added for the new ones stay,
-            # empty), so reserve() can be tried again once there is room.
-            for row, tokens in zip(rows, reserved):
+            # Refused: the sequences are left with the tokens and pages they had (the empty pages
+            # added for the new tokens give their frames back), so reserve() can be tried again
+            # once there is room.
+            for row, tokens, count in zip(rows, reserved, pages):
                 engine._sequence(row).reserved = tokens
+                engine.pager.drop_open_pages(row, engine.pager.num_pages(row) - count)
+            engine.pager.sync_table(engine.page_table)
             raise
         values = torch.tensor(lengths, dtype=torch.int32)
         self.lengths[: len(rows)].copy_(values.pin_memory() if self.lengths.is_cuda else values,

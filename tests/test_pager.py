@@ -65,6 +65,28 @@ def test_append_without_sealing_keeps_the_open_pages_writable():
     assert_content(pager, tags)
 
 
+def test_drop_open_pages_gives_their_frames_back():
+    pager = make_pager(frames=4, host=4)
+    tags = {}
+    row = pager.add_sequence()
+    append_written(pager, row, 2, tags)
+    pager.seal(row, 1)
+    pager.append_pages(row, 2, seal_open=False)  # pages 2 and 3, for tokens that never come
+    assert pager.free_frames() == 0
+    with pytest.raises(ValueError, match="page 1 is sealed"):
+        pager.drop_open_pages(row, 3)
+    with pytest.raises(ValueError, match="n must be between 0 and the number of pages"):
+        pager.drop_open_pages(row, 5)
+    assert pager.num_pages(row) == 4  # refused: nothing changed
+    pager.drop_open_pages(row, 2)
+    assert pager.num_pages(row) == 2 and pager.free_frames() == 2
+    assert (pager.page_table()[row, 2:] == paged_kv.UNMAPPED).all()
+    pager.drop_open_pages(row, 0)
+    pager.check_invariants()
+    assert_content(pager, tags)
+    assert pager.append_pages(row, 1) == 2  # the row grows from where it was
+
+
 def test_write_through_copies_a_page_left_open_only_when_sealed():
     pager = make_pager(frames=3, host=4, write_through=True)
     tags = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import paged_kv
 from paged_kv import Engine, FaultError, Policy, Tier
 from paged_kv.slot_decode import SlotDecoder
 
@@ -134,6 +135,13 @@ def test_reserve_refuses_what_cannot_be_reached_and_errors():
         engine.bind(0, a)
         with pytest.raises(FaultError, match=r"page\(s\) of the bound sequences cannot be brought within"):
             decoder.reserve(1)
+        # refused: the page added for the new token is gone and gave its frame back (the frames
+        # in use hold pages of the sequence that prefetch brought up)
+        assert engine.pager.num_pages(a) == 5
+        on_gpu = sum(engine.pager.page_info(a, p)["tier"] == Tier.GPU for p in range(5))
+        assert engine.pager.free_frames() + on_gpu == engine.num_frames == 3
+        assert int(engine.page_table[a, 5]) == engine.pager.page_table()[a, 5] == paged_kv.UNMAPPED
+        engine.pager.check_invariants()
         with pytest.raises(RuntimeError, match="call reserve\\(\\) before the steps"):
             decoder.step(*_inputs(sessions, 1), 0)
     with _engine("cpu") as engine:

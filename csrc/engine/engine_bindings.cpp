@@ -244,6 +244,8 @@ void bind_engine(py::module_& m) {
              return h.pager().append_pages(row, n, seal_open);
            },
            py::arg("row"), py::arg("n"), py::kw_only(), py::arg("seal_open") = true)
+      .def("drop_open_pages", [](PagerHandle& h, int64_t row, int64_t n) { h.pager().drop_open_pages(row, n); },
+           py::arg("row"), py::arg("n"))
       .def("seal", [](PagerHandle& h, int64_t row, int64_t page) { h.pager().seal(row, page); },
            py::arg("row"), py::arg("page"))
       .def("is_live", [](PagerHandle& h, int64_t row) { return h.pager().is_live(row); }, py::arg("row"))

@@ -246,6 +246,35 @@ int64_t Pager::append_pages(int64_t row, int64_t n, bool seal_open) {
   return first;
 }
 
+void Pager::drop_open_pages(int64_t row, int64_t n) {
+  check_row(row, "drop_open_pages");
+  Row& r = rows_[row];
+  const int64_t count = static_cast<int64_t>(r.pages.size());
+  const auto refuse = [&](const std::string& why) {
+    std::ostringstream m;
+    m << "paged_kv pager: drop_open_pages: cannot drop the last " << n << " pages of sequence " << row
+      << " (" << count << " pages): " << why;
+    throw std::invalid_argument(m.str());
+  };
+  if (n < 0 || n > count) refuse("n must be between 0 and the number of pages");
+  for (int64_t p = count - n; p < count; ++p) {
+    const PageMeta& m = r.pages[static_cast<size_t>(p)];
+    if (m.sealed()) refuse("page " + std::to_string(p) + " is sealed");
+    if (m.pins > 0) refuse("page " + std::to_string(p) + " is pinned");
+  }
+  for (int64_t p = count - 1; p >= count - n; --p) {
+    release_page(PageId{static_cast<int32_t>(row), static_cast<int32_t>(p)});
+    ptes_[static_cast<size_t>(row) * config_.max_pages + p] = kPteUnmapped;
+    r.pages.pop_back();
+  }
+  r.scores.resize(r.pages.size());
+  r.score_weights.resize(r.pages.size());
+  if (n > 0 && !row_dirty_[row]) {
+    row_dirty_[row] = 1;
+    dirty_rows_.push_back(row);
+  }
+}
+
 void Pager::seal(int64_t row, int64_t page) {
   const PageId id = page_id(row, page, "seal");
   if (meta(id).sealed()) return;

@@ -78,6 +78,10 @@ class Pager {
   // first new page's index. Raises PagerError, appending nothing, when the frames cannot be
   // found; without seal_open that check comes before any change.
   int64_t append_pages(int64_t row, int64_t n, bool seal_open = true);
+  // Takes back the row's last n pages, which must be open and unpinned (pages appended for
+  // tokens that will not come: a refused decode reservation); their frames are freed and their
+  // PTEs become unmapped. Raises std::invalid_argument, changing nothing, otherwise.
+  void drop_open_pages(int64_t row, int64_t n);
   // Seals an open page and the open pages before it (a no-op for a sealed page); with
   // write_through, writes them to host slots.
   void seal(int64_t row, int64_t page);
