@@ -229,7 +229,8 @@ def check_errors(device: torch.device | int | str | None = None) -> None:
 def set_sync_checks(enabled: bool) -> None:
     """By default each CUDA op waits for its kernel and raises a bad input at once. With checks
     off, ops never synchronise; an error is raised by the next paged_kv op on that device or by
-    check_errors(). Ops captured into a CUDA graph always defer."""
+    check_errors(). The setting is the calling thread's (as torch's grad mode is): other threads'
+    ops keep theirs. Ops captured into a CUDA graph always defer."""
     lib = _cuda_library()
     if lib is not None:
         lib.set_sync_checks(bool(enabled))
@@ -242,8 +243,8 @@ def sync_checks() -> bool:
 
 @contextlib.contextmanager
 def deferred_checks():
-    """Within the block, CUDA ops do not synchronise to check their inputs; on leaving it,
-    pending errors are raised (check_errors)."""
+    """Within the block, CUDA ops of this thread do not synchronise to check their inputs; on
+    leaving it, pending errors are raised (check_errors)."""
     previous = sync_checks()
     set_sync_checks(False)
     try:

@@ -142,3 +142,17 @@ def test_deferred_checks_report_on_next_check():
     # The error was consumed: the next good call succeeds.
     paged_kv.gather_kv(pool, table, 0, _i32([0], "cuda"), 0)
     paged_kv.check_errors()
+
+
+@pytest.mark.skipif(not paged_kv.build_info()["cuda"], reason="needs a CUDA build (the setting lives in its library)")
+def test_deferred_checks_are_the_calling_threads():
+    """Deferring checks in one thread leaves another thread's ops checking synchronously."""
+    import threading
+
+    seen = []
+    with paged_kv.deferred_checks():
+        assert not paged_kv.ops.sync_checks()
+        worker = threading.Thread(target=lambda: seen.append(paged_kv.ops.sync_checks()))
+        worker.start()
+        worker.join()
+    assert seen == [True] and paged_kv.ops.sync_checks()

@@ -2,7 +2,6 @@
 
 #include <c10/util/Exception.h>
 
-#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -10,7 +9,9 @@
 namespace paged_kv::cuda {
 namespace {
 
-std::atomic<bool> g_sync_checks{true};
+// Per thread, like torch's grad mode: a serving loop that defers its checks does not change
+// what ops of other threads do.
+thread_local bool t_sync_checks = true;
 
 struct DeviceRecords {
   std::mutex mutex;
@@ -74,7 +75,7 @@ void check_launch_status(int launch_status) {
 
 void check_launch(int launch_status, int device, cudaStream_t stream) {
   check_launch_status(launch_status);
-  if (!g_sync_checks.load(std::memory_order_relaxed)) return;
+  if (!t_sync_checks) return;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   PKV_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return;
@@ -93,7 +94,7 @@ void check_errors(int device) {
   raise_pending(device);
 }
 
-void set_sync_checks(bool enabled) { g_sync_checks.store(enabled); }
-bool sync_checks() { return g_sync_checks.load(); }
+void set_sync_checks(bool enabled) { t_sync_checks = enabled; }
+bool sync_checks() { return t_sync_checks; }
 
 }  // namespace paged_kv::cuda

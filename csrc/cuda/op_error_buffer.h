@@ -26,6 +26,7 @@ void check_launch(int launch_status, int device, cudaStream_t stream);
 // Synchronises `device` and raises its pending error, if any.
 void check_errors(int device);
 
+// Whether launches on the calling thread wait for their input checks (default true).
 void set_sync_checks(bool enabled);
 bool sync_checks();
 
