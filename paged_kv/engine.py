@@ -226,10 +226,14 @@ class Engine:
         self.page_table = new_page_table(max_sequences, max_pages, device)
         # Span-aware replacement reads what attention uses: the kernel adds each page's softmax
         # mass (summed over heads, over the layers of a step) here, and the last layer's call
-        # hands the step's rows to the pager.
-        self._telemetry = None
+        # copies the step's rows out (to pinned memory, without waiting) and hands the step
+        # before's to the pager (flush_telemetry), so no step waits for the GPU.
+        self._telemetry = self._telemetry_host = None
+        self._telemetry_pending = None  # (rows, pages per row, host copy, its copy's event)
         if policy.replacement == "span":
             self._telemetry = torch.zeros(max_sequences, max_pages, dtype=torch.float32, device=device)
+            if self._telemetry.is_cuda:
+                self._telemetry_host = torch.empty(max_sequences, max_pages, dtype=torch.float32, pin_memory=True)
         self._sequences: dict[int, _Sequence] = {}
         self.max_batch = max_batch
         self.batch_rows = torch.full((max_batch,), -1, dtype=torch.int32, device=device)
@@ -280,6 +284,7 @@ class Engine:
     def free_sequence(self, row: int) -> None:
         """Free the row and all its pages (unbinding it from any batch slot)."""
         self._sequence(row)
+        self.flush_telemetry()  # its last step's mass must not reach a later sequence in the row
         for slot in [s for s, r in self._bound.items() if r == row]:
             self.unbind(slot)
         self.pager.remove_sequence(row)
@@ -659,15 +664,36 @@ class Engine:
         return out, lse
 
     def _record_attention(self, rows: list[int]) -> None:
-        """Hands the step's attention mass of `rows` to the pager and clears it. In a call that
-        serviced faults, each pass (the first over the reachable pages, then each batch) shares
-        out the mass of its own pages only, so a page read in a pass over few pages weighs more
-        than its true share of the step."""
+        """Takes the step's attention mass of `rows` out of the telemetry (cleared for the next
+        step) and hands the previous step's to the pager: the pager ranks pages one step behind,
+        and the copy of this step's, queued without waiting, has long finished by the next. In a
+        call that serviced faults, each pass (the first over the reachable pages, then each
+        batch) shares out the mass of its own pages only, so a page read in a pass over few
+        pages weighs more than its true share of the step."""
+        self.flush_telemetry()
         index = torch.tensor(rows, dtype=torch.int64, device=self._telemetry.device)
-        mass = self._telemetry.index_select(0, index).cpu()
+        mass = self._telemetry.index_select(0, index)
         self._telemetry.index_fill_(0, index, 0.0)
-        for i, row in enumerate(rows):
-            self.pager.record_attention(row, mass[i, : self.pager.num_pages(row)])
+        event = None
+        if self._telemetry_host is not None:
+            mass = self._telemetry_host[: len(rows)].copy_(mass, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._telemetry_pending = (rows, [self.pager.num_pages(row) for row in rows], mass, event)
+
+    def flush_telemetry(self) -> None:
+        """Hand the last step's attention mass to the pager now (span replacement; otherwise a
+        no-op). The engine does so itself at the end of the next step, or before freeing a
+        sequence; call it to read Pager.attention_scores up to date."""
+        if self._telemetry_pending is None:
+            return
+        rows, pages, mass, event = self._telemetry_pending
+        self._telemetry_pending = None
+        if event is not None:
+            event.synchronize()
+        for i, (row, count) in enumerate(zip(rows, pages)):
+            if row in self._sequences:
+                self.pager.record_attention(row, mass[i, :count])
 
     def _only(self, pages: torch.Tensor) -> torch.Tensor:
         """A page table mapping `pages` alone (as the device table does): the op reads them and
@@ -752,6 +778,7 @@ class Engine:
         self.pager = None
         self.disk_store = None
         self.pool = self.host_pool = self.page_table = self._telemetry = self.batch_rows = None
+        self._telemetry_host = self._telemetry_pending = None
         self._remove_temp_dir()
 
     def _remove_temp_dir(self) -> None:
