@@ -300,11 +300,13 @@ class Engine:
         in its frame. Raises PagerError when the tier has no room."""
         seq_tier = _tier_named(tier, ("host", "disk"), "Engine.suspend")
         self._sequence(row)
-        pages = self._sealed_pages(row)
-        on_gpu = self._pages_in(row, pages, Tier.GPU)
+        sealed = self._sealed_count(row)
+        tiers = (self.pager.page_table()[row, :sealed].to(torch.int64) & 0xFFFFFFFF) >> TIER_SHIFT
+        on_gpu = int((tiers == Tier.GPU).sum())
         try:
-            if pages:
-                self.pager.demote(torch.tensor([(row, p) for p in pages], dtype=torch.int64).reshape(-1, 2), seq_tier)
+            if sealed:
+                pages = torch.arange(sealed, dtype=torch.int64)
+                self.pager.demote(torch.stack([torch.full_like(pages, row), pages], 1), seq_tier)
         finally:  # a refused call may still have moved pages
             self.pager.sync_table(self.page_table)
         return on_gpu
@@ -434,14 +436,13 @@ class Engine:
             raise ValueError(f"Engine: batch slot must be an int in [0, {self.max_batch}), got {slot!r}")
         return slot
 
-    def _page_tier(self, row: int, page: int) -> int:
-        return (self.pager.pte(row, page) & 0xFFFFFFFF) >> TIER_SHIFT
-
-    def _sealed_pages(self, row: int) -> list[int]:
-        return [p for p in range(self.pager.num_pages(row)) if self.pager.page_info(row, p)["sealed"]]
-
-    def _pages_in(self, row: int, pages: list[int], tier: Tier) -> int:
-        return sum(1 for p in pages if self._page_tier(row, p) == tier)
+    def _sealed_count(self, row: int) -> int:
+        """How many of the sequence's pages are sealed: a prefix, since the open pages (still
+        being written) are a suffix."""
+        n = self.pager.num_pages(row)
+        while n > 0 and not self.pager.page_info(row, n - 1)["sealed"]:
+            n -= 1
+        return n
 
     def num_tokens(self, row: int, layer: int | None = None) -> int:
         """Tokens written to every layer of the sequence (or to `layer`)."""
