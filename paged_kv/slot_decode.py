@@ -96,7 +96,10 @@ class SlotDecoder:
             # once there is room.
             for row, tokens, count in zip(rows, reserved, pages):
                 engine._sequence(row).reserved = tokens
-                engine.pager.drop_open_pages(row, engine.pager.num_pages(row) - count)
+                try:
+                    engine.pager.drop_open_pages(row, engine.pager.num_pages(row) - count)
+                except ValueError:  # cannot happen to pages reserve() just added; if it did, they
+                    pass            # would only stay empty until the sequence is freed
             engine.pager.sync_table(engine.page_table)
             raise
         values = torch.tensor(lengths, dtype=torch.int32)
