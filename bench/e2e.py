@@ -564,9 +564,12 @@ def run_compiled(model, case: Case, setup: Setup, prompt: torch.Tensor, referenc
                    compile_options=options)
         decoder = CompiledDecoder(model, cache, compile=options)
         chunk = setup.prefill_chunk
+        reset_peak(device)
         _, seconds = timed(lambda: [decoder.prefill(prompt[:, i:i + chunk]) for i in range(0, prompt.shape[1], chunk)],
                            device)
         row["prefill_ms"] = seconds * 1e3
+        peaks = {"prefill": peak_bytes(device)}
+        reset_peak(device)
         steps = COMPILE_WARMUP_STEPS + setup.steps
         forced = reference["greedy"]
         token, step_ms, greedy, logits_kept = reference["first"], [], [], []
@@ -580,6 +583,10 @@ def run_compiled(model, case: Case, setup: Setup, prompt: torch.Tensor, referenc
                     logits_kept.append(logits.float().cpu())
                 token = forced[step] if step < len(forced) else greedy[-1]
         decoder.commit()
+        # the decode peak includes the compilation and the CUDA graphs' memory pool
+        peaks["decode"] = peak_bytes(device)
+        row["memory"] = memory_record(setup, peaks, cache.engine.num_frames * cache.engine.page_bytes,
+                                      weight_bytes(model))
         timed_steps = step_ms[COMPILE_WARMUP_STEPS:]
         row.update(decode_figures({"step_ms": timed_steps}), compile_and_warmup_ms=sum(step_ms[:COMPILE_WARMUP_STEPS]))
         w = COMPILE_WARMUP_STEPS
