@@ -94,19 +94,6 @@ def _tier_named(name: str, allowed: tuple[str, ...], where: str) -> Tier:
     return {"gpu": Tier.GPU, "host": Tier.HOST, "disk": Tier.DISK}[name]
 
 
-def _pages_read(rows: list[int], pages_per_entry: list[int]) -> torch.Tensor:
-    """The distinct (row, page) pairs a call reads, as an int64 tensor [n, 2] sorted by row
-    then page: pages 0 .. n_b - 1 of each entry's row."""
-    counts = torch.tensor(pages_per_entry, dtype=torch.int64)
-    row_of = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), counts)
-    first = torch.cumsum(counts, 0) - counts
-    page = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(first, counts)
-    pages = torch.stack([row_of, page], 1)
-    if any(a >= b for a, b in zip(rows, rows[1:])):  # rows repeat or come out of order
-        pages = torch.unique(pages, dim=0)
-    return pages
-
-
 class Engine:
     """Tiers, pager and device page table built from a Policy; see the module docstring.
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from paged_kv import ops
-from paged_kv.engine import Engine, FaultError, _pages_read
+from paged_kv.engine import Engine, FaultError
 from paged_kv.pte import Tier
 
 __all__ = ["SlotDecoder"]
@@ -178,7 +178,7 @@ class SlotDecoder:
             engine._release_if_done(row, seq)
         engine._tick += 1
         pages = [-(-engine.num_tokens(row) // engine.page_size) for row in self.rows]
-        engine.pager.touch(_pages_read(self.rows, pages), engine._tick)
+        engine.pager.touch_prefixes(self.rows, pages, engine._tick)
         faults = int(self._faults_in_steps.item())  # the one synchronisation
         if faults:
             last = ops.read_faults(self._queue, self._count)
