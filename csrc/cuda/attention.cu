@@ -272,12 +272,18 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       if (i < count) prefetch_tile_pte<Cfg>(p, s, first + i * WN, pte_entry(i));
     }
   };
+  // The first tiles' PTEs are read together, so the start pays one page-table round trip.
+  int32_t first_ptes[STAGES - 1];
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    first_ptes[i] = i < count ? read_tile_pte<Cfg>(p, s, first + i * WN) : kPteUnmapped;
+  }
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     if (i < count) {
       const int k = first + i * WN;
       const uint32_t mask = load_tile<T, Cfg>(p, s, k, k_tile(i, slot), v_tile(i, slot), loader,
-                                              may_record, read_tile_pte<Cfg>(p, s, k));
+                                              may_record, first_ptes[i]);
       if (loader == 0) page_masks[i * WN + slot] = mask;
     }
     prefetch_pte(i + STAGES - 1);
@@ -325,6 +331,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = g + 8 * h;  // MW == 1, WM == 1
+      if (s.row_base + row >= s.total_rows) continue;  // no query: never read below
       float* o_row = merge_o + (warp_n * Cfg::kRows + row) * D;
 #pragma unroll
       for (int dj = 0; dj < D / 8; ++dj) {
@@ -361,10 +368,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 }
 
 // Merges the splits' partial states of each (query, head) into the output: one block of
-// kCombineWarps warps per row. Every warp computes the merged LSE (lanes over splits), then warp
-// w sums the weighted outputs of splits w, w + kCombineWarps, ... with several loads in flight
-// (each lane owns D / 32 columns), and the warps' sums meet in shared memory.
+// kCombineWarps warps per row. Warp w sums the weighted outputs of splits w, w + kCombineWarps,
+// ... (each lane owns D / 32 columns). The outputs of its first kCombineAhead splits are loaded
+// together with the LSEs, before the weights are known, so a short merge is one memory round
+// trip. Every warp computes the merged LSE (lanes over splits); the warps' sums meet in shared
+// memory.
 constexpr int kCombineWarps = 4;
+constexpr int kCombineAhead = 8;
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kCombineWarps * 32)
@@ -376,13 +386,28 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   wait_for_prior_grid();
   const int64_t row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float m = -INFINITY;
-  for (int64_t sp = lane; sp < num_splits; sp += 32) m = fmaxf(m, partial_lse[sp * rows + row]);
+  float ahead[kCombineAhead][kPerLane];
+#pragma unroll
+  for (int j = 0; j < kCombineAhead; ++j) {
+    const int64_t sp = warp + j * kCombineWarps;
+    if (sp >= num_splits) break;
+    const float* src = partial_out + (sp * rows + row) * D + lane * kPerLane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; i += 2) {
+      const float2 v = *reinterpret_cast<const float2*>(src + i);
+      ahead[j][i] = v.x;
+      ahead[j][i + 1] = v.y;
+    }
+  }
+  const float lane_lse = lane < num_splits ? partial_lse[lane * rows + row] : -INFINITY;
+  float m = lane_lse;
+  for (int64_t sp = lane + 32; sp < num_splits; sp += 32) m = fmaxf(m, partial_lse[sp * rows + row]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   float sum = 0.f;
   if (m != -INFINITY) {
-    for (int64_t sp = lane; sp < num_splits; sp += 32) sum += __expf(partial_lse[sp * rows + row] - m);
+    sum = __expf(lane_lse - m);
+    for (int64_t sp = lane + 32; sp < num_splits; sp += 32) sum += __expf(partial_lse[sp * rows + row] - m);
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
@@ -392,10 +417,23 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) acc[i] = 0.f;
   if (total != -INFINITY) {
+    // An empty split (LSE -inf) never wrote its output: what was loaded ahead for it is skipped,
+    // never multiplied by a zero weight.
+#pragma unroll
+    for (int j = 0; j < kCombineAhead; ++j) {
+      const int64_t sp = warp + j * kCombineWarps;
+      if (sp >= num_splits) break;
+      const float l = sp < 32 ? __shfl_sync(0xffffffffu, lane_lse, static_cast<int>(sp))
+                              : partial_lse[sp * rows + row];
+      if (l == -INFINITY) continue;
+      const float w = __expf(l - total);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[i] += w * ahead[j][i];
+    }
 #pragma unroll 4
-    for (int64_t sp = warp; sp < num_splits; sp += kCombineWarps) {
+    for (int64_t sp = warp + kCombineAhead * kCombineWarps; sp < num_splits; sp += kCombineWarps) {
       const float l = partial_lse[sp * rows + row];
-      if (l == -INFINITY) continue;  // an empty split's output is never read
+      if (l == -INFINITY) continue;
       const float w = __expf(l - total);
       const float* src = partial_out + (sp * rows + row) * D + lane * kPerLane;
 #pragma unroll
