@@ -107,11 +107,17 @@ int64_t sync_table(Pager& pager, at::Tensor& table, bool all_rows) {
   return static_cast<int64_t>(rows.size());
 }
 
+// A list of rows and one of page counts, one count per row (touch_prefixes, prefixes_reachable).
+void check_prefix_lists(const std::vector<int64_t>& rows, const std::vector<int64_t>& counts,
+                        const char* op) {
+  TORCH_CHECK(rows.size() == counts.size(), "paged_kv pager: ", op, ": ", rows.size(), " rows but ",
+              counts.size(), " page counts");
+}
+
 // Pages 0 .. counts[i] - 1 of each rows[i]: the pages one attention call reads.
 std::vector<PageId> prefix_pages(const Pager& pager, const std::vector<int64_t>& rows,
                                  const std::vector<int64_t>& counts, const char* op) {
-  TORCH_CHECK(rows.size() == counts.size(), "paged_kv pager: ", op, ": ", rows.size(), " rows but ",
-              counts.size(), " page counts");
+  check_prefix_lists(rows, counts, op);
   std::vector<PageId> ids;
   for (size_t i = 0; i < rows.size(); ++i) {
     for (int64_t p = 0; p < counts[i]; ++p) ids.push_back(pager.page_id(rows[i], p, op));
@@ -124,8 +130,7 @@ std::vector<PageId> prefix_pages(const Pager& pager, const std::vector<int64_t>&
 // decode step's check costs little host time.
 bool prefixes_reachable(const Pager& pager, const std::vector<int64_t>& rows,
                         const std::vector<int64_t>& counts, bool host_readable) {
-  TORCH_CHECK(rows.size() == counts.size(), "paged_kv pager: prefixes_reachable: ", rows.size(),
-              " rows but ", counts.size(), " page counts");
+  check_prefix_lists(rows, counts, "prefixes_reachable");
   const int64_t stride = pager.config().max_pages;
   const std::vector<int32_t>& mirror = pager.pte_mirror();
   for (size_t i = 0; i < rows.size(); ++i) {
