@@ -67,6 +67,29 @@ constexpr int64_t kWideDecodeMaxTokens = 128 * 1024;
 template <int D>
 using PrefillConfig = Config<D, 4, 1, (D == 256 ? 1 : 2), (D == 256 ? 32 : 64), 2>;
 
+// Shared-memory offsets of this lane's ldmatrix fragments within a K or V tile, for chunk
+// columns 2j + bit (j < 4) of row block 0. Column 2j + 8m of any row lies 128 m bytes further
+// (the swizzle XORs only the low three chunk bits with the row) and row block n 16 n rows
+// further, so every fragment of a tile is one of these plus a constant. Decode computes them
+// once per block; recomputing the swizzle took three instructions per ldmatrix.
+struct FragmentOffsets {
+  uint32_t k[4], v[4];
+};
+
+template <typename Cfg>
+__device__ inline FragmentOffsets fragment_offsets() {
+  const int lane = threadIdx.x & 31;
+  FragmentOffsets f;
+  const int k_row = ((lane >> 4) << 3) + (lane & 7), k_bit = (lane >> 3) & 1;
+  const int v_row = (lane & 7) + (((lane >> 3) & 1) << 3), v_bit = lane >> 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f.k[j] = Cfg::tile_offset(k_row, 2 * j + k_bit);
+    f.v[j] = Cfg::tile_offset(v_row, 2 * j + v_bit);
+  }
+  return f;
+}
+
 // One key tile: S = Q K^T, mask, online softmax, O += P V. `q_regs` holds the query fragments
 // when Cfg::kQueryInRegisters, else `sq` the query tile. `pos[mi][h]` is the position of row
 // g (h = 0) or g + 8 (h = 1) of MMA tile mi, -1 for rows past the block's queries.
@@ -74,7 +97,8 @@ template <typename T, typename Cfg>
 __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T* sq,
                             const uint32_t (&q_regs)[Cfg::kQueryInRegisters ? Cfg::D / 16 : 1][4],
                             const T* sk, const T* sv, uint32_t read_mask, const int (&pos)[Cfg::MW][2],
-                            const bool (&newest)[Cfg::MW][2], int warp_m, WarpState<Cfg>& st) {
+                            const bool (&newest)[Cfg::MW][2], int warp_m, const FragmentOffsets& frag,
+                            WarpState<Cfg>& st) {
   constexpr int KT = Cfg::KT, D = Cfg::D, MW = Cfg::MW, NT = KT / 8;
   const int lane = threadIdx.x & 31;
   const int t0 = tile_start<KT>(s, k);
@@ -106,8 +130,12 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
   };
   auto load_k = [&](int step) {
     const int kk = step / kNN, nn = step % kNN;
-    const int row = nn * 16 + ((lane >> 4) << 3) + (lane & 7);
-    ldmatrix_x4(kb[step & 1], k_smem + Cfg::tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+    if constexpr (Cfg::kQueryInRegisters) {
+      ldmatrix_x4(kb[step & 1], k_smem + frag.k[kk & 3] + (kk >> 2) * 128 + nn * 16 * Cfg::kRowBytes);
+    } else {
+      const int row = nn * 16 + ((lane >> 4) << 3) + (lane & 7);
+      ldmatrix_x4(kb[step & 1], k_smem + Cfg::tile_offset(row, kk * 2 + ((lane >> 3) & 1)));
+    }
   };
   load_q(0, 0);
   load_k(0);
@@ -134,8 +162,12 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
   uint32_t pa[MW][4];
   uint32_t vb[2][4];
   auto load_v = [&](int kk, int dd, int buf) {
-    const int row = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-    ldmatrix_x4_trans(vb[buf], v_smem + Cfg::tile_offset(row, dd * 2 + (lane >> 4)));
+    if constexpr (Cfg::kQueryInRegisters) {
+      ldmatrix_x4_trans(vb[buf], v_smem + frag.v[dd & 3] + (dd >> 2) * 128 + kk * 16 * Cfg::kRowBytes);
+    } else {
+      const int row = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+      ldmatrix_x4_trans(vb[buf], v_smem + Cfg::tile_offset(row, dd * 2 + (lane >> 4)));
+    }
   };
   load_v(0, 0, 0);
 #pragma unroll
@@ -293,27 +325,40 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                              ? Cfg::KT / static_cast<int>(p.pr.geometry.page_size) : 1;
   int32_t pte_ahead = kPteUnmapped;
   if (!kPteRing && STAGES - 1 < count) pte_ahead = read_tile_pte<Cfg>(p, s, first + (STAGES - 1) * WN);
+  FragmentOffsets frag{};
+  if constexpr (Cfg::kQueryInRegisters) frag = fragment_offsets<Cfg>();
+  // Tile it sits in pipeline stage (and PTE ring entry) it % STAGES; both indices rotate
+  // instead of being divided out each tile.
+  int stage = 0, next_stage = STAGES - 1;
   for (int it = 0; it < count; ++it) {
     cp_async_wait<STAGES - 2>();
     sync_loaders();
     const int next = it + STAGES - 1;
     if (next < count) {
-      const int stage = next % STAGES;
       int32_t pte = pte_ahead;
-      if constexpr (kPteRing) pte = lane < tile_pages ? pte_entry(next)[lane] : kPteUnmapped;
-      const uint32_t mask = load_tile<T, Cfg>(p, s, first + next * WN, k_tile(stage, slot),
-                                              v_tile(stage, slot), loader, may_record, pte);
-      if (loader == 0) page_masks[stage * WN + slot] = mask;
       if constexpr (kPteRing) {
-        prefetch_pte(next + STAGES - 1);  // into the entry tile `next - 1` has finished with
+        pte = lane < tile_pages ? pte_ring[(next_stage * WN + slot) * Cfg::kMaxTilePages + lane]
+                                : kPteUnmapped;
+      }
+      const uint32_t mask = load_tile<T, Cfg>(p, s, first + next * WN, k_tile(next_stage, slot),
+                                              v_tile(next_stage, slot), loader, may_record, pte);
+      if (loader == 0) page_masks[next_stage * WN + slot] = mask;
+      if constexpr (kPteRing) {
+        // Into the entry tile `next - 1` has finished with.
+        if (next + STAGES - 1 < count) {
+          const int entry = next_stage == 0 ? STAGES - 1 : next_stage - 1;
+          prefetch_tile_pte<Cfg>(p, s, first + (next + STAGES - 1) * WN,
+                                 pte_ring + (entry * WN + slot) * Cfg::kMaxTilePages);
+        }
       } else if (next + 1 < count) {
         pte_ahead = read_tile_pte<Cfg>(p, s, first + (next + 1) * WN);
       }
     }
     cp_async_commit();
-    const int stage = it % STAGES;
     attend_tile<T, Cfg>(p, s, first + it * WN, sq, q_regs, k_tile(stage, slot), v_tile(stage, slot),
-                        page_masks[stage * WN + slot], pos, newest, warp_m, st);
+                        page_masks[stage * WN + slot], pos, newest, warp_m, frag, st);
+    stage = stage + 1 == STAGES ? 0 : stage + 1;
+    next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
   }
   cp_async_wait<0>();
   allow_dependent_grid();  // the split merge may launch; it waits for this grid to finish

@@ -159,6 +159,10 @@ struct BlockScope {
   // Visited key tiles: n1 from seg1 = [s1_lo, ...), then n2 from seg2 = [s2_lo, ...).
   int s1_lo, n1, s2_lo, n2;
   int seg1_hi;  // end of the whole sink segment (before the split), 0 when there is none
+  // Per-tile address terms, computed once: the page-table row, the element offset of this
+  // layer's and KV head's K rows within a frame (or host slot), and a frame's size in elements.
+  const int32_t* pte_row;
+  int64_t head_offset, frame_elems;
 };
 
 __device__ inline int ceil_to(int x, int a) { return (x + a - 1) / a * a; }
@@ -191,7 +195,7 @@ __device__ const T* resolve_page(const Params& p, const BlockScope& s, int page,
   const PageGeometry& g = pr.geometry;
   if (tier == Tier::kGpu) {
     if (index < g.num_frames) {
-      return static_cast<const T*>(pr.pool) + g.row_offset(index, pr.layer, 0, s.kv_head, 0);
+      return static_cast<const T*>(pr.pool) + s.head_offset + index * s.frame_elems;
     }
     record_op_error(p.error, OpErrorCode::kFrameOutOfRange, OpId::kAttention, s.b, s.row, page,
                     pte, g, pr.table);
@@ -199,7 +203,7 @@ __device__ const T* resolve_page(const Params& p, const BlockScope& s, int page,
   }
   if (tier == Tier::kHost && pr.has_host_pool) {
     if (index < pr.host_slots) {
-      return static_cast<const T*>(pr.host_pool) + g.row_offset(index, pr.layer, 0, s.kv_head, 0);
+      return static_cast<const T*>(pr.host_pool) + s.head_offset + index * s.frame_elems;
     }
     PageGeometry host = g;
     host.num_frames = pr.host_slots;
@@ -246,7 +250,7 @@ __device__ inline int32_t read_tile_pte(const Params& p, const BlockScope& s, in
   const int pages = Cfg::KT > P ? Cfg::KT / P : 1;
   const int page = (tile_start<Cfg::KT>(s, k) >> p.page_shift) + lane;
   if (lane >= pages || !page_needed(p, s, page)) return kPteUnmapped;
-  return p.pr.table.ptes[s.row * p.pr.table.row_stride + page];
+  return s.pte_row[page];
 }
 
 // Copies, asynchronously into `dst` (this warp's ring entry for visited tile `k`), the PTEs
@@ -265,7 +269,7 @@ __device__ inline void prefetch_tile_pte(const Params& p, const BlockScope& s, i
     dst[lane] = kPteUnmapped;
     return;
   }
-  const int32_t* src = p.pr.table.ptes + s.row * p.pr.table.row_stride + page;
+  const int32_t* src = s.pte_row + page;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst + lane)), "l"(src));
 }
 
@@ -289,6 +293,25 @@ __device__ inline TilePages<T> resolve_tile(const Params& p, const BlockScope& s
   if (lane < pages) base = resolve_page<T, Cfg>(p, s, first_page + lane, k, may_record, pte);
   const uint32_t read_mask = __ballot_sync(0xffffffffu, base != nullptr) & ((1u << pages) - 1u);
   return {base, read_mask};
+}
+
+// Copies a whole tile part with no per-row predicate (every row is read, the common case): each
+// copy's source and destination are this loader's first ones plus constants. The loader owns
+// chunk column `c` from row r0 on; row r = r0 + i * kRowStep with r0 < kRowStep, a power of two,
+// so r & 7 = (r0 & 7) ^ ((i * kRowStep) & 7): in either tile layout (a row-XOR swizzle of 16-byte
+// chunks) the copy lands at tile_offset(r0, c ^ ((i * kRowStep) & 7)) + i * kRowStep * kRowBytes.
+// (Computing each address in full took about 15 instructions per copy, half of a decode tile's.)
+template <typename T, typename Cfg>
+__device__ inline void copy_whole_tile(const T* src, uint32_t dst, int r0, int c) {
+  constexpr int L = Cfg::kLoaders, C = Cfg::kChunks;
+  constexpr int kPerPart = Cfg::KT * C / L, kRowStep = L / C;
+  static_assert((kRowStep & (kRowStep - 1)) == 0, "loader rows step by a power of two");
+#pragma unroll
+  for (int i = 0; i < kPerPart; ++i) {
+    cp_async_16(dst + Cfg::tile_offset(r0, c ^ ((i * kRowStep) & 7)) +
+                    static_cast<uint32_t>(i * kRowStep * Cfg::kRowBytes),
+                src + i * kRowStep * Cfg::D);
+  }
 }
 
 // Issues the cp.async copies of K (part 0) or V (part 1) of visited tile `k` into shared memory
@@ -315,20 +338,7 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
     const T* src_base = reinterpret_cast<const T*>(page_base) + part_offset +
                         static_cast<int64_t>(t0 & (P - 1)) * D + c * 8;
     if (Cfg::kUnpredicatedCopies && page_base != 0 && rows_left >= KT) {
-      // Every row is read (the common case): no per-row predicate, and each copy's source and
-      // destination are this loader's first ones plus constants. Row r = r0 + i * kRowStep with
-      // r0 < kRowStep, a power of two, so r & 7 = (r0 & 7) ^ ((i * kRowStep) & 7): in either
-      // tile layout (a row-XOR swizzle of 16-byte chunks) the copy lands at
-      // tile_offset(r0, c ^ ((i * kRowStep) & 7)) + i * kRowStep * kRowBytes. (Computing each
-      // address in full took about 15 instructions per copy, half of a decode tile's.)
-      static_assert((kRowStep & (kRowStep - 1)) == 0, "loader rows step by a power of two");
-      const T* src = src_base + r0 * D;
-#pragma unroll
-      for (int i = 0; i < kPerPart; ++i) {
-        cp_async_16(dst + Cfg::tile_offset(r0, c ^ ((i * kRowStep) & 7)) +
-                        static_cast<uint32_t>(i * kRowStep * Cfg::kRowBytes),
-                    src + i * kRowStep * D);
-      }
+      copy_whole_tile<T, Cfg>(src_base + r0 * D, dst, r0, c);
       return;
     }
 #pragma unroll 8
@@ -358,6 +368,23 @@ template <typename T, typename Cfg>
 __device__ inline uint32_t load_tile(const Params& p, const BlockScope& s, int k, T* sk, T* sv,
                                      int loader, bool may_record, int32_t pte) {
   const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, k, may_record, pte);
+  if constexpr (Cfg::kUnpredicatedCopies) {
+    // The common decode tile (one page, every row read): K and V share the address terms.
+    const int P = static_cast<int>(p.pr.geometry.page_size);
+    const int t0 = tile_start<Cfg::KT>(s, k);
+    if (Cfg::KT <= P && s.kv_len - t0 >= Cfg::KT) {
+      const uint64_t page_base =
+          __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), 0);
+      if (page_base != 0) {
+        const int c = loader % Cfg::kChunks, r0 = loader / Cfg::kChunks;
+        const T* src = reinterpret_cast<const T*>(page_base) +
+                       static_cast<int64_t>((t0 & (P - 1)) + r0) * Cfg::D + c * 8;
+        copy_whole_tile<T, Cfg>(src, smem_u32(sk), r0, c);
+        copy_whole_tile<T, Cfg>(src + p.pr.geometry.num_kv_heads * P * Cfg::D, smem_u32(sv), r0, c);
+        return pages.read_mask;
+      }
+    }
+  }
   copy_tile_part<T, Cfg>(p, s, k, pages, 0, smem_u32(sk), loader);
   copy_tile_part<T, Cfg>(p, s, k, pages, 1, smem_u32(sv), loader);
   return pages.read_mask;
@@ -439,7 +466,10 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
       const float m_new = fmaxf(st.m[mi][h], tile_max);
       // All masked so far: subtract 0, keeping every p at 0 and alpha at 1.
       refs[mi][h] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-      alphas[mi][h] = fast_exp2(st.m[mi][h] * scale_log2 - refs[mi][h]);
+      // (m_old - m_new) * c is exactly 0 when the max did not move, so alpha is exactly 1 and
+      // the output rescale is skipped; m_old * c - refs contracts to an FFMA whose rounding
+      // residue made alpha differ from 1 on most tiles.
+      alphas[mi][h] = m_new == -INFINITY ? 1.f : fast_exp2((st.m[mi][h] - m_new) * scale_log2);
       st.m[mi][h] = m_new;
     }
     float part_sum[4] = {0.f, 0.f, 0.f, 0.f};
@@ -616,6 +646,9 @@ __device__ bool make_scope(const Params& p, BlockScope& s) {
   s.n1 = max(0, min(seg1_hi, sp_hi) - sp_lo) / KT;
   s.s2_lo = max(seg2_lo, sp_lo);
   s.n2 = max(0, min(hi, sp_hi) - s.s2_lo) / KT;
+  s.pte_row = pr.table.ptes + s.row * pr.table.row_stride;
+  s.head_offset = g.row_offset(0, pr.layer, 0, s.kv_head, 0);
+  s.frame_elems = g.row_offset(1, 0, 0, 0, 0);
   return true;
 }
 
