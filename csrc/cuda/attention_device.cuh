@@ -3,7 +3,9 @@
 // resolution with the fault queue, K/V tile copies, the online softmax of one key tile, and the
 // output stores. A kernel configuration `Cfg` names D (head_dim), KT (keys per tile), kRows
 // (query rows per block), MW (16-row MMA tiles per warp), kChunks (D / 8), kLoaders (threads
-// that copy one tile) and tile_offset(row, chunk) (its shared-memory layout).
+// that copy one tile), tile_offset(row, chunk) (its shared-memory layout), kUnpredicatedCopies
+// (whole tiles copied without per-row predicates), kHoistAddressTerms (see BlockScope) and
+// kRescaleSlack (see softmax_tile).
 //
 // Rows. A block owns kRows query rows of one (sequence, KV head): row r is query token
 // (row_base + r) / group and query head kv_head * group + (row_base + r) % group, so all query
@@ -159,8 +161,10 @@ struct BlockScope {
   // Visited key tiles: n1 from seg1 = [s1_lo, ...), then n2 from seg2 = [s2_lo, ...).
   int s1_lo, n1, s2_lo, n2;
   int seg1_hi;  // end of the whole sink segment (before the split), 0 when there is none
-  // Per-tile address terms, computed once: the page-table row, the element offset of this
-  // layer's and KV head's K rows within a frame (or host slot), and a frame's size in elements.
+  // Per-tile address terms, computed once where Cfg::kHoistAddressTerms (decode, which has
+  // registers to spare; the prefill blocks would spill them): the page-table row, the element
+  // offset of this layer's and KV head's K rows within a frame (or host slot), and a frame's
+  // size in elements.
   const int32_t* pte_row;
   int64_t head_offset, frame_elems;
 };
@@ -182,6 +186,19 @@ __device__ inline bool page_needed(const Params& p, const BlockScope& s, int pag
   return p0 + P - 1 >= s.lo || p0 < p.pr.sinks;
 }
 
+// The element offset of the block's K rows in frame (or host slot) `index`, and the block's
+// page-table row: from the block's precomputed terms, or from the parameters.
+template <typename Cfg>
+__device__ inline int64_t frame_offset(const Params& p, const BlockScope& s, int64_t index) {
+  if constexpr (Cfg::kHoistAddressTerms) return s.head_offset + index * s.frame_elems;
+  return p.pr.geometry.row_offset(index, p.pr.layer, 0, s.kv_head, 0);
+}
+template <typename Cfg>
+__device__ inline const int32_t* pte_row(const Params& p, const BlockScope& s) {
+  if constexpr (Cfg::kHoistAddressTerms) return s.pte_row;
+  return p.pr.table.ptes + s.row * p.pr.table.row_stride;
+}
+
 // Resolves one page of the block's sequence to its K rows (its V rows follow H * P * D elements
 // later), or null when the page is not read in this call. Records faults and bad PTEs. `k` is
 // the visited tile in which the caller met the page.
@@ -194,16 +211,14 @@ __device__ const T* resolve_page(const Params& p, const BlockScope& s, int page,
   const int64_t index = pte_index(pte);
   const PageGeometry& g = pr.geometry;
   if (tier == Tier::kGpu) {
-    if (index < g.num_frames) {
-      return static_cast<const T*>(pr.pool) + s.head_offset + index * s.frame_elems;
-    }
+    if (index < g.num_frames) return static_cast<const T*>(pr.pool) + frame_offset<Cfg>(p, s, index);
     record_op_error(p.error, OpErrorCode::kFrameOutOfRange, OpId::kAttention, s.b, s.row, page,
                     pte, g, pr.table);
     return nullptr;
   }
   if (tier == Tier::kHost && pr.has_host_pool) {
     if (index < pr.host_slots) {
-      return static_cast<const T*>(pr.host_pool) + s.head_offset + index * s.frame_elems;
+      return static_cast<const T*>(pr.host_pool) + frame_offset<Cfg>(p, s, index);
     }
     PageGeometry host = g;
     host.num_frames = pr.host_slots;
@@ -250,7 +265,7 @@ __device__ inline int32_t read_tile_pte(const Params& p, const BlockScope& s, in
   const int pages = Cfg::KT > P ? Cfg::KT / P : 1;
   const int page = (tile_start<Cfg::KT>(s, k) >> p.page_shift) + lane;
   if (lane >= pages || !page_needed(p, s, page)) return kPteUnmapped;
-  return s.pte_row[page];
+  return pte_row<Cfg>(p, s)[page];
 }
 
 // Copies, asynchronously into `dst` (this warp's ring entry for visited tile `k`), the PTEs
@@ -269,7 +284,7 @@ __device__ inline void prefetch_tile_pte(const Params& p, const BlockScope& s, i
     dst[lane] = kPteUnmapped;
     return;
   }
-  const int32_t* src = s.pte_row + page;
+  const int32_t* src = pte_row<Cfg>(p, s) + page;
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst + lane)), "l"(src));
 }
 
@@ -394,7 +409,8 @@ __device__ inline uint32_t load_tile(const Params& p, const BlockScope& s, int k
 template <typename Cfg>
 struct WarpState {
   float o[Cfg::MW][Cfg::D / 8][4];
-  float m[Cfg::MW][2];  // running max of the raw scores q.k (log2 domain after the loop)
+  float m[Cfg::MW][2];  // reference max of the raw scores q.k, the running max or, with
+                        // Cfg::kRescaleSlack, a little below it (log2 domain after the loop)
   float l[Cfg::MW][2];  // this thread's part of the running sum
 };
 
@@ -408,7 +424,7 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
                                     uint32_t read_mask, const int (&pos)[Cfg::MW][2],
                                     const bool (&newest)[Cfg::MW][2], int warp_m,
                                     float (&sc)[Cfg::MW][Cfg::KT / 8][4], WarpState<Cfg>& st,
-                                    float (&alphas)[Cfg::MW][2]) {
+                                    float (&alphas)[Cfg::MW][2], bool upper_live) {
   constexpr int KT = Cfg::KT, MW = Cfg::MW, NT = KT / 8;
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -449,7 +465,16 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
   }
 
   // Running max and sum. The max is taken over raw scores (the scale is positive), and
-  // p = 2^(s c - m c) with c = scale * log2(e) is one FFMA and one MUFU.
+  // p = 2^(s c - m c) with c = scale * log2(e) is one FFMA and one MUFU. The reference m moves
+  // only when a tile's max passes it by more than Cfg::kRescaleSlack in the exponent, so p stays
+  // below 2^kRescaleSlack: the result is the same for any reference, and with a slack the
+  // output rescale (D / 2 multiplies per thread) runs on few tiles instead of every tile whose
+  // max grew. The price is accuracy: with the exact max the heaviest key's p is exactly 1,
+  // otherwise it is rounded to 16 bits for P V while the row sum keeps it in float32. On an
+  // H200 (bf16) prefill's relative error went from 4e-5 to 2e-3 with a slack of 8, decode's
+  // from 2.9e-3 to 3.1e-3, so only decode, where the rescale is a large share of a tile's
+  // instructions, takes it. Rows g + 8 are skipped when none of the warp's holds a query.
+  constexpr float kRescaleSlack = Cfg::kRescaleSlack;
   float refs[MW][2];
 #pragma unroll
   for (int mi = 0; mi < MW; ++mi) {
@@ -462,25 +487,46 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      if (h == 1 && !upper_live) {
+        refs[mi][h] = 0.f;
+        alphas[mi][h] = 1.f;
+        continue;
+      }
       const float tile_max = quad_max(fmaxf(part_max[2 * h], part_max[2 * h + 1]));
-      const float m_new = fmaxf(st.m[mi][h], tile_max);
+      const float m_old = st.m[mi][h];
+      // m_old = -inf (nothing seen): any finite tile max is taken; both -inf gives NaN, false.
+      const bool moves = kRescaleSlack == 0.f ? tile_max > m_old
+                                              : (tile_max - m_old) * scale_log2 > kRescaleSlack;
+      const float m_new = moves ? tile_max : m_old;
       // All masked so far: subtract 0, keeping every p at 0 and alpha at 1.
       refs[mi][h] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-      // (m_old - m_new) * c is exactly 0 when the max did not move, so alpha is exactly 1 and
-      // the output rescale is skipped; m_old * c - refs contracts to an FFMA whose rounding
-      // residue made alpha differ from 1 on most tiles.
-      alphas[mi][h] = m_new == -INFINITY ? 1.f : fast_exp2((st.m[mi][h] - m_new) * scale_log2);
+      // Exactly 1 when the reference holds, so the warp skips the output rescale.
+      alphas[mi][h] = m_new == m_old ? 1.f : fast_exp2((m_old - m_new) * scale_log2);
       st.m[mi][h] = m_new;
     }
     float part_sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float pv = fast_exp2(fmaf(sc[mi][j][i], scale_log2, -refs[mi][i >> 1]));
+      for (int i = 0; i < 2; ++i) {
+        const float pv = fast_exp2(fmaf(sc[mi][j][i], scale_log2, -refs[mi][0]));
         sc[mi][j][i] = pv;
         part_sum[i] += pv;
       }
+    }
+    if (upper_live) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int i = 2; i < 4; ++i) {
+          const float pv = fast_exp2(fmaf(sc[mi][j][i], scale_log2, -refs[mi][1]));
+          sc[mi][j][i] = pv;
+          part_sum[i] += pv;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) sc[mi][j][2] = sc[mi][j][3] = 0.f;  // no query: p = 0
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -522,7 +568,8 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
 // Scales the outputs by softmax_tile's factors, unless no running max of the warp moved (the
 // common case once the large scores are found).
 template <typename Cfg>
-__device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[Cfg::MW][2]) {
+__device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[Cfg::MW][2],
+                                      bool upper_live) {
   constexpr int MW = Cfg::MW, D = Cfg::D;
   bool moved = false;
 #pragma unroll
@@ -533,7 +580,15 @@ __device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[
 #pragma unroll
       for (int dj = 0; dj < D / 8; ++dj)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st.o[mi][dj][e] *= alphas[mi][e >> 1];
+        for (int e = 0; e < 2; ++e) st.o[mi][dj][e] *= alphas[mi][0];
+    if (upper_live) {
+#pragma unroll
+      for (int mi = 0; mi < MW; ++mi)
+#pragma unroll
+        for (int dj = 0; dj < D / 8; ++dj)
+#pragma unroll
+          for (int e = 2; e < 4; ++e) st.o[mi][dj][e] *= alphas[mi][1];
+    }
   }
 
 }
@@ -646,9 +701,11 @@ __device__ bool make_scope(const Params& p, BlockScope& s) {
   s.n1 = max(0, min(seg1_hi, sp_hi) - sp_lo) / KT;
   s.s2_lo = max(seg2_lo, sp_lo);
   s.n2 = max(0, min(hi, sp_hi) - s.s2_lo) / KT;
-  s.pte_row = pr.table.ptes + s.row * pr.table.row_stride;
-  s.head_offset = g.row_offset(0, pr.layer, 0, s.kv_head, 0);
-  s.frame_elems = g.row_offset(1, 0, 0, 0, 0);
+  if constexpr (Cfg::kHoistAddressTerms) {
+    s.pte_row = pr.table.ptes + s.row * pr.table.row_stride;
+    s.head_offset = g.row_offset(0, pr.layer, 0, s.kv_head, 0);
+    s.frame_elems = g.row_offset(1, 0, 0, 0, 0);
+  }
   return true;
 }
 
