@@ -45,7 +45,6 @@ struct Config {
   // prefill block runs at the register limit, and the second copy path made it spill.
   static constexpr bool kUnpredicatedCopies = WN > 1;
   static constexpr bool kHoistAddressTerms = WN > 1 && D <= 128;  // see BlockScope
-  static constexpr float kRescaleSlack = WN > 1 ? 8.f : 0.f;   // see softmax_tile
   // Tiles are [rows][D], each row's 16-byte chunks XOR-swizzled by the row so that ldmatrix
   // (8 rows, same column) is free of bank conflicts.
   static constexpr int kRowBytes = D * 2;
@@ -100,7 +99,7 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
                             const uint32_t (&q_regs)[Cfg::kQueryInRegisters ? Cfg::D / 16 : 1][4],
                             const T* sk, const T* sv, uint32_t read_mask, const int (&pos)[Cfg::MW][2],
                             const bool (&newest)[Cfg::MW][2], int warp_m, const FragmentOffsets& frag,
-                            bool upper_live, WarpState<Cfg>& st) {
+                            WarpState<Cfg>& st) {
   constexpr int KT = Cfg::KT, D = Cfg::D, MW = Cfg::MW, NT = KT / 8;
   const int lane = threadIdx.x & 31;
   const int t0 = tile_start<KT>(s, k);
@@ -156,8 +155,8 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
   }
 
   float alphas[MW][2];
-  softmax_tile<Cfg>(p, s, t0, read_mask, pos, newest, warp_m, sc, st, alphas, upper_live);
-  rescale_output<Cfg>(st, alphas, upper_live);
+  softmax_tile<Cfg>(p, s, t0, read_mask, pos, newest, warp_m, sc, st, alphas);
+  rescale_output<Cfg>(st, alphas);
 
   // O += P V, P taken from the score registers (the C layout of two n8 tiles is the A layout).
   const uint32_t v_smem = smem_u32(sv);
@@ -327,10 +326,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
                              ? Cfg::KT / static_cast<int>(p.pr.geometry.page_size) : 1;
   int32_t pte_ahead = kPteUnmapped;
   if (!kPteRing && STAGES - 1 < count) pte_ahead = read_tile_pte<Cfg>(p, s, first + (STAGES - 1) * WN);
-  // Whether rows g + 8 of this warp's MMA tiles hold any query (the upper tile rows are the
-  // later rows, so the first one decides). Decode only: the prefill block's rows are nearly
-  // all live, and the test cost it registers it does not have (it spilled).
-  const bool upper_live = WN == 1 || s.row_base + warp_m * MW * 16 + 8 < s.total_rows;
   FragmentOffsets frag{};
   if constexpr (Cfg::kQueryInRegisters) frag = fragment_offsets<Cfg>();
   // Tile it sits in pipeline stage (and PTE ring entry) it % STAGES; both indices rotate
@@ -362,7 +357,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
     cp_async_commit();
     attend_tile<T, Cfg>(p, s, first + it * WN, sq, q_regs, k_tile(stage, slot), v_tile(stage, slot),
-                        page_masks[stage * WN + slot], pos, newest, warp_m, frag, upper_live, st);
+                        page_masks[stage * WN + slot], pos, newest, warp_m, frag, st);
     stage = stage + 1 == STAGES ? 0 : stage + 1;
     next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
   }

@@ -4,8 +4,7 @@
 // output stores. A kernel configuration `Cfg` names D (head_dim), KT (keys per tile), kRows
 // (query rows per block), MW (16-row MMA tiles per warp), kChunks (D / 8), kLoaders (threads
 // that copy one tile), tile_offset(row, chunk) (its shared-memory layout), kUnpredicatedCopies
-// (whole tiles copied without per-row predicates), kHoistAddressTerms (see BlockScope) and
-// kRescaleSlack (see softmax_tile).
+// (whole tiles copied without per-row predicates) and kHoistAddressTerms (see BlockScope).
 //
 // Rows. A block owns kRows query rows of one (sequence, KV head): row r is query token
 // (row_base + r) / group and query head kv_head * group + (row_base + r) % group, so all query
@@ -162,9 +161,9 @@ struct BlockScope {
   int s1_lo, n1, s2_lo, n2;
   int seg1_hi;  // end of the whole sink segment (before the split), 0 when there is none
   // Per-tile address terms, computed once where Cfg::kHoistAddressTerms (decode, which has
-  // registers to spare; the prefill blocks would spill them): the page-table row, the element
-  // offset of this layer's and KV head's K rows within a frame (or host slot), and a frame's
-  // size in elements.
+  // registers to spare; the mma.sync prefill block spilled them): the page-table row, the
+  // element offset of this layer's and KV head's K rows within a frame (or host slot), and a
+  // frame's size in elements.
   const int32_t* pte_row;
   int64_t head_offset, frame_elems;
 };
@@ -409,8 +408,7 @@ __device__ inline uint32_t load_tile(const Params& p, const BlockScope& s, int k
 template <typename Cfg>
 struct WarpState {
   float o[Cfg::MW][Cfg::D / 8][4];
-  float m[Cfg::MW][2];  // reference max of the raw scores q.k, the running max or, with
-                        // Cfg::kRescaleSlack, a little below it (log2 domain after the loop)
+  float m[Cfg::MW][2];  // running max of the raw scores q.k (log2 domain after the loop)
   float l[Cfg::MW][2];  // this thread's part of the running sum
 };
 
@@ -424,7 +422,7 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
                                     uint32_t read_mask, const int (&pos)[Cfg::MW][2],
                                     const bool (&newest)[Cfg::MW][2], int warp_m,
                                     float (&sc)[Cfg::MW][Cfg::KT / 8][4], WarpState<Cfg>& st,
-                                    float (&alphas)[Cfg::MW][2], bool upper_live) {
+                                    float (&alphas)[Cfg::MW][2]) {
   constexpr int KT = Cfg::KT, MW = Cfg::MW, NT = KT / 8;
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -465,16 +463,7 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
   }
 
   // Running max and sum. The max is taken over raw scores (the scale is positive), and
-  // p = 2^(s c - m c) with c = scale * log2(e) is one FFMA and one MUFU. The reference m moves
-  // only when a tile's max passes it by more than Cfg::kRescaleSlack in the exponent, so p stays
-  // below 2^kRescaleSlack: the result is the same for any reference, and with a slack the
-  // output rescale (D / 2 multiplies per thread) runs on few tiles instead of every tile whose
-  // max grew. The price is accuracy: with the exact max the heaviest key's p is exactly 1,
-  // otherwise it is rounded to 16 bits for P V while the row sum keeps it in float32. On an
-  // H200 (bf16) prefill's relative error went from 4e-5 to 2e-3 with a slack of 8, decode's
-  // from 2.9e-3 to 3.1e-3, so only decode, where the rescale is a large share of a tile's
-  // instructions, takes it. Rows g + 8 are skipped when none of the warp's holds a query.
-  constexpr float kRescaleSlack = Cfg::kRescaleSlack;
+  // p = 2^(s c - m c) with c = scale * log2(e) is one FFMA and one MUFU.
   float refs[MW][2];
 #pragma unroll
   for (int mi = 0; mi < MW; ++mi) {
@@ -487,46 +476,25 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (h == 1 && !upper_live) {
-        refs[mi][h] = 0.f;
-        alphas[mi][h] = 1.f;
-        continue;
-      }
       const float tile_max = quad_max(fmaxf(part_max[2 * h], part_max[2 * h + 1]));
-      const float m_old = st.m[mi][h];
-      // m_old = -inf (nothing seen): any finite tile max is taken; both -inf gives NaN, false.
-      const bool moves = kRescaleSlack == 0.f ? tile_max > m_old
-                                              : (tile_max - m_old) * scale_log2 > kRescaleSlack;
-      const float m_new = moves ? tile_max : m_old;
+      const float m_new = fmaxf(st.m[mi][h], tile_max);
       // All masked so far: subtract 0, keeping every p at 0 and alpha at 1.
       refs[mi][h] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-      // Exactly 1 when the reference holds, so the warp skips the output rescale.
-      alphas[mi][h] = m_new == m_old ? 1.f : fast_exp2((m_old - m_new) * scale_log2);
+      // (m_old - m_new) * c is exactly 0 when the max did not move, so alpha is exactly 1 and
+      // the output rescale is skipped; m_old * c - refs contracts to an FFMA whose rounding
+      // residue made alpha differ from 1 on most tiles.
+      alphas[mi][h] = m_new == -INFINITY ? 1.f : fast_exp2((st.m[mi][h] - m_new) * scale_log2);
       st.m[mi][h] = m_new;
     }
     float part_sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float pv = fast_exp2(fmaf(sc[mi][j][i], scale_log2, -refs[mi][0]));
+      for (int i = 0; i < 4; ++i) {
+        const float pv = fast_exp2(fmaf(sc[mi][j][i], scale_log2, -refs[mi][i >> 1]));
         sc[mi][j][i] = pv;
         part_sum[i] += pv;
       }
-    }
-    if (upper_live) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-#pragma unroll
-        for (int i = 2; i < 4; ++i) {
-          const float pv = fast_exp2(fmaf(sc[mi][j][i], scale_log2, -refs[mi][1]));
-          sc[mi][j][i] = pv;
-          part_sum[i] += pv;
-        }
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) sc[mi][j][2] = sc[mi][j][3] = 0.f;  // no query: p = 0
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -568,8 +536,7 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
 // Scales the outputs by softmax_tile's factors, unless no running max of the warp moved (the
 // common case once the large scores are found).
 template <typename Cfg>
-__device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[Cfg::MW][2],
-                                      bool upper_live) {
+__device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[Cfg::MW][2]) {
   constexpr int MW = Cfg::MW, D = Cfg::D;
   bool moved = false;
 #pragma unroll
@@ -580,15 +547,7 @@ __device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[
 #pragma unroll
       for (int dj = 0; dj < D / 8; ++dj)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) st.o[mi][dj][e] *= alphas[mi][0];
-    if (upper_live) {
-#pragma unroll
-      for (int mi = 0; mi < MW; ++mi)
-#pragma unroll
-        for (int dj = 0; dj < D / 8; ++dj)
-#pragma unroll
-          for (int e = 2; e < 4; ++e) st.o[mi][dj][e] *= alphas[mi][1];
-    }
+        for (int e = 0; e < 4; ++e) st.o[mi][dj][e] *= alphas[mi][e >> 1];
   }
 
 }

@@ -54,7 +54,6 @@ struct WgmmaConfig {
   static constexpr int kRowBytes = 128;  // within a 64-column block
   static constexpr bool kUnpredicatedCopies = true;
   static constexpr bool kHoistAddressTerms = false;  // see BlockScope
-  static constexpr float kRescaleSlack = 0.f;  // see softmax_tile
   __device__ static uint32_t tile_offset(int row, int chunk) {
     return sw128_offset<KT>(row, chunk);
   }
@@ -240,12 +239,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     pin_registers(s_acc);
     release(b.k_empty(j));
     float alphas[1][2];
-    softmax_tile<Cfg>(p, s, tile_start<KT>(s, j), read_mask, pos, newest, warp, sc, st, alphas,
-                      true);
+    softmax_tile<Cfg>(p, s, tile_start<KT>(s, j), read_mask, pos, newest, warp, sc, st, alphas);
     wgmma_wait<0>();
     pin_registers(o_acc);
     if (j > 0) release(b.v_empty(j - 1));
-    rescale_output<Cfg>(st, alphas, true);
+    rescale_output<Cfg>(st, alphas);
 #pragma unroll
     for (int kk = 0; kk < KT / 16; ++kk) {
       pa[kk][0] = pack2<T>(sc[0][2 * kk][0], sc[0][2 * kk][1]);
