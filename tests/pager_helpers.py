@@ -72,6 +72,14 @@ def append_written(pager, row, n, tags, seal_open=True):
     return first
 
 
+def sealed_sequence(pager, pages, tags):
+    """A new sequence of `pages` written and sealed pages (recorded in `tags`); returns its row."""
+    row = pager.add_sequence()
+    append_written(pager, row, pages, tags)
+    pager.seal(row, pages - 1)
+    return row
+
+
 def tier(pager, row, page):
     return paged_kv.Tier(pager.page_info(row, page)["tier"])
 

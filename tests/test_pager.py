@@ -10,7 +10,8 @@ import paged_kv.store
 from paged_kv import Tier
 from paged_kv.pager import METADATA_BYTES_PER_PAGE, PagerError
 from paged_kv.store import StoreError
-from pager_helpers import append_written, frame_words, make_pager, new_tag, pattern, read_any_copy, tier, write_page
+from pager_helpers import (append_written, frame_words, make_pager, new_tag, pattern, read_any_copy,
+                           sealed_sequence, tier, write_page)
 
 GPU, HOST, DISK = Tier.GPU, Tier.HOST, Tier.DISK
 
@@ -68,9 +69,7 @@ def test_append_without_sealing_keeps_the_open_pages_writable():
 def test_drop_open_pages_gives_their_frames_back():
     pager = make_pager(frames=4, host=4)
     tags = {}
-    row = pager.add_sequence()
-    append_written(pager, row, 2, tags)
-    pager.seal(row, 1)
+    row = sealed_sequence(pager, 2, tags)
     pager.append_pages(row, 2, seal_open=False)  # pages 2 and 3, for tokens that never come
     assert pager.free_frames() == 0
     with pytest.raises(ValueError, match="page 1 is sealed"):
@@ -214,9 +213,7 @@ def test_write_through_writes_at_seal_and_eviction_is_free():
 def test_touch_picks_the_least_recently_used_victim():
     pager = make_pager(frames=3, host=4)
     tags = {}
-    row = pager.add_sequence()
-    append_written(pager, row, 3, tags)
-    pager.seal(row, 2)
+    row = sealed_sequence(pager, 3, tags)
     pager.touch([(row, 0)], tick=10)
     assert pager.page_info(row, 0)["last_use"] == 10
     assert pager.lru_order(GPU) == [pager.page_info(row, p)["frame"] for p in (1, 2, 0)]
@@ -253,9 +250,7 @@ def test_prefix_reach_and_touch():
 def test_pinned_page_is_never_evicted():
     pager = make_pager(frames=2, host=4)
     tags = {}
-    row = pager.add_sequence()
-    append_written(pager, row, 2, tags)
-    pager.seal(row, 1)
+    row = sealed_sequence(pager, 2, tags)
     pager.pin([(row, 0)])
     append_written(pager, row, 1, tags)
     assert tier(pager, row, 0) == GPU and tier(pager, row, 1) == HOST
@@ -312,9 +307,7 @@ def test_service_counts_only_missing_pages_and_accepts_tensors_and_duplicates():
 def test_demote_and_promote_between_gpu_and_host():
     pager = make_pager(frames=4, host=4)
     tags = {}
-    row = pager.add_sequence()
-    append_written(pager, row, 3, tags)
-    pager.seal(row, 2)
+    row = sealed_sequence(pager, 3, tags)
     pager.demote([(row, 0), (row, 1)], HOST)
     assert [tier(pager, row, p) for p in range(3)] == [HOST, HOST, GPU]
     assert pager.free_frames() == 3
@@ -471,9 +464,7 @@ def test_full_disk_drops_copies_of_pages_resident_higher_up(tmp_path):
 def test_disk_read_failure_leaves_the_page_on_disk(tmp_path):
     pager = make_pager(frames=2, host=2, disk=4, folder=tmp_path)
     tags = {}
-    row = pager.add_sequence()
-    append_written(pager, row, 2, tags)
-    pager.seal(row, 1)
+    row = sealed_sequence(pager, 2, tags)
     pager.demote([(row, 0)], DISK)
     pager.disk_store.inject_fault("read_eio")
     with pytest.raises(StoreError, match="reading pages from disk failed"):
