@@ -3,8 +3,10 @@
 // (attention_wgmma.cu) does not apply. The shared device code and its notes are in
 // attention_device.cuh.
 #include "cuda/attention_device.cuh"
+#include "cuda/attention_keys_as_m.cuh"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/attention_wgmma.h"
 
@@ -18,10 +20,14 @@ using namespace detail;
 
 // D: head_dim. WM x WN warps: WM split the rows, WN split the key tiles (each with its own
 // pipeline). MW: 16-row MMA tiles per warp. KT: tokens per key tile. STAGES: pipeline depth.
-template <int D_, int WM_, int WN_, int MW_, int KT_, int STAGES_>
+// KEYS_AS_M: decode blocks of 8 rows whose tile math puts the keys on the MMA's M side
+// (attention_keys_as_m.cuh).
+template <int D_, int WM_, int WN_, int MW_, int KT_, int STAGES_, bool KEYS_AS_M = false>
 struct Config {
   static constexpr int D = D_, WM = WM_, WN = WN_, MW = MW_, KT = KT_, STAGES = STAGES_;
-  static constexpr int kRows = WM * MW * 16;
+  static constexpr bool kKeysAsM = KEYS_AS_M;
+  static_assert(!KEYS_AS_M || (WM == 1 && MW == 1 && WN > 1), "keys as M: decode blocks only");
+  static constexpr int kRows = KEYS_AS_M ? 8 : WM * MW * 16;
   static constexpr int kThreads = WM * WN * 32;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   // Threads that load one key tile: a warp when warps own tiles, else the block.
@@ -64,6 +70,12 @@ using DecodeConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>
 template <int D>
 using WideDecodeConfig = Config<D, 1, 8, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>;
 constexpr int64_t kWideDecodeMaxTokens = 128 * 1024;
+// The same blocks for at most 8 rows (one query token and a group of at most 8), with the keys
+// on the MMA's M side.
+template <int D>
+using DecodeKeysAsMConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3), true>;
+template <int D>
+using WideDecodeKeysAsMConfig = Config<D, 1, 8, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3), true>;
 
 template <int D>
 using PrefillConfig = Config<D, 4, 1, (D == 256 ? 1 : 2), (D == 256 ? 32 : 64), 2>;
@@ -223,14 +235,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     return pipeline + (static_cast<int64_t>(stage) * 2 * WN + WN + slot) * KT * D;
   };
 
-  // Row positions (-1 past the block's queries) and which rows are the newest query's.
+  // Row positions (-1 past the block's queries) and which rows are the newest query's: rows g
+  // and g + 8 of each MMA tile, or with the keys as M, rows 2t and 2t + 1.
   int pos[MW][2];
   bool newest[MW][2];
 #pragma unroll
   for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = s.row_base + (warp_m * MW + mi) * 16 + g + 8 * h;
+      const int r = s.row_base + (Cfg::kKeysAsM ? 2 * t + h : (warp_m * MW + mi) * 16 + g + 8 * h);
       const bool live = r < s.total_rows;
       pos[mi][h] = live ? s.kv_len - s.q_len + r / group : -1;
       newest[mi][h] = live && r / group == s.q_len - 1;
@@ -245,8 +258,17 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     return query + static_cast<int64_t>(s.q_start + rr / group) * p.pr.query_token_stride +
            static_cast<int64_t>(s.kv_head * group + rr % group) * p.pr.query_head_stride;
   };
-  uint32_t q_regs[Cfg::kQueryInRegisters ? D / 16 : 1][4];
-  if constexpr (Cfg::kQueryInRegisters) {
+  uint32_t q_regs[Cfg::kQueryInRegisters && !Cfg::kKeysAsM ? D / 16 : 1][4];
+  uint32_t q_cols[Cfg::kKeysAsM ? D / 16 : 1][2];  // row g's query as Q^T's B fragments
+  if constexpr (Cfg::kKeysAsM) {
+    const T* r0 = query_row(g);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c0 = kk * 16 + 2 * t, c1 = c0 + 8;
+      q_cols[kk][0] = r0 ? *reinterpret_cast<const uint32_t*>(r0 + c0) : 0u;
+      q_cols[kk][1] = r0 ? *reinterpret_cast<const uint32_t*>(r0 + c1) : 0u;
+    }
+  } else if constexpr (Cfg::kQueryInRegisters) {
     static_assert(MW == 1, "query fragments in registers assume one MMA tile per warp");
     const T* r0 = query_row(g);
     const T* r1 = query_row(g + 8);
@@ -266,15 +288,19 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   }
 
-  WarpState<Cfg> st;
+  std::conditional_t<Cfg::kKeysAsM, ColumnState<Cfg>, WarpState<Cfg>> st;
+  if constexpr (Cfg::kKeysAsM) {
+    init_state(st);
+  } else {
 #pragma unroll
-  for (int mi = 0; mi < MW; ++mi) {
+    for (int mi = 0; mi < MW; ++mi) {
 #pragma unroll
-    for (int dj = 0; dj < D / 8; ++dj)
+      for (int dj = 0; dj < D / 8; ++dj)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) st.o[mi][dj][e] = 0.f;
-    st.m[mi][0] = st.m[mi][1] = -INFINITY;
-    st.l[mi][0] = st.l[mi][1] = 0.f;
+        for (int e = 0; e < 4; ++e) st.o[mi][dj][e] = 0.f;
+      st.m[mi][0] = st.m[mi][1] = -INFINITY;
+      st.l[mi][0] = st.l[mi][1] = 0.f;
+    }
   }
 
   // The tiles this thread's loader group visits: k = first, first + WN, ...
@@ -327,7 +353,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   int32_t pte_ahead = kPteUnmapped;
   if (!kPteRing && STAGES - 1 < count) pte_ahead = read_tile_pte<Cfg>(p, s, first + (STAGES - 1) * WN);
   FragmentOffsets frag{};
-  if constexpr (Cfg::kQueryInRegisters) frag = fragment_offsets<Cfg>();
+  if constexpr (Cfg::kKeysAsM) {
+    keys_as_m_offsets<Cfg>(frag.k, frag.v);
+  } else if constexpr (Cfg::kQueryInRegisters) {
+    frag = fragment_offsets<Cfg>();
+  }
   // Tile it sits in pipeline stage (and PTE ring entry) it % STAGES; both indices rotate
   // instead of being divided out each tile.
   int stage = 0, next_stage = STAGES - 1;
@@ -356,8 +386,15 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       }
     }
     cp_async_commit();
-    attend_tile<T, Cfg>(p, s, first + it * WN, sq, q_regs, k_tile(stage, slot), v_tile(stage, slot),
-                        page_masks[stage * WN + slot], pos, newest, warp_m, frag, st);
+    if constexpr (Cfg::kKeysAsM) {
+      attend_tile_keys_as_m<T, Cfg>(p, s, first + it * WN, q_cols, k_tile(stage, slot),
+                                    v_tile(stage, slot), page_masks[stage * WN + slot], pos[0],
+                                    newest[0], frag.k, frag.v, st);
+    } else {
+      attend_tile<T, Cfg>(p, s, first + it * WN, sq, q_regs, k_tile(stage, slot),
+                          v_tile(stage, slot), page_masks[stage * WN + slot], pos, newest, warp_m,
+                          frag, st);
+    }
     stage = stage + 1 == STAGES ? 0 : stage + 1;
     next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
   }
@@ -374,19 +411,24 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     float* merge_o = reinterpret_cast<float*>(pipeline);  // [WN][rows][D]
     float* merge_m = merge_o + WN * Cfg::kRows * D;       // [WN][rows]
     float* merge_l = merge_m + WN * Cfg::kRows;
+    if constexpr (Cfg::kKeysAsM) {
+      write_merge_rows<Cfg>(s, st, merge_o + warp_n * Cfg::kRows * D, merge_m + warp_n * Cfg::kRows,
+                            merge_l + warp_n * Cfg::kRows);
+    } else {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = g + 8 * h;  // MW == 1, WM == 1
-      if (s.row_base + row >= s.total_rows) continue;  // no query: never read below
-      float* o_row = merge_o + (warp_n * Cfg::kRows + row) * D;
+      for (int h = 0; h < 2; ++h) {
+        const int row = g + 8 * h;  // MW == 1, WM == 1
+        if (s.row_base + row >= s.total_rows) continue;  // no query: never read below
+        float* o_row = merge_o + (warp_n * Cfg::kRows + row) * D;
 #pragma unroll
-      for (int dj = 0; dj < D / 8; ++dj) {
-        *reinterpret_cast<float2*>(o_row + dj * 8 + 2 * t) =
-            make_float2(st.o[0][dj][2 * h], st.o[0][dj][2 * h + 1]);
-      }
-      if (t == 0) {
-        merge_m[warp_n * Cfg::kRows + row] = st.m[0][h];
-        merge_l[warp_n * Cfg::kRows + row] = st.l[0][h];
+        for (int dj = 0; dj < D / 8; ++dj) {
+          *reinterpret_cast<float2*>(o_row + dj * 8 + 2 * t) =
+              make_float2(st.o[0][dj][2 * h], st.o[0][dj][2 * h + 1]);
+        }
+        if (t == 0) {
+          merge_m[warp_n * Cfg::kRows + row] = st.m[0][h];
+          merge_l[warp_n * Cfg::kRows + row] = st.l[0][h];
+        }
       }
     }
     __syncthreads();
@@ -569,10 +611,15 @@ int launch_typed(const Params& params, const AttentionPlan& plan, cudaStream_t s
                   static_cast<unsigned>(plan.num_splits));
   int status;
   if (plan.wide_decode) {
-    if constexpr (D == 128) status = launch_main<T, WideDecodeConfig<D>>(params, grid, stream);
-    else status = static_cast<int>(cudaErrorInvalidValue);
+    if constexpr (D == 128) {
+      status = plan.keys_as_m ? launch_main<T, WideDecodeKeysAsMConfig<D>>(params, grid, stream)
+                              : launch_main<T, WideDecodeConfig<D>>(params, grid, stream);
+    } else {
+      status = static_cast<int>(cudaErrorInvalidValue);
+    }
   } else if (is_decode<D>(pr)) {
-    status = launch_main<T, DecodeConfig<D>>(params, grid, stream);
+    status = plan.keys_as_m ? launch_main<T, DecodeKeysAsMConfig<D>>(params, grid, stream)
+                            : launch_main<T, DecodeConfig<D>>(params, grid, stream);
   } else if (wgmma_prefill_applies(pr)) {
     status = launch_wgmma_prefill(params, grid, stream);
   } else {
@@ -617,10 +664,21 @@ void plan_with(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
 template <int D>
 void plan_for(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
   plan.wide_decode = uses_wide_decode<D>(pr);
+  plan.keys_as_m = is_decode<D>(pr) && pr.max_query_len * pr.group <= 8;
   if (plan.wide_decode) {
-    if constexpr (D == 128) plan_with<WideDecodeConfig<D>>(pr, num_sms, plan);
+    if constexpr (D == 128) {
+      if (plan.keys_as_m) {
+        plan_with<WideDecodeKeysAsMConfig<D>>(pr, num_sms, plan);
+      } else {
+        plan_with<WideDecodeConfig<D>>(pr, num_sms, plan);
+      }
+    }
   } else if (is_decode<D>(pr)) {
-    plan_with<DecodeConfig<D>>(pr, num_sms, plan);
+    if (plan.keys_as_m) {
+      plan_with<DecodeKeysAsMConfig<D>>(pr, num_sms, plan);
+    } else {
+      plan_with<DecodeConfig<D>>(pr, num_sms, plan);
+    }
   } else if (wgmma_prefill_applies(pr)) {
     plan_with(pr, num_sms, kWgmmaRows, kWgmmaKeyTile, wgmma_prefill_blocks_per_sm(pr), plan);
   } else {

@@ -52,6 +52,7 @@ struct AttentionPlan {
   int64_t chunk_tokens;  // telemetry granularity: min(page_size, key tile)
   int64_t max_chunks;    // telemetry chunks per sequence
   bool wide_decode;      // decode with the 8-warp block (see attention.cu, uses_wide_decode)
+  bool keys_as_m;        // decode blocks of at most 8 rows, keys on the MMA's M side
 };
 
 AttentionPlan plan_attention(const AttentionProblem& problem, int num_sms);
