@@ -470,3 +470,40 @@ def test_decode_blocks_of_both_widths(page_size):
                       if e.device_type == torch.autograd.DeviceType.CUDA and "paged_attention" in e.name})
     if names[0] and names[1]:  # the profiler records nothing under compute-sanitizer
         assert names[0] != names[1], names
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_decode_claimed_tail_eager_and_in_cuda_graph():
+    """Long decode sequences hand the tail of their keys out through counters that each launch
+    must leave at zero. A batch mixing sequences long enough to claim (at least 32 key tiles per
+    warp on a 132-multiprocessor GPU) with short ones that do not matches the reference over
+    repeated launches, on a second stream (its own counters), and replayed from a CUDA graph
+    (the capture's own counters) between eager launches."""
+    dtype = torch.bfloat16
+    g = _generator("claimed tail")
+    specs = [(16411, 1), (5000, 1), (1, 1), (20000, 1)]
+    batch = make_batch("cuda", dtype, 256, 128, 32, 8, specs, g)
+    ref_out, ref_lse, _, _ = _reference(batch)
+    for _ in range(3):
+        out, lse = _attention(batch)
+        _assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            out, lse = _attention(batch)
+            _assert_matches(out, lse, ref_out, ref_lse, dtype)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out, graph_lse = _attention(batch)
+        graph_out2, graph_lse2 = _attention(batch)
+    for _ in range(3):
+        graph.replay()
+        out, lse = _attention(batch)
+        _assert_matches(graph_out, graph_lse, ref_out, ref_lse, dtype)
+        _assert_matches(graph_out2, graph_lse2, ref_out, ref_lse, dtype)
+        _assert_matches(out, lse, ref_out, ref_lse, dtype)
+    paged_kv.check_errors()

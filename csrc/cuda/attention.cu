@@ -51,6 +51,8 @@ struct Config {
   // prefill block runs at the register limit, and the second copy path made it spill.
   static constexpr bool kUnpredicatedCopies = WN > 1;
   static constexpr bool kHoistAddressTerms = WN > 1 && D <= 128;  // see BlockScope
+  // Decode blocks (warps with their own pipelines) may claim the tail (Params::tile_claims).
+  static constexpr bool kClaimsTail = WN > 1;
   // Tiles are [rows][D], each row's 16-byte chunks XOR-swizzled by the row so that ldmatrix
   // (8 rows, same column) is free of bank conflicts.
   static constexpr int kRowBytes = D * 2;
@@ -303,7 +305,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   }
 
-  // The tiles this thread's loader group visits: k = first, first + WN, ...
+  // The tiles this thread's loader group visits: k = k0 + first, k0 + first + WN, ... (its
+  // static share), then in a decode block with a claimed tail, tiles claimed one at a time.
   const int num_tiles = s.n1 + s.n2;
   const int first = WN > 1 ? warp_n : 0;
   const int count = num_tiles > first ? (num_tiles - first + WN - 1) / WN : 0;
@@ -319,84 +322,162 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     }
   };
 
-  // Page-table reads. Decode (warps own tiles, little math per tile): visited tile i of this
-  // warp, k = first + i * WN, has its PTEs copied into ring entry i % STAGES with the cp.async
-  // group of tile i - (STAGES - 1), so they have arrived when the wait before its own load
-  // returns. Prefill (a block shares each tile, much math per tile): each warp reads the next
-  // tile's PTE one tile ahead, which keeps registers free.
-  constexpr bool kPteRing = WN > 1;
-  auto pte_entry = [&](int i) { return pte_ring + ((i % STAGES) * WN + slot) * Cfg::kMaxTilePages; };
-  auto prefetch_pte = [&](int i) {
-    if constexpr (kPteRing) {
-      if (i < count) prefetch_tile_pte<Cfg>(p, s, first + i * WN, pte_entry(i));
-    }
+  // The claimed tail (decode, see BlockScope::pool_lo): after its static tiles each warp claims
+  // pool tiles from the (sequence, KV head)'s counter until the pool is spent, so every
+  // multiprocessor finishes at about the same time. A claim is one unit: kClaimTiles tiles,
+  // except the pool's last `claimers` tiles (one per claiming warp), claimed one at a time so
+  // that the warps end evenly. Under full HBM load an atomic takes about as long as a tile, so
+  // each claim is issued a unit ahead of its use. Every warp ends with one claim past the pool;
+  // the claim that returns the last of those values is the last use of the counter in this
+  // grid, so its warp sets the counter back to zero for the next launch.
+  constexpr int kClaimTiles = 4;
+  const bool claims_tail = Cfg::kClaimsTail && p.tile_claims != nullptr && s.pool_n > 0;
+  int* const counter = claims_tail ? p.tile_claims + blockIdx.x : nullptr;
+  const int claimers = static_cast<int>(p.num_splits) * WN;
+  const int wide_units = max(0, s.pool_n - claimers) / kClaimTiles;
+  const int units = wide_units + (s.pool_n - wide_units * kClaimTiles);
+  int claimed = 0;                // lane 0: the value of the claim in flight
+  int batch = 0, batch_left = 0;  // the claimed tiles not yet visited
+  int visits = claims_tail ? INT_MAX : count;  // visited tiles, known once a claim comes back empty
+  auto claim = [&]() {
+    if (lane == 0) claimed = atomicAdd(counter, 1);
   };
-  // The first tiles' PTEs are read together, so the start pays one page-table round trip.
-  int32_t first_ptes[STAGES - 1];
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    first_ptes[i] = i < count ? read_tile_pte<Cfg>(p, s, first + i * WN) : kPteUnmapped;
-  }
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < count) {
-      const int k = first + i * WN;
-      const uint32_t mask = load_tile<T, Cfg>(p, s, k, k_tile(i, slot), v_tile(i, slot), loader,
-                                              may_record, first_ptes[i]);
-      if (loader == 0) page_masks[i * WN + slot] = mask;
+  if (claims_tail && count <= kClaimTiles) claim();
+  // Tile k of visited index x (called for x = 0, 1, 2, ... in order), -1 past the last.
+  auto tile_k = [&](int x) -> int {
+    if (x < count) {
+      if (claims_tail && x == count - 1 - kClaimTiles) claim();
+      return s.k0 + first + x * WN;
     }
-    prefetch_pte(i + STAGES - 1);
-    cp_async_commit();
-  }
-  const int tile_pages = Cfg::KT > p.pr.geometry.page_size
-                             ? Cfg::KT / static_cast<int>(p.pr.geometry.page_size) : 1;
-  int32_t pte_ahead = kPteUnmapped;
-  if (!kPteRing && STAGES - 1 < count) pte_ahead = read_tile_pte<Cfg>(p, s, first + (STAGES - 1) * WN);
+    if (!claims_tail || x >= visits) return -1;
+    if (batch_left == 0) {
+      const int u = __shfl_sync(0xffffffffu, claimed, 0);
+      if (u >= units) {
+        if (lane == 0 && u == units + claimers - 1) atomicExch(counter, 0);
+        visits = x;
+        return -1;
+      }
+      const bool wide = u < wide_units;
+      batch = wide ? u * kClaimTiles : u + wide_units * (kClaimTiles - 1);
+      batch_left = wide ? kClaimTiles : 1;
+      claim();
+    }
+    --batch_left;
+    return s.pool_lo + batch++;
+  };
+
   FragmentOffsets frag{};
   if constexpr (Cfg::kKeysAsM) {
     keys_as_m_offsets<Cfg>(frag.k, frag.v);
   } else if constexpr (Cfg::kQueryInRegisters) {
     frag = fragment_offsets<Cfg>();
   }
-  // Tile it sits in pipeline stage (and PTE ring entry) it % STAGES; both indices rotate
-  // instead of being divided out each tile.
-  int stage = 0, next_stage = STAGES - 1;
-  for (int it = 0; it < count; ++it) {
-    cp_async_wait<STAGES - 2>();
-    sync_loaders();
-    const int next = it + STAGES - 1;
-    if (next < count) {
-      int32_t pte = pte_ahead;
-      if constexpr (kPteRing) {
-        pte = lane < tile_pages ? pte_ring[(next_stage * WN + slot) * Cfg::kMaxTilePages + lane]
-                                : kPteUnmapped;
-      }
-      const uint32_t mask = load_tile<T, Cfg>(p, s, first + next * WN, k_tile(next_stage, slot),
-                                              v_tile(next_stage, slot), loader, may_record, pte);
-      if (loader == 0) page_masks[next_stage * WN + slot] = mask;
-      if constexpr (kPteRing) {
-        // Into the entry tile `next - 1` has finished with.
-        if (next + STAGES - 1 < count) {
-          const int entry = next_stage == 0 ? STAGES - 1 : next_stage - 1;
-          prefetch_tile_pte<Cfg>(p, s, first + (next + STAGES - 1) * WN,
-                                 pte_ring + (entry * WN + slot) * Cfg::kMaxTilePages);
-        }
-      } else if (next + 1 < count) {
-        pte_ahead = read_tile_pte<Cfg>(p, s, first + (next + 1) * WN);
-      }
-    }
-    cp_async_commit();
+  auto attend = [&](int k, int stage) {
     if constexpr (Cfg::kKeysAsM) {
-      attend_tile_keys_as_m<T, Cfg>(p, s, first + it * WN, q_cols, k_tile(stage, slot),
-                                    v_tile(stage, slot), page_masks[stage * WN + slot], pos[0],
-                                    newest[0], frag.k, frag.v, st);
+      attend_tile_keys_as_m<T, Cfg>(p, s, k, q_cols, k_tile(stage, slot), v_tile(stage, slot),
+                                    page_masks[stage * WN + slot], pos[0], newest[0], frag.k,
+                                    frag.v, st);
     } else {
-      attend_tile<T, Cfg>(p, s, first + it * WN, sq, q_regs, k_tile(stage, slot),
-                          v_tile(stage, slot), page_masks[stage * WN + slot], pos, newest, warp_m,
-                          frag, st);
+      attend_tile<T, Cfg>(p, s, k, sq, q_regs, k_tile(stage, slot), v_tile(stage, slot),
+                          page_masks[stage * WN + slot], pos, newest, warp_m, frag, st);
     }
-    stage = stage + 1 == STAGES ? 0 : stage + 1;
-    next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
+  };
+  // Tile it sits in pipeline stage it % STAGES (and, in decode, PTE ring entry it % STAGES);
+  // the indices rotate instead of being divided out each tile.
+  int stage = 0, next_stage = STAGES - 1;
+  if constexpr (WN > 1) {
+    // Decode (warps own tiles, little math per tile): visited tile i of this warp has its PTEs
+    // copied into ring entry i % STAGES with the cp.async group of tile i - (STAGES - 1), so
+    // they have arrived when the wait before its own load returns. Reading the page table a
+    // whole pipeline ahead keeps its latency off the warp's critical path. Tiles are known
+    // kAhead visits ahead: ks[j] is the tile of visit it + j (-1 past the last).
+    constexpr int kAhead = 2 * (STAGES - 1);
+    int ks[kAhead];
+#pragma unroll
+    for (int j = 0; j < kAhead; ++j) ks[j] = j == 0 || ks[j - 1] >= 0 ? tile_k(j) : -1;
+    auto pte_entry = [&](int entry) {
+      return pte_ring + (entry * WN + slot) * Cfg::kMaxTilePages;
+    };
+    // The first tiles' PTEs are read together, so the start pays one page-table round trip.
+    int32_t first_ptes[STAGES - 1];
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      first_ptes[i] = ks[i] >= 0 ? read_tile_pte<Cfg>(p, s, ks[i]) : kPteUnmapped;
+    }
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      if (ks[i] >= 0) {
+        const uint32_t mask = load_tile<T, Cfg>(p, s, ks[i], k_tile(i, slot), v_tile(i, slot),
+                                                loader, may_record, first_ptes[i]);
+        if (loader == 0) page_masks[i * WN + slot] = mask;
+      }
+      if (ks[i + STAGES - 1] >= 0) {
+        prefetch_tile_pte<Cfg>(p, s, ks[i + STAGES - 1], pte_entry((i + STAGES - 1) % STAGES));
+      }
+      cp_async_commit();
+    }
+    const int tile_pages = Cfg::KT > p.pr.geometry.page_size
+                               ? Cfg::KT / static_cast<int>(p.pr.geometry.page_size) : 1;
+    for (int it = 0; ks[0] >= 0; ++it) {
+      cp_async_wait<STAGES - 2>();
+      sync_loaders();
+      const int k = ks[0];
+      if (ks[STAGES - 1] >= 0) {
+        const int32_t pte = lane < tile_pages ? pte_entry(next_stage)[lane] : kPteUnmapped;
+        const uint32_t mask =
+            load_tile<T, Cfg>(p, s, ks[STAGES - 1], k_tile(next_stage, slot),
+                              v_tile(next_stage, slot), loader, may_record, pte);
+        if (loader == 0) page_masks[next_stage * WN + slot] = mask;
+      }
+      // The tile kAhead visits on; its PTEs go into the entry the tile before `next` has
+      // finished with.
+      const int ahead = ks[kAhead - 1] >= 0 ? tile_k(it + kAhead) : -1;
+#pragma unroll
+      for (int j = 0; j + 1 < kAhead; ++j) ks[j] = ks[j + 1];
+      ks[kAhead - 1] = ahead;
+      if (ahead >= 0) {
+        prefetch_tile_pte<Cfg>(p, s, ahead,
+                               pte_entry(next_stage == 0 ? STAGES - 1 : next_stage - 1));
+      }
+      cp_async_commit();
+      attend(k, stage);
+      stage = stage + 1 == STAGES ? 0 : stage + 1;
+      next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
+    }
+  } else {
+    // Prefill (a block shares each tile, much math per tile): each warp reads the next tile's
+    // PTE one tile ahead, which keeps registers free. The first tiles' PTEs are read together.
+    int32_t first_ptes[STAGES - 1];
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      first_ptes[i] = i < count ? read_tile_pte<Cfg>(p, s, i) : kPteUnmapped;
+    }
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      if (i < count) {
+        const uint32_t mask = load_tile<T, Cfg>(p, s, i, k_tile(i, slot), v_tile(i, slot), loader,
+                                                may_record, first_ptes[i]);
+        if (loader == 0) page_masks[i * WN + slot] = mask;
+      }
+      cp_async_commit();
+    }
+    int32_t pte_ahead = STAGES - 1 < count ? read_tile_pte<Cfg>(p, s, STAGES - 1) : kPteUnmapped;
+    for (int it = 0; it < count; ++it) {
+      cp_async_wait<STAGES - 2>();
+      sync_loaders();
+      const int next = it + STAGES - 1;
+      if (next < count) {
+        const uint32_t mask = load_tile<T, Cfg>(p, s, next, k_tile(next_stage, slot),
+                                                v_tile(next_stage, slot), loader, may_record,
+                                                pte_ahead);
+        if (loader == 0) page_masks[next_stage * WN + slot] = mask;
+        if (next + 1 < count) pte_ahead = read_tile_pte<Cfg>(p, s, next + 1);
+      }
+      cp_async_commit();
+      attend(it, stage);
+      stage = stage + 1 == STAGES ? 0 : stage + 1;
+      next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
+    }
   }
   cp_async_wait<0>();
   allow_dependent_grid();  // the split merge may launch; it waits for this grid to finish
@@ -690,23 +771,29 @@ void plan_for(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
 
 AttentionPlan plan_attention(const AttentionProblem& pr, int num_sms) {
   AttentionPlan plan{};
+  bool decode = false;
   switch (pr.geometry.head_dim) {
-    case 64: plan_for<64>(pr, num_sms, plan); break;
-    case 128: plan_for<128>(pr, num_sms, plan); break;
-    default: plan_for<256>(pr, num_sms, plan); break;
+    case 64: plan_for<64>(pr, num_sms, plan); decode = is_decode<64>(pr); break;
+    case 128: plan_for<128>(pr, num_sms, plan); decode = is_decode<128>(pr); break;
+    default: plan_for<256>(pr, num_sms, plan); decode = is_decode<256>(pr); break;
+  }
+  // The claimed tail needs the decode block's own pipelines and a window-free key range.
+  if (decode && pr.window == 0 && plan.num_splits > 1) {
+    plan.claim_counters = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
   }
   return plan;
 }
 
 int launch_attention(const AttentionProblem& pr, const AttentionPlan& plan, void* out, float* lse,
-                     float* partial_out, float* partial_lse, float* chunk_lse, float* telemetry,
-                     OpError* error, void* stream_handle) {
+                     float* partial_out, float* partial_lse, float* chunk_lse, int* tile_claims,
+                     float* telemetry, OpError* error, void* stream_handle) {
   if (pr.batch == 0 || pr.total_queries == 0) return static_cast<int>(cudaSuccess);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
   int page_shift = 0;
   while ((int64_t{1} << page_shift) < pr.geometry.page_size) ++page_shift;
   Params params{pr,  page_shift,  plan.query_tiles, plan.num_splits, plan.chunk_tokens,
-                plan.max_chunks, out, lse, partial_out, partial_lse, chunk_lse, error};
+                plan.max_chunks, out, lse, partial_out, partial_lse, chunk_lse, error,
+                plan.claim_counters > 0 ? tile_claims : nullptr};
   int status = static_cast<int>(cudaErrorInvalidValue);
   switch (pr.geometry.head_dim) {
     case 64:

@@ -53,6 +53,9 @@ struct AttentionPlan {
   int64_t max_chunks;    // telemetry chunks per sequence
   bool wide_decode;      // decode with the 8-warp block (see attention.cu, uses_wide_decode)
   bool keys_as_m;        // decode blocks of at most 8 rows, keys on the MMA's M side
+  // Decode without a window and with splits: the counters (zero before the launch, zero after
+  // it) from which warps claim the tail of each sequence's key tiles.
+  int64_t claim_counters;
 };
 
 AttentionPlan plan_attention(const AttentionProblem& problem, int num_sms);
@@ -61,11 +64,12 @@ AttentionPlan plan_attention(const AttentionProblem& problem, int num_sms);
 //   partial_out  float32 [num_splits, total_queries, num_q_heads, head_dim]  (num_splits > 1)
 //   partial_lse  float32 [num_splits, total_queries, num_q_heads]            (num_splits > 1)
 //   chunk_lse    float32 [batch, num_q_heads, max_chunks] filled with -inf   (telemetry)
+//   tile_claims  int32 [claim_counters], zero; the launch leaves it zero      (claim_counters > 0)
 // Outputs: out [total_queries, num_q_heads, head_dim] (query dtype), lse float32 [total_queries,
 // num_q_heads]. telemetry float32 [max_sequences, max_pages] is added to when not null.
 // Returns the cudaError_t of the launches as an int.
 int launch_attention(const AttentionProblem& problem, const AttentionPlan& plan, void* out,
                      float* lse, float* partial_out, float* partial_lse, float* chunk_lse,
-                     float* telemetry, OpError* error, void* stream);
+                     int* tile_claims, float* telemetry, OpError* error, void* stream);
 
 }  // namespace paged_kv::cuda

@@ -14,6 +14,7 @@
 
 #include "attention_args.h"
 #include "cuda/attention.h"
+#include "cuda/claim_counters.h"
 #include "cuda/op_error_buffer.h"
 
 namespace paged_kv {
@@ -102,11 +103,14 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
 
   OpError* error = cuda::op_error_record(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  int* tile_claims = plan.claim_counters > 0
+                         ? cuda::claim_counters(device, stream, plan.claim_counters)
+                         : nullptr;
   const int status = cuda::launch_attention(
       pr, plan, out.data_ptr(), lse.data_ptr<float>(),
       partial_out.defined() ? partial_out.data_ptr<float>() : nullptr,
       partial_lse.defined() ? partial_lse.data_ptr<float>() : nullptr,
-      chunk_lse.defined() ? chunk_lse.data_ptr<float>() : nullptr,
+      chunk_lse.defined() ? chunk_lse.data_ptr<float>() : nullptr, tile_claims,
       telemetry.has_value() ? telemetry->data_ptr<float>() : nullptr, error, stream);
   cuda::check_launch_status(status);
   return {out, lse};

@@ -54,6 +54,7 @@ struct WgmmaConfig {
   static constexpr int kRowBytes = 128;  // within a 64-column block
   static constexpr bool kUnpredicatedCopies = true;
   static constexpr bool kHoistAddressTerms = false;  // see BlockScope
+  static constexpr bool kClaimsTail = false;          // see Params::tile_claims
   __device__ static uint32_t tile_offset(int row, int chunk) {
     return sw128_offset<KT>(row, chunk);
   }
