@@ -156,9 +156,9 @@ struct Params {
 // The claimed tail: the last kTailShare / 64 of a sequence's key tiles are claimed by the warps
 // of all its splits as they finish their static shares, so that the multiprocessors finish
 // together instead of waiting for the slowest. Measured on an H200 (bf16, 8 KV heads, head_dim
-// 128; static vs claimed): 1M tokens 969 to 955 us, 128K 139.6 to 138.9 us. A share of 4 or 12
-// gained less at 1M, 16 lost at 128K; at 32K tokens (16 tiles per warp) claims cost 1 to 1.5 us,
-// so sequences with fewer than kMinClaimedTilesPerWarp tiles per warp take no claims.
+// 128; static vs claimed): 1M tokens 969 to 955 us, 128K 139.6 to 138.9 us. A share of 4 gained
+// less at 1M, 12 the same; at 32K tokens (16 tiles per warp) claims cost 0.9 to 1.6 us, so
+// sequences with fewer than kMinClaimedTilesPerWarp tiles per warp take no claims.
 constexpr int kTailShare = 8;
 constexpr int kMinClaimedTilesPerWarp = 32;
 
