@@ -14,7 +14,9 @@
 // Keys. The keys a block visits are the tiles (KT tokens, aligned) of at most two segments: the
 // sink tokens and the window [lo, hi) of its rows, intersected with its split. Tiles never
 // overlap, so every key, fault and telemetry chunk is seen once. Per-element masks apply the
-// exact causal, window and sink rules.
+// exact causal, window and sink rules. A long decode sequence without a window instead splits
+// [0, pool_lo) statically and leaves its last tiles to be claimed one unit at a time by the
+// warps of all its splits (Params::tile_claims); each tile is still visited once.
 //
 // Pages. A tile's pages are resolved once per tile (one lane per page): tier 0 reads the GPU
 // pool, tier 1 the pinned host pool when given (zero-copy, through UVA), anything else is a
