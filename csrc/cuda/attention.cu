@@ -338,23 +338,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int units = wide_units + (s.pool_n - wide_units * kClaimTiles);
   int claimed = 0;                // lane 0: the value of the claim in flight
   int batch = 0, batch_left = 0;  // the claimed tiles not yet visited
-  int visits = claims_tail ? INT_MAX : count;  // visited tiles, known once a claim comes back empty
   auto claim = [&]() {
     if (lane == 0) claimed = atomicAdd(counter, 1);
   };
   if (claims_tail && count <= kClaimTiles) claim();
-  // Tile k of visited index x (called for x = 0, 1, 2, ... in order), -1 past the last.
+  // Tile k of visited index x, -1 past the last (called for x = 0, 1, 2, ... in order, and
+  // never again after a -1).
   auto tile_k = [&](int x) -> int {
     if (x < count) {
       if (claims_tail && x == count - 1 - kClaimTiles) claim();
       return s.k0 + first + x * WN;
     }
-    if (!claims_tail || x >= visits) return -1;
+    if (!claims_tail) return -1;
     if (batch_left == 0) {
       const int u = __shfl_sync(0xffffffffu, claimed, 0);
       if (u >= units) {
         if (lane == 0 && u == units + claimers - 1) atomicExch(counter, 0);
-        visits = x;
         return -1;
       }
       const bool wide = u < wide_units;
@@ -765,21 +764,20 @@ void plan_for(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
   } else {
     plan_with<PrefillConfig<D>>(pr, num_sms, plan);
   }
+  // The claimed tail needs the decode blocks' own pipelines and a window-free key range.
+  if (is_decode<D>(pr) && pr.window == 0 && plan.num_splits > 1) {
+    plan.claim_counters = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
+  }
 }
 
 }  // namespace
 
 AttentionPlan plan_attention(const AttentionProblem& pr, int num_sms) {
   AttentionPlan plan{};
-  bool decode = false;
   switch (pr.geometry.head_dim) {
-    case 64: plan_for<64>(pr, num_sms, plan); decode = is_decode<64>(pr); break;
-    case 128: plan_for<128>(pr, num_sms, plan); decode = is_decode<128>(pr); break;
-    default: plan_for<256>(pr, num_sms, plan); decode = is_decode<256>(pr); break;
-  }
-  // The claimed tail needs the decode block's own pipelines and a window-free key range.
-  if (decode && pr.window == 0 && plan.num_splits > 1) {
-    plan.claim_counters = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
+    case 64: plan_for<64>(pr, num_sms, plan); break;
+    case 128: plan_for<128>(pr, num_sms, plan); break;
+    default: plan_for<256>(pr, num_sms, plan); break;
   }
   return plan;
 }
