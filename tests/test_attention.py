@@ -472,16 +472,25 @@ def test_decode_blocks_of_both_widths(page_size):
         assert names[0] != names[1], names
 
 
+# A batch of 4 is split over the multiprocessors (the splits share each tail); a batch of 24
+# (192 columns of 8 KV heads) runs one block per column, whose warps share its tail.
+CLAIMED_TAIL_BATCHES = {
+    "split": [(16411, 1), (5000, 1), (1, 1), (20000, 1)],
+    "unsplit": [(1 + 7 * i, 1) if i % 5 == 0 else (2900 + 97 * i, 1) for i in range(24)],
+}
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
-def test_decode_claimed_tail_eager_and_in_cuda_graph():
+@pytest.mark.parametrize("kind", sorted(CLAIMED_TAIL_BATCHES))
+def test_decode_claimed_tail_eager_and_in_cuda_graph(kind):
     """Long decode sequences hand the tail of their keys out through counters that each launch
     must leave at zero. A batch mixing sequences long enough to claim (at least 32 key tiles per
     warp on a 132-multiprocessor GPU) with short ones that do not matches the reference over
     repeated launches, on a second stream (its own counters), and replayed from a CUDA graph
     (the capture's own counters) between eager launches."""
     dtype = torch.bfloat16
-    g = _generator("claimed tail")
-    specs = [(16411, 1), (5000, 1), (1, 1), (20000, 1)]
+    g = _generator(f"claimed tail {kind}")
+    specs = CLAIMED_TAIL_BATCHES[kind]
     batch = make_batch("cuda", dtype, 256, 128, 32, 8, specs, g)
     ref_out, ref_lse, _, _ = _reference(batch)
     for _ in range(3):

@@ -570,14 +570,19 @@ __device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[
 
 }
 
+// The (query, head) index, query * num_q_heads + head, of the block's row `row`.
+__device__ inline int64_t output_row(const Params& p, const BlockScope& s, int row) {
+  const int group = static_cast<int>(p.pr.group);
+  const int64_t query = s.q_start + (s.row_base + row) / group;
+  const int64_t head = static_cast<int64_t>(s.kv_head) * group + (s.row_base + row) % group;
+  return query * p.pr.num_q_heads + head;
+}
+
 // Writes one finished row: the final output (one split) or the split's partial state.
 template <typename T, typename Cfg>
 __device__ inline void store_pair(const Params& p, const BlockScope& s, int row, int d, float o0,
                                   float o1) {
-  const int group = static_cast<int>(p.pr.group);
-  const int64_t query = s.q_start + (s.row_base + row) / group;
-  const int64_t head = static_cast<int64_t>(s.kv_head) * group + (s.row_base + row) % group;
-  const int64_t at = (query * p.pr.num_q_heads + head) * Cfg::D + d;
+  const int64_t at = output_row(p, s, row) * Cfg::D + d;
   if (p.num_splits == 1) {
     *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + at) = pack2<T>(o0, o1);
   } else {
@@ -588,10 +593,7 @@ __device__ inline void store_pair(const Params& p, const BlockScope& s, int row,
 
 template <typename Cfg>
 __device__ inline void store_lse(const Params& p, const BlockScope& s, int row, float lse) {
-  const int group = static_cast<int>(p.pr.group);
-  const int64_t query = s.q_start + (s.row_base + row) / group;
-  const int64_t head = static_cast<int64_t>(s.kv_head) * group + (s.row_base + row) % group;
-  const int64_t at = query * p.pr.num_q_heads + head;
+  const int64_t at = output_row(p, s, row);
   if (p.num_splits == 1) {
     p.lse[at] = lse;
   } else {
