@@ -53,8 +53,8 @@ struct AttentionPlan {
   int64_t max_chunks;    // telemetry chunks per sequence
   bool wide_decode;      // decode with the 8-warp block (see attention.cu, uses_wide_decode)
   bool keys_as_m;        // decode blocks of at most 8 rows, keys on the MMA's M side
-  // Decode without a window: the counters (zero before the launch, zero after
-  // it) from which warps claim the tail of each sequence's key tiles.
+  // Decode without a window: the counters (zero before the launch, zero after it) from which
+  // warps claim the tail of each sequence's key tiles.
   int64_t claim_counters;
 };
 
