@@ -1,0 +1,45 @@
+"""The load-floor benchmark (bench/load_floor.py): its grid follows the decode kernel's plan, and
+it refuses to run without what it needs."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # `bench` is a folder of the repository, not an installed package
+
+from bench import attention, load_floor  # noqa: E402
+
+
+def case(batch: int, tokens: int) -> attention.Case:
+    return attention.Case("d", "decode", batch, tokens, (256,))
+
+
+def test_grid_follows_the_decode_plan():
+    # 132 multiprocessors (H100 SXM, H200): 8 KV heads of one sequence get 8-warp blocks, one per
+    # multiprocessor, 132 // 8 splits each, up to 128K tokens; longer contexts and batches that
+    # fill the GPU get 4-warp blocks, two per multiprocessor.
+    assert load_floor.decode_grid(case(1, 32 * 1024), 132) == (8, 1, 16)
+    assert load_floor.decode_grid(case(1, 128 * 1024), 132) == (8, 1, 16)
+    assert load_floor.decode_grid(case(1, 1 << 20), 132) == (4, 2, 33)
+    assert load_floor.decode_grid(case(32, 8 * 1024), 132) == (4, 2, 1)
+    # Splits never go below 512 tokens each.
+    assert load_floor.decode_grid(case(1, 2048), 132) == (8, 1, 4)
+
+
+def test_cases_are_the_gpu_decode_cases_below_1m():
+    names = [c.name for c in load_floor.CASES]
+    assert names == ["decode_b1_32k", "decode_b1_128k", "decode_b32_8k"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_refuses_without_a_gpu():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        load_floor.main([])
+
+
+def test_unknown_case_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):  # argparse's error exit
+        load_floor.main(["--cases", "no_such_case"])
