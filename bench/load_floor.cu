@@ -39,30 +39,21 @@ __device__ inline const u16* row_address(const Case& c, int b, int h, int t, int
          (static_cast<long long>(part * c.heads + h) * c.page_size + t % c.page_size) * c.head_dim;
 }
 
-// The decode kernel's pattern: each of WARPS warps runs its own STAGES-deep pipeline of tiles
-// warp, warp + WARPS, ... of the block's split.
-template <int WARPS, int STAGES>
-__global__ void __launch_bounds__(WARPS * 32)
-    per_warp(const u16* pool, const int* frames, long long frame_elems, int heads, int page_size,
-             int head_dim, int tokens, int pages, int splits, u32* result) {
-  const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int col = blockIdx.x / c.splits, split = blockIdx.x % c.splits;
-  const int b = col / c.heads, h = col % c.heads;
-  const int tiles = c.tokens / kTile;
-  const int lo = static_cast<int>(static_cast<long long>(tiles) * split / c.splits);
-  const int hi = static_cast<int>(static_cast<long long>(tiles) * (split + 1) / c.splits);
-  const int count = hi - lo > warp ? (hi - lo - warp + WARPS - 1) / WARPS : 0;
-  const int tile_bytes = kTile * c.head_dim * 2;
-  unsigned char* mine = smem + warp * STAGES * 2 * tile_bytes;
+// Streams `count` tiles of `tile_tokens` tokens of column (b, h), K then V, through a
+// STAGES-deep ring at `ring`: tile i starts at token first_token(i) (within one page); the
+// `loaders` threads (this one is `loader`) issue its 16-byte copies and `sync()` orders them.
+// Returns a word of what was read.
+template <int STAGES, typename FirstToken, typename Sync>
+__device__ u32 stream_tiles(const Case& c, int b, int h, int count, int tile_tokens,
+                            unsigned char* ring, int loader, int loaders, FirstToken first_token,
+                            Sync sync) {
+  const int tile_bytes = tile_tokens * c.head_dim * 2;
   auto issue = [&](int i) {
     if (i < count) {
-      const int t = (lo + warp + i * WARPS) * kTile;
-      unsigned char* dst = mine + (i % STAGES) * 2 * tile_bytes;
+      unsigned char* dst = ring + (i % STAGES) * 2 * tile_bytes;
       for (int part = 0; part < 2; ++part) {
-        const u16* src = row_address(c, b, h, t, part);
-        for (int x = lane; x < tile_bytes / 16; x += 32) {
+        const u16* src = row_address(c, b, h, first_token(i), part);
+        for (int x = loader; x < tile_bytes / 16; x += loaders) {
           cp_async_16(smem_u32(dst + part * tile_bytes + x * 16), src + x * 8);
         }
       }
@@ -74,12 +65,41 @@ __global__ void __launch_bounds__(WARPS * 32)
   for (int i = 0; i < count; ++i) {
     issue(i + STAGES - 1);
     wait_groups<STAGES - 1>();
-    __syncwarp();
-    const unsigned char* tile = mine + (i % STAGES) * 2 * tile_bytes;
-    acc ^= reinterpret_cast<const u32*>(tile)[lane] ^
-           reinterpret_cast<const u32*>(tile + tile_bytes)[lane];
-    __syncwarp();
+    sync();
+    const unsigned char* tile = ring + (i % STAGES) * 2 * tile_bytes;
+    acc ^= reinterpret_cast<const u32*>(tile)[loader] ^
+           reinterpret_cast<const u32*>(tile + tile_bytes)[loader];
+    sync();
   }
+  return acc;
+}
+
+// Block (b, h, split) of the grid and its split's tiles [lo, hi) of `tile_tokens` tokens.
+struct BlockRange {
+  int b, h, lo, hi;
+};
+__device__ inline BlockRange block_range(const Case& c, int tile_tokens) {
+  const int col = blockIdx.x / c.splits, split = blockIdx.x % c.splits;
+  const long long tiles = c.tokens / tile_tokens;
+  return {col / c.heads, col % c.heads, static_cast<int>(tiles * split / c.splits),
+          static_cast<int>(tiles * (split + 1) / c.splits)};
+}
+
+// The decode kernel's pattern: each of WARPS warps runs its own STAGES-deep pipeline of tiles
+// warp, warp + WARPS, ... of the block's split.
+template <int WARPS, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32)
+    per_warp(const u16* pool, const int* frames, long long frame_elems, int heads, int page_size,
+             int head_dim, int tokens, int pages, int splits, u32* result) {
+  const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const BlockRange r = block_range(c, kTile);
+  const int count = r.hi - r.lo > warp ? (r.hi - r.lo - warp + WARPS - 1) / WARPS : 0;
+  unsigned char* ring = smem + warp * STAGES * 2 * (kTile * c.head_dim * 2);
+  const u32 acc = stream_tiles<STAGES>(
+      c, r.b, r.h, count, kTile, ring, lane, 32,
+      [&](int i) { return (r.lo + warp + i * WARPS) * kTile; }, [] { __syncwarp(); });
   if (acc == 0x9e3779b9u) result[0] = acc;
 }
 
@@ -92,35 +112,9 @@ __global__ void __launch_bounds__(128)
                 int head_dim, int tokens, int pages, int splits, u32* result) {
   const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
   extern __shared__ __align__(128) unsigned char smem[];
-  const int col = blockIdx.x / c.splits, split = blockIdx.x % c.splits;
-  const int b = col / c.heads, h = col % c.heads;
-  const int tiles = c.tokens / TOKENS;
-  const int lo = static_cast<int>(static_cast<long long>(tiles) * split / c.splits);
-  const int hi = static_cast<int>(static_cast<long long>(tiles) * (split + 1) / c.splits);
-  const int count = hi - lo;
-  const int tile_bytes = TOKENS * c.head_dim * 2;
-  auto issue = [&](int i) {
-    if (i < count) {
-      unsigned char* dst = smem + (i % STAGES) * 2 * tile_bytes;
-      for (int part = 0; part < 2; ++part) {
-        const u16* src = row_address(c, b, h, (lo + i) * TOKENS, part);  // one page per tile
-        for (int x = threadIdx.x; x < tile_bytes / 16; x += 128) {
-          cp_async_16(smem_u32(dst + part * tile_bytes + x * 16), src + x * 8);
-        }
-      }
-    }
-    commit();
-  };
-  u32 acc = 0;
-  for (int i = 0; i < STAGES - 1; ++i) issue(i);
-  for (int i = 0; i < count; ++i) {
-    issue(i + STAGES - 1);
-    wait_groups<STAGES - 1>();
-    __syncthreads();
-    const unsigned char* tile = smem + (i % STAGES) * 2 * tile_bytes;
-    acc ^= reinterpret_cast<const u32*>(tile)[threadIdx.x] ^
-           reinterpret_cast<const u32*>(tile + tile_bytes)[threadIdx.x];
-    __syncthreads();
-  }
+  const BlockRange r = block_range(c, TOKENS);
+  const u32 acc = stream_tiles<STAGES>(
+      c, r.b, r.h, r.hi - r.lo, TOKENS, smem, threadIdx.x, 128,
+      [&](int i) { return (r.lo + i) * TOKENS; }, [] { __syncthreads(); });
   if (acc == 0x9e3779b9u) result[0] = acc;
 }
