@@ -1,5 +1,7 @@
 #include "cuda/claim_counters.h"
 
+#include "cuda/op_error_buffer.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -30,10 +32,6 @@ Registry& registry() {
   return *r;
 }
 
-void check(cudaError_t status, const char* what) {
-  TORCH_CHECK(status == cudaSuccess, "paged_kv: ", what, " failed: ", cudaGetErrorString(status));
-}
-
 constexpr int64_t kMinCounters = 64 * 1024;  // 256 KB: batch 256 times 256 KV heads
 
 }  // namespace
@@ -41,7 +39,7 @@ constexpr int64_t kMinCounters = 64 * 1024;  // 256 KB: batch 256 times 256 KV h
 int* claim_counters(int device, cudaStream_t stream, int64_t count) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   unsigned long long capture_id = 0;
-  check(cudaStreamGetCaptureInfo(stream, &capture, &capture_id), "cudaStreamGetCaptureInfo");
+  check_cuda(cudaStreamGetCaptureInfo(stream, &capture, &capture_id), "cudaStreamGetCaptureInfo");
   TORCH_CHECK(capture != cudaStreamCaptureStatusInvalidated,
               "paged_kv: the stream's CUDA graph capture was invalidated");
   if (capture != cudaStreamCaptureStatusActive) capture_id = 0;
@@ -56,13 +54,13 @@ int* claim_counters(int device, cudaStream_t stream, int64_t count) {
     // Allocating during a capture is safe here: the buffer is not part of the graph's work,
     // it only has to outlive every replay. Relaxed mode lets cudaMalloc run meanwhile.
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    check(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
+    check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
     const cudaError_t status = cudaMalloc(&p, size * sizeof(int));
-    check(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
-    check(status, "cudaMalloc of the claim counters");
+    check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
+    check_cuda(status, "cudaMalloc of the claim counters");
   }
   // In stream order (during a capture: a memset node of the graph, run on every replay).
-  check(cudaMemsetAsync(p, 0, size * sizeof(int), stream), "cudaMemsetAsync of the claim counters");
+  check_cuda(cudaMemsetAsync(p, 0, size * sizeof(int), stream), "cudaMemsetAsync of the claim counters");
   b.counters = static_cast<int*>(p);
   b.size = size;
   return b.counters;

@@ -23,12 +23,7 @@ DeviceRecords& records() {
   return r;
 }
 
-#define PKV_CUDA_CHECK(call)                                                   \
-  do {                                                                         \
-    cudaError_t status_ = (call);                                              \
-    TORCH_CHECK(status_ == cudaSuccess, "paged_kv: ", #call, " failed: ",      \
-                cudaGetErrorString(status_));                                  \
-  } while (0)
+#define PKV_CUDA_CHECK(call) check_cuda((call), #call)
 
 OpError* host_record(int device) {
   auto& r = records();
@@ -66,6 +61,10 @@ OpError* op_error_record(int device) {
   void* device_ptr = nullptr;
   PKV_CUDA_CHECK(cudaHostGetDevicePointer(&device_ptr, host_record(device), 0));
   return static_cast<OpError*>(device_ptr);
+}
+
+void check_cuda(cudaError_t status, const char* what) {
+  TORCH_CHECK(status == cudaSuccess, "paged_kv: ", what, " failed: ", cudaGetErrorString(status));
 }
 
 void check_launch_status(int launch_status) {

@@ -16,6 +16,9 @@ namespace paged_kv::cuda {
 // Device-visible pointer to `device`'s record; raises any error still pending there first.
 OpError* op_error_record(int device);
 
+// Raises "paged_kv: <what> failed: <CUDA's message>" unless `status` is cudaSuccess.
+void check_cuda(cudaError_t status, const char* what);
+
 // Raises a failed launch's error (for kernels that record no input errors).
 void check_launch_status(int launch_status);
 
