@@ -397,36 +397,49 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     auto pte_entry = [&](int entry) {
       return pte_ring + (entry * WN + slot) * Cfg::kMaxTilePages;
     };
+    // Tiles within one page (the usual decode case) take the lean path (load_page_tile).
+    // Tiles of at most the smallest page size always lie within one page.
+    const bool one_page = Cfg::KT <= kPageSizes[0] || Cfg::KT <= p.pr.geometry.page_size;
+    auto load = [&](int tile, int at, int32_t pte) {
+      const uint32_t mask =
+          one_page ? load_page_tile<T, Cfg>(p, s, tile, k_tile(at, slot), v_tile(at, slot), loader,
+                                            may_record, pte)
+                   : load_tile<T, Cfg>(p, s, tile, k_tile(at, slot), v_tile(at, slot), loader,
+                                       may_record, pte);
+      if (loader == 0) page_masks[at * WN + slot] = mask;
+    };
+    auto prefetch_pte = [&](int tile, int entry) {
+      if (one_page) {
+        prefetch_page_pte<Cfg>(p, s, tile, pte_entry(entry));
+      } else {
+        prefetch_tile_pte<Cfg>(p, s, tile, pte_entry(entry));
+      }
+    };
     // The first tiles' PTEs are read together, so the start pays one page-table round trip.
     int32_t first_ptes[STAGES - 1];
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      first_ptes[i] = ks[i] >= 0 ? read_tile_pte<Cfg>(p, s, ks[i]) : kPteUnmapped;
+      first_ptes[i] = ks[i] < 0   ? kPteUnmapped
+                      : one_page ? read_page_pte<Cfg>(p, s, ks[i])
+                                 : read_tile_pte<Cfg>(p, s, ks[i]);
     }
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      if (ks[i] >= 0) {
-        const uint32_t mask = load_tile<T, Cfg>(p, s, ks[i], k_tile(i, slot), v_tile(i, slot),
-                                                loader, may_record, first_ptes[i]);
-        if (loader == 0) page_masks[i * WN + slot] = mask;
-      }
-      if (ks[i + STAGES - 1] >= 0) {
-        prefetch_tile_pte<Cfg>(p, s, ks[i + STAGES - 1], pte_entry((i + STAGES - 1) % STAGES));
-      }
+      if (ks[i] >= 0) load(ks[i], i, first_ptes[i]);
+      if (ks[i + STAGES - 1] >= 0) prefetch_pte(ks[i + STAGES - 1], (i + STAGES - 1) % STAGES);
       cp_async_commit();
     }
-    const int tile_pages = Cfg::KT > p.pr.geometry.page_size
-                               ? Cfg::KT / static_cast<int>(p.pr.geometry.page_size) : 1;
+    const int tile_pages = one_page ? 1 : Cfg::KT / static_cast<int>(p.pr.geometry.page_size);
     for (int it = 0; ks[0] >= 0; ++it) {
       cp_async_wait<STAGES - 2>();
       sync_loaders();
       const int k = ks[0];
       if (ks[STAGES - 1] >= 0) {
-        const int32_t pte = lane < tile_pages ? pte_entry(next_stage)[lane] : kPteUnmapped;
-        const uint32_t mask =
-            load_tile<T, Cfg>(p, s, ks[STAGES - 1], k_tile(next_stage, slot),
-                              v_tile(next_stage, slot), loader, may_record, pte);
-        if (loader == 0) page_masks[next_stage * WN + slot] = mask;
+        // One page: every lane reads the entry lane 0 copied (the wait and sync above order it).
+        const int32_t pte = one_page              ? pte_entry(next_stage)[0]
+                            : lane < tile_pages ? pte_entry(next_stage)[lane]
+                                                : kPteUnmapped;
+        load(ks[STAGES - 1], next_stage, pte);
       }
       // The tile kAhead visits on; its PTEs go into the entry the tile before `next` has
       // finished with.
@@ -434,10 +447,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
       for (int j = 0; j + 1 < kAhead; ++j) ks[j] = ks[j + 1];
       ks[kAhead - 1] = ahead;
-      if (ahead >= 0) {
-        prefetch_tile_pte<Cfg>(p, s, ahead,
-                               pte_entry(next_stage == 0 ? STAGES - 1 : next_stage - 1));
-      }
+      if (ahead >= 0) prefetch_pte(ahead, next_stage == 0 ? STAGES - 1 : next_stage - 1);
       cp_async_commit();
       attend(k, stage);
       stage = stage + 1 == STAGES ? 0 : stage + 1;

@@ -422,6 +422,43 @@ __device__ inline uint32_t load_tile(const Params& p, const BlockScope& s, int k
   return pages.read_mask;
 }
 
+// Decode tiles within one page (KT <= page size). Every visited tile's page is needed then (its
+// first key is at or before the block's last query, and a window or sink segment that reaches
+// the tile reaches its page), so the PTE is read with no checks, by every lane alike, and the
+// common tile (a GPU frame, every row inside the sequence) is resolved without a vote or a
+// shuffle. Anything else goes through load_tile, which records faults and bad PTEs.
+template <typename Cfg>
+__device__ inline int32_t read_page_pte(const Params& p, const BlockScope& s, int k) {
+  return pte_row<Cfg>(p, s)[tile_start<Cfg::KT>(s, k) >> p.page_shift];
+}
+
+// As prefetch_tile_pte, for a tile within one page: lane 0 copies its one PTE to dst[0].
+template <typename Cfg>
+__device__ inline void prefetch_page_pte(const Params& p, const BlockScope& s, int k, int32_t* dst) {
+  if ((threadIdx.x & 31) != 0) return;
+  const int32_t* src = pte_row<Cfg>(p, s) + (tile_start<Cfg::KT>(s, k) >> p.page_shift);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src));
+}
+
+// load_tile for a tile within one page; `pte` (the page's PTE) is the same in every lane.
+template <typename T, typename Cfg>
+__device__ inline uint32_t load_page_tile(const Params& p, const BlockScope& s, int k, T* sk, T* sv,
+                                          int loader, bool may_record, int32_t pte) {
+  static_assert(Cfg::kUnpredicatedCopies, "decode blocks only");
+  const int t0 = tile_start<Cfg::KT>(s, k);
+  // Tier 0 is a non-negative PTE whose value is the frame.
+  if (pte >= 0 && pte < p.pr.geometry.num_frames && s.kv_len - t0 >= Cfg::KT) {
+    const int P = static_cast<int>(p.pr.geometry.page_size);
+    const int c = loader % Cfg::kChunks, r0 = loader / Cfg::kChunks;
+    const T* src = static_cast<const T*>(p.pr.pool) + frame_offset<Cfg>(p, s, pte) +
+                   static_cast<int64_t>((t0 & (P - 1)) + r0) * Cfg::D + c * 8;
+    copy_whole_tile<T, Cfg>(src, smem_u32(sk), r0, c);
+    copy_whole_tile<T, Cfg>(src + p.pr.geometry.num_kv_heads * P * Cfg::D, smem_u32(sv), r0, c);
+    return 1u;
+  }
+  return load_tile<T, Cfg>(p, s, k, sk, sv, loader, may_record, pte);
+}
+
 // Online-softmax state of one warp: MW 16-row tiles, each thread holding rows g and g + 8.
 template <typename Cfg>
 struct WarpState {
