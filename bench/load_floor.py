@@ -32,6 +32,7 @@ KERNEL_SOURCE = Path(__file__).resolve().parent / "load_floor.cu"
 CASES = [c for c in A.FULL_CASES if c.kind == "decode" and c.tier == 0 and c.kv_len < 1 << 20]
 PAGE_SIZE = 256
 WIDE_MAX_TOKENS = 128 * 1024  # as kWideDecodeMaxTokens in csrc/cuda/attention.cu
+DECODE_STAGES = 2  # as DecodeKeysAsMConfig and WideDecodeKeysAsMConfig at head_dim 128
 
 
 class LoadKernels:
@@ -43,7 +44,7 @@ class LoadKernels:
         except ImportError as exc:
             raise SystemExit(f"load_floor needs CuPy to compile its kernels ({exc})") from exc
         self.cupy = cupy
-        self.names = {("per_warp", 8, 3): "per_warp<8, 3>", ("per_warp", 4, 3): "per_warp<4, 3>",
+        self.names = {("per_warp", 12, 2): "per_warp<12, 2>", ("per_warp", 4, 2): "per_warp<4, 2>",
                       ("block_tiles", 64, 3): "block_tiles<64, 3>"}
         self.module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",),
                                      name_expressions=list(self.names.values()))
@@ -90,7 +91,8 @@ def decode_grid(case: A.Case, num_sms: int) -> tuple[int, int, int]:
     """(warps per block, blocks per SM, splits) as the decode kernel plans them (plan_with)."""
     columns = case.batch * A.NUM_KV_HEADS
     wide = case.kv_len <= WIDE_MAX_TOKENS and columns < num_sms
-    warps, per_sm = (8, 1) if wide else (4, 2)
+    # 12 warps of 2 stages fill one multiprocessor's shared memory; 4 warps of 2 stages fit three.
+    warps, per_sm = (12, 1) if wide else (4, 3)
     wave = num_sms * per_sm
     splits = 1 if columns >= wave else wave // columns
     return warps, per_sm, max(1, min(splits, case.kv_len // 512))
@@ -111,7 +113,7 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int) 
     if PAGE_SIZE % 64:
         raise ValueError("load_block_64 needs pages of a whole number of 64-token tiles")
     block_splits = max(1, 2 * num_sms // (case.batch * A.NUM_KV_HEADS))
-    loads = {"load_per_warp": kernels.launcher("per_warp", warps, 3, paged, case, splits, per_sm),
+    loads = {"load_per_warp": kernels.launcher("per_warp", warps, DECODE_STAGES, paged, case, splits, per_sm),
              "load_block_64": kernels.launcher("block_tiles", 64, 3, paged, case, block_splits, 2)}
     for name, (call, details) in loads.items():
         call()

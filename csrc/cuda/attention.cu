@@ -29,6 +29,9 @@ struct Config {
   static_assert(!KEYS_AS_M || (WM == 1 && MW == 1 && WN > 1), "keys as M: decode blocks only");
   static constexpr int kRows = KEYS_AS_M ? 8 : WM * MW * 16;
   static constexpr int kThreads = WM * WN * 32;
+  // Blocks of 384 threads or more must keep to the registers of one block per multiprocessor
+  // (170 a thread at 384); 0 leaves the choice to the compiler.
+  static constexpr int kMinBlocks = kThreads >= 384 ? 1 : 0;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   // Threads that load one key tile: a warp when warps own tiles, else the block.
   static constexpr int kLoaders = WN > 1 ? 32 : kThreads;
@@ -63,21 +66,28 @@ struct Config {
 
 template <int D>
 using DecodeConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>;
-// The wide decode block: 8 warps, one block per multiprocessor, half the key splits of the
-// 4-warp block (two per multiprocessor), so each split's state covers twice the keys and the
-// merge reads half the partial states. Measured on an H200 (bf16, 8 KV heads, head_dim 128):
-// 3% faster at 32K tokens and 1% at 128K, but 1.3 to 1.6% slower at 1M, where the 4-warp grid's
-// 264 blocks keep all 132 multiprocessors busy and the 8-warp grid's 128 blocks leave 4 idle.
-// The 8-warp stages of head_dim 256 do not fit in shared memory; 64 was not measured.
+// The wide decode block: one block per multiprocessor, fewer key splits than the 4-warp block
+// (two or three per multiprocessor), so each split's state covers more keys and the merge reads
+// fewer partial states. Measured on an H200 (bf16, 8 KV heads, head_dim 128) with 8 warps of 3
+// stages against two 4-warp blocks: 3% faster at 32K tokens and 1% at 128K, but 1.3 to 1.6%
+// slower at 1M, where the 4-warp grid's 264 blocks keep all 132 multiprocessors busy and the
+// 8-warp grid's 128 blocks leave 4 idle. The 8-warp stages of head_dim 256 do not fit in shared
+// memory; 64 was not measured.
 template <int D>
 using WideDecodeConfig = Config<D, 1, 8, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>;
 constexpr int64_t kWideDecodeMaxTokens = 128 * 1024;
 // The same blocks for at most 8 rows (one query token and a group of at most 8), with the keys
-// on the MMA's M side.
+// on the MMA's M side. At head_dim 128 they run 2 stages, and the wide block 12 warps: with
+// one tile in flight per warp instead of two, and more warps per multiprocessor where that frees
+// shared memory, the decode loop ends sooner. Same-machine A/B on an H200 (bf16, 8 KV heads,
+// pages of 256 / 16), time over SDPA's against 4-warp and 8-warp blocks of 3 stages: 32K 1.077
+// to 1.043 / 1.089 to 1.055, 128K 1.003 to 0.986 / 1.007 to 0.984, batch 32 at 8K 1.015 to
+// 1.005 / 1.027 to 1.008. A wide block of 14 warps (capped at 128 registers, spilling) was
+// slower at 32K (1.090), 5 or 6 warps per 2-stage block no better at batch 32.
 template <int D>
-using DecodeKeysAsMConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3), true>;
+using DecodeKeysAsMConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 64 ? 3 : 2), true>;
 template <int D>
-using WideDecodeKeysAsMConfig = Config<D, 1, 8, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3), true>;
+using WideDecodeKeysAsMConfig = Config<D, 1, 12, 1, (D == 64 ? 32 : 16), 2, true>;
 
 template <int D>
 using PrefillConfig = Config<D, 4, 1, (D == 256 ? 1 : 2), (D == 256 ? 32 : 64), 2>;
@@ -213,7 +223,7 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
 
 
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads)
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     paged_attention_kernel(const __grid_constant__ Params p) {
   constexpr int D = Cfg::D, MW = Cfg::MW, KT = Cfg::KT, STAGES = Cfg::STAGES, WN = Cfg::WN;
   constexpr int C = Cfg::kChunks;
@@ -689,8 +699,9 @@ bool is_decode(const AttentionProblem& pr) {
 
 // Sequences are known on the device only, so the choice goes by the page table's capacity.
 // Only where the (sequence, KV head) columns alone leave multiprocessors idle: a grid of more
-// columns runs 4-warp blocks, two per multiprocessor (batch 32 at 8K tokens on an H200: 246.1
-// against 247.5 us, 244.7 against 248.0 with the claimed tail).
+// columns runs 4-warp blocks, two or three per multiprocessor (batch 32 at 8K tokens on an
+// H200, 3-stage blocks: 246.1 against 247.5 us for the 8-warp block, 244.7 against 248.0 with
+// the claimed tail).
 template <int D>
 bool uses_wide_decode(const AttentionProblem& pr, int num_sms) {
   return D == 128 && is_decode<D>(pr) &&
