@@ -91,8 +91,9 @@ def decode_grid(case: A.Case, num_sms: int) -> tuple[int, int, int]:
     """(warps per block, blocks per SM, splits) as the decode kernel plans them (plan_with)."""
     columns = case.batch * A.NUM_KV_HEADS
     wide = case.kv_len <= WIDE_MAX_TOKENS and columns < num_sms
-    # 12 warps of 2 stages fill one multiprocessor's shared memory; 4 warps of 2 stages fit three.
-    warps, per_sm = (12, 1) if wide else (4, 3)
+    # 12 warps of 2 stages fill one multiprocessor's shared memory; 4-warp blocks fit three, but
+    # splits are planned for two (kDecodeBlocksPerSmPlanned).
+    warps, per_sm = (12, 1) if wide else (4, 2)
     wave = num_sms * per_sm
     splits = 1 if columns >= wave else wave // columns
     return warps, per_sm, max(1, min(splits, case.kv_len // 512))
