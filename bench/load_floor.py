@@ -114,7 +114,8 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int) 
     if PAGE_SIZE % 64:
         raise ValueError("load_block_64 needs pages of a whole number of 64-token tiles")
     block_splits = max(1, 2 * num_sms // (case.batch * A.NUM_KV_HEADS))
-    loads = {"load_per_warp": kernels.launcher("per_warp", warps, DECODE_STAGES, paged, case, splits, per_sm),
+    loads = {"load_per_warp": kernels.launcher("per_warp", warps, DECODE_STAGES, paged, case, splits,
+                                               per_sm),
              "load_block_64": kernels.launcher("block_tiles", 64, 3, paged, case, block_splits, 2)}
     for name, (call, details) in loads.items():
         call()

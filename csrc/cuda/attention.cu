@@ -67,12 +67,12 @@ struct Config {
 template <int D>
 using DecodeConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>;
 // The wide decode block: one block per multiprocessor, fewer key splits than the 4-warp block
-// (two or three per multiprocessor), so each split's state covers more keys and the merge reads
-// fewer partial states. Measured on an H200 (bf16, 8 KV heads, head_dim 128) with 8 warps of 3
-// stages against two 4-warp blocks: 3% faster at 32K tokens and 1% at 128K, but 1.3 to 1.6%
-// slower at 1M, where the 4-warp grid's 264 blocks keep all 132 multiprocessors busy and the
-// 8-warp grid's 128 blocks leave 4 idle. The 8-warp stages of head_dim 256 do not fit in shared
-// memory; 64 was not measured.
+// (splits planned for two per multiprocessor), so each split's state covers more keys and the
+// merge reads fewer partial states. Measured on an H200 (bf16, 8 KV heads, head_dim 128) with 8
+// warps of 3 stages against two 4-warp blocks: 3% faster at 32K tokens and 1% at 128K, but 1.3
+// to 1.6% slower at 1M, where the 4-warp grid's 264 blocks keep all 132 multiprocessors busy and
+// the 8-warp grid's 128 blocks leave 4 idle. The 8-warp stages of head_dim 256 do not fit in
+// shared memory; 64 was not measured.
 template <int D>
 using WideDecodeConfig = Config<D, 1, 8, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>;
 constexpr int64_t kWideDecodeMaxTokens = 128 * 1024;
