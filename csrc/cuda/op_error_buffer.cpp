@@ -68,8 +68,7 @@ void check_cuda(cudaError_t status, const char* what) {
 }
 
 void check_launch_status(int launch_status) {
-  TORCH_CHECK(launch_status == cudaSuccess, "paged_kv: kernel launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(launch_status)));
+  check_cuda(static_cast<cudaError_t>(launch_status), "kernel launch");
 }
 
 void check_launch(int launch_status, int device, cudaStream_t stream) {
