@@ -136,6 +136,27 @@ def test_window_sinks_and_scale(device, dtype, window, sinks, page_size, prefill
 
 
 @pytest.mark.parametrize("device", DEVICES)
+# Not float32: its fixed 1e-5 tolerance stands for scores of order 10, and the float32 error of
+# a score grows with its magnitude (the CUDA kernel, whose reference this moves, takes 16-bit
+# types only).
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("scale_factor", [4.0, 32.0])
+def test_decode_with_scores_far_apart(device, dtype, page_size, scale_factor):
+    """Decode (groups of 4, so the CUDA kernel puts the keys on the MMA's M side) with a large
+    softmax scale: the scores spread over tens of powers of two, so a row's running max rises
+    far above the first tiles' again and again along the keys, which moves the CUDA kernel's
+    softmax reference and rescales its partial outputs mid-loop."""
+    g = _generator("scores far apart", dtype, page_size, scale_factor)
+    specs = [(int(torch.randint(1, 5000, (1,), generator=g)), 1) for _ in range(3)] + [(4999, 1)]
+    batch = make_batch(device, dtype, page_size, 128, 32, 8, specs, g)
+    scale = scale_factor / math.sqrt(128)
+    out, lse = _attention(batch, scale=scale)
+    ref_out, ref_lse, _, _ = _reference(batch, scale=scale)
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_poisoned_memory_is_never_read(device, dtype, prefill_kernel):
     """The poison is really there (unused frames, page tails, other layers, a sequence outside

@@ -27,7 +27,7 @@ __device__ inline uint32_t movmatrix_trans(uint32_t x) {
 template <typename Cfg>
 struct ColumnState {
   float o[Cfg::D / 16][4];  // O^T: element e is column 16 dd + g + 8 (e / 2) of row 2t + e % 2
-  float m[2];               // running max of rows 2t, 2t + 1 (raw scores; log2 domain at the end)
+  float m[2];  // reference of rows 2t, 2t + 1: raw scores, log2 domain at the end (see kLazyRescaleLog2)
   float l[2];               // their sums: this lane's part during the loop, the whole at the end
 };
 
@@ -54,6 +54,10 @@ __device__ inline void init_state(ColumnState<Cfg>& st) {
   st.m[0] = st.m[1] = -INFINITY;
   st.l[0] = st.l[1] = 0.f;
 }
+
+// How far (log2 of the scaled scores) a row's running max may rise above its reference before
+// the reference moves up to it.
+constexpr float kLazyRescaleLog2 = 8.f;
 
 // Max and sum over the 8 lanes that share t (the keys g of one column pair).
 __device__ inline float column_max(float v) {
@@ -134,20 +138,37 @@ __device__ void attend_tile_keys_as_m(const Params& p, const BlockScope& s, int 
     }
   }
 
-  // Running max and sum per row (column of S^T); p = 2^(s c - m c) as in softmax_tile.
-  float refs[2], alphas[2];
+  // Running reference and sum per row (column of S^T); p = 2^(s c - m c) as in softmax_tile,
+  // with m a reference at most kLazyRescaleLog2 below the row's running max. It moves only when
+  // some lane of the warp sees a score above it by more than that, so most tiles skip the column
+  // reductions, the factors and the rescale, which sat on each tile's dependency chain. p stays
+  // at most 2^kLazyRescaleLog2, which 16-bit P and float sums carry with the same relative
+  // precision.
+  float lane_max[2];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    float tile_max = -INFINITY;
+    lane_max[e] = -INFINITY;
 #pragma unroll
-    for (int km = 0; km < KM; ++km) tile_max = fmaxf(tile_max, fmaxf(sc[km][e], sc[km][2 + e]));
-    tile_max = column_max(tile_max);
-    const float m_new = fmaxf(st.m[e], tile_max);
-    refs[e] = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-    // Exactly 1 when the max holds (see softmax_tile), so the rescale below is skipped.
-    alphas[e] = m_new == -INFINITY ? 1.f : fast_exp2((st.m[e] - m_new) * scale_log2);
-    st.m[e] = m_new;
+    for (int km = 0; km < KM; ++km) {
+      lane_max[e] = fmaxf(lane_max[e], fmaxf(sc[km][e], sc[km][2 + e]));
+    }
   }
+  // -inf against -inf gives NaN, which compares false: nothing seen yet, nothing to move.
+  const bool moves =
+      __any_sync(0xffffffffu, (lane_max[0] - st.m[0]) * scale_log2 > kLazyRescaleLog2 ||
+                                  (lane_max[1] - st.m[1]) * scale_log2 > kLazyRescaleLog2);
+  float refs[2], alphas[2] = {1.f, 1.f};
+  if (moves) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float m_new = fmaxf(st.m[e], column_max(lane_max[e]));
+      // Exactly 1 when the reference holds, so the rescale below is skipped.
+      alphas[e] = m_new == -INFINITY ? 1.f : fast_exp2((st.m[e] - m_new) * scale_log2);
+      st.m[e] = m_new;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) refs[e] = st.m[e] == -INFINITY ? 0.f : st.m[e] * scale_log2;
   float part_sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int km = 0; km < KM; ++km) {
@@ -186,7 +207,7 @@ __device__ void attend_tile_keys_as_m(const Params& p, const BlockScope& s, int 
     }
   }
 
-  if (__any_sync(0xffffffffu, alphas[0] != 1.f || alphas[1] != 1.f)) {
+  if (moves && __any_sync(0xffffffffu, alphas[0] != 1.f || alphas[1] != 1.f)) {
 #pragma unroll
     for (int dd = 0; dd < DS; ++dd)
 #pragma unroll
