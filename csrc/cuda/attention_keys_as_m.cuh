@@ -27,7 +27,7 @@ __device__ inline uint32_t movmatrix_trans(uint32_t x) {
 template <typename Cfg>
 struct ColumnState {
   float o[Cfg::D / 16][4];  // O^T: element e is column 16 dd + g + 8 (e / 2) of row 2t + e % 2
-  float m[2];  // reference of rows 2t, 2t + 1: raw scores, log2 domain at the end (see kLazyRescaleLog2)
+  float m[2];               // softmax reference of rows 2t, 2t + 1 (raw; log2 domain at the end)
   float l[2];               // their sums: this lane's part during the loop, the whole at the end
 };
 
