@@ -77,13 +77,14 @@ template <int D>
 using WideDecodeConfig = Config<D, 1, 8, 1, (D == 64 ? 32 : 16), (D == 256 ? 2 : 3)>;
 constexpr int64_t kWideDecodeMaxTokens = 128 * 1024;
 // The same blocks for at most 8 rows (one query token and a group of at most 8), with the keys
-// on the MMA's M side. At head_dim 128 they run 2 stages, and the wide block 12 warps: with
-// one tile in flight per warp instead of two, and more warps per multiprocessor where that frees
-// shared memory, the decode loop ends sooner. Same-machine A/B on an H200 (bf16, 8 KV heads,
-// pages of 256 / 16), time over SDPA's against 4-warp and 8-warp blocks of 3 stages: 32K 1.077
-// to 1.043 / 1.089 to 1.055, 128K 1.003 to 0.986 / 1.007 to 0.984, batch 32 at 8K 1.015 to
-// 1.005 / 1.027 to 1.008. A wide block of 14 warps (capped at 128 registers, spilling) was
-// slower at 32K (1.090), 5 or 6 warps per 2-stage block no better at batch 32.
+// on the MMA's M side. At head_dim 128 and 256 they run 2 stages, and the wide block (head_dim
+// 128) 12 warps: with one tile in flight per warp instead of two, and more warps per
+// multiprocessor where that frees shared memory, the decode loop ends sooner. Same-machine A/B
+// on an H200 (bf16, 8 KV heads, pages of 256 / 16), time over SDPA's against 4-warp and 8-warp
+// blocks of 3 stages: 32K 1.077 to 1.043 / 1.089 to 1.055, 128K 1.003 to 0.986 / 1.007 to
+// 0.984, batch 32 at 8K 1.015 to 1.005 / 1.027 to 1.008. A wide block of 14 warps (capped at 128
+// registers, spilling) was slower at 32K (1.090), 5 or 6 warps per 2-stage block no better at
+// batch 32.
 template <int D>
 using DecodeKeysAsMConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 64 ? 3 : 2), true>;
 template <int D>

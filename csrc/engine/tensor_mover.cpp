@@ -12,18 +12,15 @@
 #ifdef PKV_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "cuda/op_error_buffer.h"
 #endif
 
 namespace paged_kv::engine {
-namespace {
 
 #ifdef PKV_WITH_CUDA
-void check_cuda(cudaError_t status, const char* call) {
-  TORCH_CHECK(status == cudaSuccess, "paged_kv pager: ", call, " failed: ", cudaGetErrorString(status));
-}
+using cuda::check_cuda;
 #endif
-
-}  // namespace
 
 TensorMover::TensorMover(const at::Tensor& gpu_pool, const at::Tensor& host_pool,
                          store::DiskStore* disk, bool bounce_through_host_slots,
