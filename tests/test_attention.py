@@ -158,6 +158,26 @@ def test_decode_with_scores_far_apart(device, dtype, page_size, scale_factor):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads, batch_size", [((6, 2), 5), ((12, 2), 7), ((5, 1), 3)])
+def test_decode_with_odd_sizes(device, dtype, page_size, head_dim, heads, batch_size):
+    """Decode with GQA groups of 3, 6 and 5, batches of 5, 7 and 3, and sequences long enough
+    for many key splits (9 or 11 on a GPU of 132 multiprocessors): the sizes the CUDA decode
+    blocks divide block indices, rows and lengths by (by multipliers computed on the host) are
+    not powers of two."""
+    _skip_unsupported(device, dtype)
+    g = _generator("odd sizes", dtype, page_size, head_dim, heads, batch_size)
+    specs = [(int(torch.randint(1, 6000, (1,), generator=g)), 1) for _ in range(batch_size - 1)]
+    specs.append((5000 + int(torch.randint(0, 1000, (1,), generator=g)), 1))
+    batch = make_batch(device, dtype, page_size, head_dim, *heads, specs, g)
+    out, lse = _attention(batch)
+    ref_out, ref_lse, _, _ = _reference(batch)
+    _assert_matches(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_poisoned_memory_is_never_read(device, dtype, prefill_kernel):
     """The poison is really there (unused frames, page tails, other layers, a sequence outside
     the batch), and the output is finite and right."""

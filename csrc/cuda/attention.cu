@@ -54,6 +54,7 @@ struct Config {
   // prefill block runs at the register limit, and the second copy path made it spill.
   static constexpr bool kUnpredicatedCopies = WN > 1;
   static constexpr bool kHoistAddressTerms = WN > 1 && D <= 128;  // see BlockScope
+  static constexpr bool kFastDivisions = WN > 1;                  // see quotient()
   // Decode blocks (warps with their own pipelines) may claim the tail (Params::tile_claims).
   static constexpr bool kClaimsTail = WN > 1;
   // Tiles are [rows][D], each row's 16-byte chunks XOR-swizzled by the row so that ldmatrix
@@ -248,6 +249,27 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     return pipeline + (static_cast<int64_t>(stage) * 2 * WN + WN + slot) * KT * D;
   };
 
+  // The tiles this thread's loader group visits: k = k0 + first, k0 + first + WN, ... (its
+  // static share), then in a decode block with a claimed tail, tiles claimed one at a time.
+  const int num_tiles = s.n1 + s.n2;
+  const int first = WN > 1 ? warp_n : 0;
+  const int count = num_tiles > first ? (num_tiles - first + WN - 1) / WN : 0;
+  // Decode tiles within one page (the usual case) take the lean path (load_page_tile). Tiles of
+  // at most the smallest page size always lie within one page.
+  const bool one_page = Cfg::KT <= kPageSizes[0] || Cfg::KT <= p.pr.geometry.page_size;
+  // Decode: the PTEs of the first static tiles are read before anything else, so that their
+  // round trip, which the first tiles' copies wait for, overlaps the set-up below (the queries'
+  // loads, the claims) instead of following it.
+  int32_t first_ptes[STAGES - 1];
+  if constexpr (WN > 1) {
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      first_ptes[i] = i >= count  ? kPteUnmapped
+                      : one_page ? read_page_pte<Cfg>(p, s, s.k0 + first + i * WN)
+                                 : read_tile_pte<Cfg>(p, s, s.k0 + first + i * WN);
+    }
+  }
+
   // Row positions (-1 past the block's queries) and which rows are the newest query's: rows g
   // and g + 8 of each MMA tile, or with the keys as M, rows 2t and 2t + 1.
   int pos[MW][2];
@@ -258,8 +280,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     for (int h = 0; h < 2; ++h) {
       const int r = s.row_base + (Cfg::kKeysAsM ? 2 * t + h : (warp_m * MW + mi) * 16 + g + 8 * h);
       const bool live = r < s.total_rows;
-      pos[mi][h] = live ? s.kv_len - s.q_len + r / group : -1;
-      newest[mi][h] = live && r / group == s.q_len - 1;
+      const int token = quotient<Cfg>(p.group_div, r);
+      pos[mi][h] = live ? s.kv_len - s.q_len + token : -1;
+      newest[mi][h] = live && token == s.q_len - 1;
     }
   }
 
@@ -268,8 +291,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   auto query_row = [&](int r) -> const T* {
     const int rr = s.row_base + r;
     if (rr >= s.total_rows) return nullptr;
-    return query + static_cast<int64_t>(s.q_start + rr / group) * p.pr.query_token_stride +
-           static_cast<int64_t>(s.kv_head * group + rr % group) * p.pr.query_head_stride;
+    const int token = quotient<Cfg>(p.group_div, rr);
+    return query + static_cast<int64_t>(s.q_start + token) * p.pr.query_token_stride +
+           static_cast<int64_t>(s.kv_head * group + p.group_div.remainder(rr, token)) *
+               p.pr.query_head_stride;
   };
   uint32_t q_regs[Cfg::kQueryInRegisters && !Cfg::kKeysAsM ? D / 16 : 1][4];
   uint32_t q_cols[Cfg::kKeysAsM ? D / 16 : 1][2];  // row g's query as Q^T's B fragments
@@ -316,11 +341,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     }
   }
 
-  // The tiles this thread's loader group visits: k = k0 + first, k0 + first + WN, ... (its
-  // static share), then in a decode block with a claimed tail, tiles claimed one at a time.
-  const int num_tiles = s.n1 + s.n2;
-  const int first = WN > 1 ? warp_n : 0;
-  const int count = num_tiles > first ? (num_tiles - first + WN - 1) / WN : 0;
   const int slot = WN > 1 ? warp_n : 0;
   const int loader = WN > 1 ? lane : static_cast<int>(threadIdx.x);
   // In a shared-tile block every warp resolves the pages, but only warp 0 records faults.
@@ -408,9 +428,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     auto pte_entry = [&](int entry) {
       return pte_ring + (entry * WN + slot) * Cfg::kMaxTilePages;
     };
-    // Tiles within one page (the usual decode case) take the lean path (load_page_tile).
-    // Tiles of at most the smallest page size always lie within one page.
-    const bool one_page = Cfg::KT <= kPageSizes[0] || Cfg::KT <= p.pr.geometry.page_size;
     auto load = [&](int tile, int at, int32_t pte) {
       const uint32_t mask =
           one_page ? load_page_tile<T, Cfg>(p, s, tile, k_tile(at, slot), v_tile(at, slot), loader,
@@ -426,13 +443,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         prefetch_tile_pte<Cfg>(p, s, tile, pte_entry(entry));
       }
     };
-    // The first tiles' PTEs are read together, so the start pays one page-table round trip.
-    int32_t first_ptes[STAGES - 1];
+    // A first tile that is claimed, not static (a warp without static tiles), has its PTE read
+    // once its claim returns.
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      first_ptes[i] = ks[i] < 0   ? kPteUnmapped
-                      : one_page ? read_page_pte<Cfg>(p, s, ks[i])
-                                 : read_tile_pte<Cfg>(p, s, ks[i]);
+      if (i >= count && ks[i] >= 0) {
+        first_ptes[i] =
+            one_page ? read_page_pte<Cfg>(p, s, ks[i]) : read_tile_pte<Cfg>(p, s, ks[i]);
+      }
     }
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
@@ -467,7 +485,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   } else {
     // Prefill (a block shares each tile, much math per tile): each warp reads the next tile's
     // PTE one tile ahead, which keeps registers free. The first tiles' PTEs are read together.
-    int32_t first_ptes[STAGES - 1];
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
       first_ptes[i] = i < count ? read_tile_pte<Cfg>(p, s, i) : kPteUnmapped;
@@ -827,6 +844,10 @@ int launch_attention(const AttentionProblem& pr, const AttentionPlan& plan, void
   Params params{pr,  page_shift,  plan.query_tiles, plan.num_splits, plan.chunk_tokens,
                 plan.max_chunks, out, lse, partial_out, partial_lse, chunk_lse, error,
                 plan.claim_counters > 0 ? tile_claims : nullptr};
+  params.batch_div = FastDivisor(pr.batch);
+  params.kv_heads_div = FastDivisor(pr.geometry.num_kv_heads);
+  params.group_div = FastDivisor(pr.group);
+  params.splits_div = FastDivisor(plan.num_splits);
   int status = static_cast<int>(cudaErrorInvalidValue);
   switch (pr.geometry.head_dim) {
     case 64:

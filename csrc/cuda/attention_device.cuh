@@ -33,6 +33,7 @@
 
 #include "cuda/attention.h"
 #include "cuda/device_error.cuh"
+#include "cuda/fast_divisor.h"
 
 namespace paged_kv::cuda::detail {
 
@@ -153,6 +154,8 @@ struct Params {
   // Decode without a window: one zeroed counter per (sequence, KV head) block column, from
   // which warps claim the tail of the keys (null: every tile is statically assigned).
   int* tile_claims;
+  // The divisors of a block's start (see fast_divisor.h): batch, KV heads, group, splits.
+  FastDivisor batch_div, kv_heads_div, group_div, splits_div;
 };
 
 // The claimed tail: the last kTailShare / 64 of a sequence's key tiles are claimed by the warps
@@ -188,6 +191,23 @@ struct BlockScope {
 
 __device__ inline int ceil_to(int x, int a) { return (x + a - 1) / a * a; }
 __device__ inline int floor_to(int x, int a) { return x / a * a; }
+// x rounded up to a multiple of 2^shift.
+__device__ inline int ceil_to_pow2(int x, int shift) {
+  return ((x + (1 << shift) - 1) >> shift) << shift;
+}
+// n / d.divisor for 0 <= n < 2^31: by the precomputed multiplier where Cfg::kFastDivisions (the
+// decode blocks, whose start waits on these divisions), else by the division sequence (the
+// mma.sync prefill block runs at the register limit, and the multiplier forms made it spill).
+template <typename Cfg>
+__device__ inline int quotient(const FastDivisor& d, int n) {
+  if constexpr (Cfg::kFastDivisions) {
+    return d.quotient(n);
+  } else {
+    return n / static_cast<int>(d.divisor);
+  }
+}
+// log2 of a power of two known at compile time.
+__host__ __device__ constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 
 template <int KT>
 __device__ inline int tile_start(const BlockScope& s, int k) {
@@ -575,8 +595,9 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
           csum = quad_sum(csum);
           if (t == 0 && newest[mi][h] && t0 / ct + c < p.max_chunks) {
             const int row = (warp_m * MW + mi) * 16 + g + 8 * h;
+            const int r = s.row_base + row;
             const int head = s.kv_head * static_cast<int>(p.pr.group) +
-                             (s.row_base + row) % static_cast<int>(p.pr.group);
+                             p.group_div.remainder(r, quotient<Cfg>(p.group_div, r));
             float* dst = p.chunk_lse +
                          (static_cast<int64_t>(s.b) * p.pr.num_q_heads + head) * p.max_chunks +
                          t0 / ct + c;
@@ -608,10 +629,13 @@ __device__ inline void rescale_output(WarpState<Cfg>& st, const float (&alphas)[
 }
 
 // The (query, head) index, query * num_q_heads + head, of the block's row `row`.
+template <typename Cfg>
 __device__ inline int64_t output_row(const Params& p, const BlockScope& s, int row) {
-  const int group = static_cast<int>(p.pr.group);
-  const int64_t query = s.q_start + (s.row_base + row) / group;
-  const int64_t head = static_cast<int64_t>(s.kv_head) * group + (s.row_base + row) % group;
+  const int r = s.row_base + row;
+  const int q = quotient<Cfg>(p.group_div, r);
+  const int64_t query = s.q_start + q;
+  const int64_t head =
+      static_cast<int64_t>(s.kv_head) * p.pr.group + p.group_div.remainder(r, q);
   return query * p.pr.num_q_heads + head;
 }
 
@@ -619,7 +643,7 @@ __device__ inline int64_t output_row(const Params& p, const BlockScope& s, int r
 template <typename T, typename Cfg>
 __device__ inline void store_pair(const Params& p, const BlockScope& s, int row, int d, float o0,
                                   float o1) {
-  const int64_t at = output_row(p, s, row) * Cfg::D + d;
+  const int64_t at = output_row<Cfg>(p, s, row) * Cfg::D + d;
   if (p.num_splits == 1) {
     *reinterpret_cast<uint32_t*>(static_cast<T*>(p.out) + at) = pack2<T>(o0, o1);
   } else {
@@ -630,7 +654,7 @@ __device__ inline void store_pair(const Params& p, const BlockScope& s, int row,
 
 template <typename Cfg>
 __device__ inline void store_lse(const Params& p, const BlockScope& s, int row, float lse) {
-  const int64_t at = output_row(p, s, row);
+  const int64_t at = output_row<Cfg>(p, s, row);
   if (p.num_splits == 1) {
     p.lse[at] = lse;
   } else {
@@ -643,12 +667,22 @@ __device__ inline void store_lse(const Params& p, const BlockScope& s, int row, 
 template <typename Cfg>
 __device__ bool make_scope(const Params& p, BlockScope& s) {
   const AttentionProblem& pr = p.pr;
-  int64_t bx = blockIdx.x;
-  s.b = static_cast<int>(bx % pr.batch);
-  bx /= pr.batch;
-  s.kv_head = static_cast<int>(bx % pr.geometry.num_kv_heads);
-  // Heaviest (latest) query tiles first: under causal masking they have the most keys.
-  s.query_tile = static_cast<int>(p.query_tiles - 1 - bx / pr.geometry.num_kv_heads);
+  // blockIdx.x = (tile_index * num_kv_heads + kv_head) * batch + b, below 2^31. Heaviest
+  // (latest) query tiles first: under causal masking they have the most keys.
+  if constexpr (Cfg::kFastDivisions) {
+    const int bx = static_cast<int>(blockIdx.x);
+    const int column = p.batch_div.quotient(bx);
+    s.b = p.batch_div.remainder(bx, column);
+    const int tile_index = p.kv_heads_div.quotient(column);
+    s.kv_head = p.kv_heads_div.remainder(column, tile_index);
+    s.query_tile = static_cast<int>(p.query_tiles - 1 - tile_index);
+  } else {
+    // The same in 64 bits: the 32-bit form above made the mma.sync prefill block spill.
+    const int64_t column = blockIdx.x / pr.batch;
+    s.b = static_cast<int>(blockIdx.x - column * pr.batch);
+    s.kv_head = static_cast<int>(column % pr.geometry.num_kv_heads);
+    s.query_tile = static_cast<int>(p.query_tiles - 1 - column / pr.geometry.num_kv_heads);
+  }
   s.split = blockIdx.y;
   s.row = pr.sequences[s.b];
   const int q0 = pr.query_starts[s.b], q1 = pr.query_starts[s.b + 1];
@@ -692,8 +726,9 @@ __device__ bool make_scope(const Params& p, BlockScope& s) {
   s.row_base = s.query_tile * Cfg::kRows;
   if (s.row_base >= s.total_rows) return false;
   const int history = s.kv_len - s.q_len;
-  s.first_pos = history + s.row_base / group;
-  s.last_pos = history + (min(s.row_base + Cfg::kRows, s.total_rows) - 1) / group;
+  s.first_pos = history + quotient<Cfg>(p.group_div, s.row_base);
+  s.last_pos =
+      history + quotient<Cfg>(p.group_div, min(s.row_base + Cfg::kRows, s.total_rows) - 1);
 
   constexpr int KT = Cfg::KT;
   const int window = static_cast<int>(pr.window);
@@ -708,7 +743,9 @@ __device__ bool make_scope(const Params& p, BlockScope& s) {
   }
   s.seg1_hi = seg1_hi;
   // This block's split: aligned to whole pages and tiles, so pages never straddle splits.
-  const int align = max(static_cast<int>(g.page_size), KT);
+  // align = max(page size, KT), both powers of two.
+  constexpr int kTileShift = log2_of(KT);
+  const int align_shift = max(p.page_shift, kTileShift);
   const int splits = static_cast<int>(p.num_splits);
   s.k0 = 0;
   s.pool_lo = 0;
@@ -723,13 +760,15 @@ __device__ bool make_scope(const Params& p, BlockScope& s) {
     s.pool_n = long_enough ? static_cast<int>(static_cast<int64_t>(tiles) * kTailShare / 64) : 0;
     s.pool_lo = tiles - s.pool_n;
     const int static_hi = s.pool_lo * KT;
-    const int share = ceil_to((static_hi + splits - 1) / splits, align);
+    const int share =
+        ceil_to_pow2(quotient<Cfg>(p.splits_div, static_hi + splits - 1), align_shift);
     const int lo = static_cast<int>(min(static_cast<int64_t>(s.split) * share, int64_t{static_hi}));
     s.s1_lo = s.s2_lo = s.n1 = s.seg1_hi = 0;
     s.k0 = lo / KT;
     s.n2 = min(share, static_hi - lo) / KT;
   } else {
-    const int per_split = ceil_to((s.kv_len + splits - 1) / splits, align);
+    const int per_split =
+        ceil_to_pow2(quotient<Cfg>(p.splits_div, s.kv_len + splits - 1), align_shift);
     const int sp_lo = s.split * per_split, sp_hi = sp_lo + per_split;
     s.s1_lo = sp_lo;
     s.n1 = max(0, min(seg1_hi, sp_hi) - sp_lo) / KT;

@@ -55,6 +55,7 @@ struct WgmmaConfig {
   static constexpr bool kUnpredicatedCopies = true;
   static constexpr bool kHoistAddressTerms = false;  // see BlockScope
   static constexpr bool kClaimsTail = false;          // see Params::tile_claims
+  static constexpr bool kFastDivisions = false;       // see quotient()
   __device__ static uint32_t tile_offset(int row, int chunk) {
     return sw128_offset<KT>(row, chunk);
   }
@@ -103,10 +104,11 @@ __device__ inline void produce_tiles(const Params& p, const BlockScope& s, int c
     const int r = idx / C, c = idx % C;
     const int rr = s.row_base + r;
     const bool live = rr < s.total_rows;
+    const int token = quotient<Cfg>(p.group_div, rr);
     const T* src =
-        live ? query +
-                   static_cast<int64_t>(s.q_start + rr / group) * p.pr.query_token_stride +
-                   static_cast<int64_t>(s.kv_head * group + rr % group) * p.pr.query_head_stride +
+        live ? query + static_cast<int64_t>(s.q_start + token) * p.pr.query_token_stride +
+                   static_cast<int64_t>(s.kv_head * group + p.group_div.remainder(rr, token)) *
+                       p.pr.query_head_stride +
                    c * 8
              : query;
     cp_async_16(sq + sw128_offset<kRows>(r, c), src, live);
@@ -165,15 +167,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
   const int wg = warp >> 2;
   const int g = lane >> 2;
-  const int group = static_cast<int>(p.pr.group);
   int pos[1][2];
   bool newest[1][2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = s.row_base + warp * 16 + g + 8 * h;
     const bool live = r < s.total_rows;
-    pos[0][h] = live ? s.kv_len - s.q_len + r / group : -1;
-    newest[0][h] = live && r / group == s.q_len - 1;
+    const int token = quotient<Cfg>(p.group_div, r);
+    pos[0][h] = live ? s.kv_len - s.q_len + token : -1;
+    newest[0][h] = live && token == s.q_len - 1;
   }
 
   WarpState<Cfg> st;
