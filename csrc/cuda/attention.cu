@@ -370,7 +370,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   int claimed = 0;                // lane 0: the value of the claim in flight
   int batch = 0, batch_left = 0;  // the claimed tiles not yet visited
   auto claim = [&]() {
-    if (lane == 0) claimed = atomicAdd(counter, 1);
+    if (lane == 0) claimed = atomic_increment(counter);
   };
   if (claims_tail && count <= kClaimTiles) claim();
   // Tile k of visited index x, -1 past the last (called for x = 0, 1, 2, ... in order, and

@@ -115,6 +115,21 @@ __device__ inline void allow_dependent_grid() {
 #endif
 }
 
+// atomicAdd(address, 1) for counters below 2^31 - 1, without waiting for the result. ptxas
+// turns an atomic add of one lane into a warp-aggregated one whose result it shuffles to the
+// lane right after the atomic, so the warp would wait out the atomic's whole round trip there
+// (the claimed tail issues each claim a unit ahead of its use). An increment with wrap-around
+// (atom.inc: old >= limit ? 0 : old + 1) below the largest limit, which ptxas would turn into
+// an add again, is issued as written.
+__device__ inline int atomic_increment(int* address) {
+  unsigned old;
+  asm volatile("atom.global.inc.u32 %0, [%1], 0x7fffffff;\n"
+               : "=r"(old)
+               : "l"(address)
+               : "memory");
+  return static_cast<int>(old);
+}
+
 __device__ inline uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
