@@ -1,16 +1,19 @@
 """The load floor of decode: how fast the decode kernel's access pattern alone reads K and V.
 
-For the decode cases of bench/attention.py (bf16, 8 KV heads, head_dim 128, pages of 256 tokens
-in a random frame order), times in one run, each with the L2 flushed before every call:
+For the decode cases of bench/attention.py (bf16, 8 KV heads, head_dim 128, pages of 256 tokens,
+or of --page-size tokens, in a random frame order), times in one run, each with the L2 flushed
+before every call:
   sdpa_dense      F.scaled_dot_product_attention over contiguous K/V (the bar of issue 3)
   paged_kv        paged_kv.ops.attention (the whole op: lookups, tile math, split merge)
   load_per_warp   the load-only kernel of bench/load_floor.cu in the decode kernel's grid and
                   pattern (per-warp pipelines of 16-token tiles, the same split count)
-  load_block_64   the same bytes read by 4-warp blocks sharing 64-token tiles, 2 per SM
+  load_block_64   the same bytes read by 4-warp blocks sharing 64-token tiles, 2 per SM (pages
+                  of at least 64 tokens)
 and the HBM read ceiling. The load-only kernels are compiled with NVRTC through CuPy, so the
-script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json.
+script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
+load_floor_page<N>.json.
 
-    python bench/load_floor.py [--cases REGEX] [--out DIR]
+    python bench/load_floor.py [--cases REGEX] [--page-size N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from bench.harness import bench_args, format_table, gbps, time_cuda, write_resul
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "load_floor.cu"
 CASES = [c for c in A.FULL_CASES if c.kind == "decode" and c.tier == 0 and c.kv_len < 1 << 20]
-PAGE_SIZE = 256
+PAGE_SIZE = 256  # the default; --page-size picks another
 WIDE_MAX_TOKENS = 128 * 1024  # as kWideDecodeMaxTokens in csrc/cuda/attention.cu
 DECODE_STAGES = 2  # as DecodeKeysAsMConfig and WideDecodeKeysAsMConfig at head_dim 128
 
@@ -99,10 +102,11 @@ def decode_grid(case: A.Case, num_sms: int) -> tuple[int, int, int]:
     return warps, per_sm, max(1, min(splits, case.kv_len // 512))
 
 
-def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int) -> list[dict]:
+def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
+             page_size: int = PAGE_SIZE) -> list[dict]:
     torch.manual_seed(0)
     dense = A.make_dense(case, torch.device("cuda"))
-    paged = A.build_paged(case, dense, PAGE_SIZE, torch.device("cuda"), seed=1)
+    paged = A.build_paged(case, dense, page_size, torch.device("cuda"), seed=1)
     case_bytes = A.case_bytes(case)
     candidates = {"sdpa_dense": (A.sdpa_candidate(case, dense), {}),
                   "paged_kv": (A.paged_kv_candidate(case, dense, paged, torch.device("cuda")), {})}
@@ -111,12 +115,11 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int) 
     for name, (candidate, details) in candidates.items():
         with candidate.context():
             timed[name] = (time_cuda(candidate.call, warmup=10, repeat=100, cold_l2=True), details)
-    if PAGE_SIZE % 64:
-        raise ValueError("load_block_64 needs pages of a whole number of 64-token tiles")
     block_splits = max(1, 2 * num_sms // (case.batch * A.NUM_KV_HEADS))
     loads = {"load_per_warp": kernels.launcher("per_warp", warps, DECODE_STAGES, paged, case, splits,
-                                               per_sm),
-             "load_block_64": kernels.launcher("block_tiles", 64, 3, paged, case, block_splits, 2)}
+                                               per_sm)}
+    if page_size % 64 == 0:  # 64-token tiles within one page
+        loads["load_block_64"] = kernels.launcher("block_tiles", 64, 3, paged, case, block_splits, 2)
     for name, (call, details) in loads.items():
         call()
         torch.cuda.synchronize()
@@ -125,7 +128,7 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int) 
     rows = []
     for name, (timing, details) in timed.items():
         rate = gbps(case_bytes, timing["median_us"])
-        rows.append({"case": case.name, "kernel": name, "page_size": None if name == "sdpa_dense" else PAGE_SIZE,
+        rows.append({"case": case.name, "kernel": name, "page_size": None if name == "sdpa_dense" else page_size,
                      "bytes": case_bytes, "time_us": timing["median_us"], "p10_us": timing["p10_us"],
                      "p90_us": timing["p90_us"], "gbps": rate, "fraction_of_hbm_read": rate / hbm_gbps,
                      "vs_sdpa": timing["median_us"] / sdpa_us, **details})
@@ -137,6 +140,8 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = bench_args(__doc__.splitlines()[0])
     parser.add_argument("--cases", metavar="REGEX", default=None, help="run only matching cases")
+    parser.add_argument("--page-size", type=int, default=PAGE_SIZE, choices=(16, 32, 64, 128, 256),
+                        help="tokens per page (default %(default)s)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("load_floor needs a CUDA GPU")
@@ -151,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for case in cases:
-        rows += run_case(case, kernels, hbm["gbps"], num_sms)
+        rows += run_case(case, kernels, hbm["gbps"], num_sms, args.page_size)
     print(format_table(rows, ["case", "kernel", "time_us", "gbps", "fraction_of_hbm_read", "vs_sdpa",
                               "grid", "splits"]))
-    path = write_results("load_floor", {"hbm_read": hbm}, rows, args.out,
-                         {"page_size": PAGE_SIZE, "kernel_source": KERNEL_SOURCE.name})
+    name = "load_floor" if args.page_size == PAGE_SIZE else f"load_floor_page{args.page_size}"
+    path = write_results(name, {"hbm_read": hbm}, rows, args.out,
+                         {"page_size": args.page_size, "kernel_source": KERNEL_SOURCE.name})
     print(f"wrote {path}")
     return 0
 

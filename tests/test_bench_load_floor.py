@@ -43,3 +43,9 @@ def test_unknown_case_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit):  # argparse's error exit
         load_floor.main(["--cases", "no_such_case"])
+
+
+def test_page_size_must_be_a_supported_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):  # argparse's error exit
+        load_floor.main(["--page-size", "48"])
