@@ -513,6 +513,48 @@ def test_decode_blocks_of_both_widths(page_size):
         assert names[0] != names[1], names
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("kind", ["columns fill the GPU", "page table past 128K"])
+def test_decode_outside_the_wide_block(page_size, kind):
+    """Decode at head_dim 128 outside the wide block's range runs 4-warp blocks (one per
+    sequence, KV head and split, with their claims, faults, telemetry and merge): a batch whose
+    (sequence, KV head) columns fill the GPU, unsplit, with sequences long enough to claim and
+    half the pages on disk (the fault queue lists exactly those, the output covers the rest);
+    and a few sequences in a page table of more than 128K tokens, split."""
+    dtype = torch.bfloat16
+    g = _generator("outside the wide block", page_size, kind)
+    if kind == "columns fill the GPU":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        specs = [(2100 + 37 * i, 1) if i % 3 == 0 else (int(torch.randint(1, 400, (1,), generator=g)), 1)
+                 for i in range(sms // 4 + 2)]  # 4 KV heads per sequence
+        batch = make_batch("cuda", dtype, page_size, 128, 16, 4, specs, g)
+        table = batch.page_table.cpu()
+        needed = batch.needed_pages()
+        on_disk = [p for p in needed if torch.rand(1, generator=g) < 0.5]
+        for row, page in on_disk:
+            batch.pool[_frame(table, row, page)] = float("nan")  # on disk: must not be read
+        batch.page_table = _mark(table, on_disk, paged_kv.Tier.DISK, g).to("cuda")
+    else:
+        specs = [(5000, 1), (1, 1), (3001, 1)]
+        batch = make_batch("cuda", dtype, page_size, 128, 32, 8, specs, g)
+        rows = batch.page_table.shape[0]
+        pad = 128 * 1024 // page_size + 1 - batch.page_table.shape[1]
+        unmapped = torch.full((rows, pad), paged_kv.UNMAPPED, dtype=torch.int32, device="cuda")
+        batch.page_table = torch.cat([batch.page_table, unmapped], dim=1).contiguous()
+        on_disk = []
+    ref_out, ref_lse, ref_faults, ref_telemetry = _reference(batch)
+    assert ref_faults == on_disk
+    for _ in range(2):
+        queue, count = new_fault_queue(len(on_disk) + 3, "cuda")
+        telemetry = torch.zeros(batch.page_table.shape, device="cuda")
+        out, lse = _attention(batch, fault_queue=queue, fault_count=count, telemetry=telemetry)
+        assert read_faults(queue, count).tolist() == [list(p) for p in on_disk]
+        _assert_matches(out, lse, ref_out, ref_lse, dtype)
+        _assert_telemetry(telemetry, ref_telemetry, dtype)
+    paged_kv.check_errors()
+
+
 # A batch of 4 is split over the multiprocessors (the splits share each tail); a batch of 24
 # (192 columns of 8 KV heads) runs one block per column, whose warps share its tail.
 CLAIMED_TAIL_BATCHES = {

@@ -355,29 +355,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
   // The claimed tail (decode, see BlockScope::pool_lo): after its static tiles each warp claims
   // pool tiles from the (sequence, KV head)'s counter until the pool is spent, so every
-  // multiprocessor finishes at about the same time. A claim is one unit: kClaimTiles tiles,
+  // multiprocessor finishes at about the same time. A claim is one unit: claim_tiles tiles,
   // except the pool's last `claimers` tiles (one per claiming warp), claimed one at a time so
   // that the warps end evenly. Under full HBM load an atomic takes about as long as a tile, so
   // each claim is issued a unit ahead of its use. Every warp ends with one claim past the pool;
   // the claim that returns the last of those values is the last use of the counter in this
-  // grid, so its warp sets the counter back to zero for the next launch.
-  constexpr int kClaimTiles = 4;
+  // grid, so its warp sets the counter back to zero for the next launch. Units are 2 tiles where
+  // only one block's warps share a counter (no splits), 4 where the warps of every split do,
+  // whose atomics on the one address queue behind each other. H200, time over SDPA's, units of
+  // 2 against 4, two machines: batch 32 0.9962 against 0.9988 and 0.9944 against 0.9977 (pages
+  // of 16 1.0017 against 1.0049 and 1.0043 against 1.0025, fastest calls 243.4 and 243.2 us
+  // against 243.6 and 243.7); with splits, 1M 1.0048 against 0.9965, 128K 0.9883 against 0.9837.
+  // Units of 1 were no better (batch 32 0.9980).
+  const int claim_tiles = p.num_splits == 1 ? 2 : 4;
   const bool claims_tail = Cfg::kClaimsTail && p.tile_claims != nullptr && s.pool_n > 0;
   int* const counter = claims_tail ? p.tile_claims + blockIdx.x : nullptr;
   const int claimers = static_cast<int>(p.num_splits) * WN;
-  const int wide_units = max(0, s.pool_n - claimers) / kClaimTiles;
-  const int units = wide_units + (s.pool_n - wide_units * kClaimTiles);
+  const int wide_units = max(0, s.pool_n - claimers) / claim_tiles;
+  const int units = wide_units + (s.pool_n - wide_units * claim_tiles);
   int claimed = 0;                // lane 0: the value of the claim in flight
   int batch = 0, batch_left = 0;  // the claimed tiles not yet visited
   auto claim = [&]() {
     if (lane == 0) claimed = atomic_increment(counter);
   };
-  if (claims_tail && count <= kClaimTiles) claim();
+  if (claims_tail && count <= claim_tiles) claim();
   // Tile k of visited index x, -1 past the last (called for x = 0, 1, 2, ... in order, and
   // never again after a -1).
   auto tile_k = [&](int x) -> int {
     if (x < count) {
-      if (claims_tail && x == count - 1 - kClaimTiles) claim();
+      if (claims_tail && x == count - 1 - claim_tiles) claim();
       return s.k0 + first + x * WN;
     }
     if (!claims_tail) return -1;
@@ -388,8 +394,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
         return -1;
       }
       const bool wide = u < wide_units;
-      batch = wide ? u * kClaimTiles : u + wide_units * (kClaimTiles - 1);
-      batch_left = wide ? kClaimTiles : 1;
+      batch = wide ? u * claim_tiles : u + wide_units * (claim_tiles - 1);
+      batch_left = wide ? claim_tiles : 1;
       claim();
     }
     --batch_left;
