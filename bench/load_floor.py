@@ -27,6 +27,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import numpy as np
 import torch
 
+import paged_kv
+
 from bench import attention as A
 from bench import ceilings
 from bench.harness import bench_args, format_table, gbps, time_cuda, write_results
@@ -140,7 +142,7 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
 def main(argv: list[str] | None = None) -> int:
     parser = bench_args(__doc__.splitlines()[0])
     parser.add_argument("--cases", metavar="REGEX", default=None, help="run only matching cases")
-    parser.add_argument("--page-size", type=int, default=PAGE_SIZE, choices=(16, 32, 64, 128, 256),
+    parser.add_argument("--page-size", type=int, default=PAGE_SIZE, choices=paged_kv.PAGE_SIZES,
                         help="tokens per page (default %(default)s)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
