@@ -221,6 +221,13 @@ __device__ inline int quotient(const FastDivisor& d, int n) {
     return n / static_cast<int>(d.divisor);
   }
 }
+// The query head of the block's row `row`: its group's KV head and its place in the group.
+template <typename Cfg>
+__device__ inline int query_head(const Params& p, const BlockScope& s, int row) {
+  const int r = s.row_base + row;
+  return s.kv_head * static_cast<int>(p.pr.group) +
+         p.group_div.remainder(r, quotient<Cfg>(p.group_div, r));
+}
 // log2 of a power of two known at compile time.
 __host__ __device__ constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 
@@ -609,10 +616,7 @@ __device__ inline void softmax_tile(const Params& p, const BlockScope& s, int t0
           }
           csum = quad_sum(csum);
           if (t == 0 && newest[mi][h] && t0 / ct + c < p.max_chunks) {
-            const int row = (warp_m * MW + mi) * 16 + g + 8 * h;
-            const int r = s.row_base + row;
-            const int head = s.kv_head * static_cast<int>(p.pr.group) +
-                             p.group_div.remainder(r, quotient<Cfg>(p.group_div, r));
+            const int head = query_head<Cfg>(p, s, (warp_m * MW + mi) * 16 + g + 8 * h);
             float* dst = p.chunk_lse +
                          (static_cast<int64_t>(s.b) * p.pr.num_q_heads + head) * p.max_chunks +
                          t0 / ct + c;

@@ -195,10 +195,7 @@ __device__ void attend_tile_keys_as_m(const Params& p, const BlockScope& s, int 
         }
         csum = column_sum(csum);
         if (g == 0 && newest[e] && t0 / ct + c < p.max_chunks) {
-          const int row = 2 * t + e;
-          const int r = s.row_base + row;
-          const int head = s.kv_head * static_cast<int>(p.pr.group) +
-                           p.group_div.remainder(r, quotient<Cfg>(p.group_div, r));
+          const int head = query_head<Cfg>(p, s, 2 * t + e);
           float* dst = p.chunk_lse +
                        (static_cast<int64_t>(s.b) * p.pr.num_q_heads + head) * p.max_chunks +
                        t0 / ct + c;
