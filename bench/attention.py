@@ -267,13 +267,37 @@ class Paged:
         return self.frames.shape[1]
 
 
-def build_paged(case: Case, dense: Dense, page_size: int, device: torch.device, seed: int) -> Paged:
-    """The dense K/V written into a pool whose frames are a random permutation; with tier 1,
-    every page lives in a pinned host slot instead and the GPU pool holds one unused frame."""
+# A GPU maps its memory in 2 MiB pages; `extent` placement keeps runs of consecutive pages in one.
+EXTENT_BYTES = 2 << 20
+PLACEMENTS = ("random", "extent")
+
+
+def frame_order(num_pages: int, frame_bytes: int, placement: str, generator: torch.Generator) -> torch.Tensor:
+    """The frame of each of `num_pages` logical pages (sequence after sequence): `random`, a random
+    permutation; `extent`, runs of consecutive pages filling EXTENT_BYTES of consecutive frames,
+    the runs in a random order."""
+    if placement == "random":
+        return torch.randperm(num_pages, generator=generator)
+    if placement != "extent":
+        raise ValueError(f"placement {placement!r}: expected one of {PLACEMENTS}")
+    per_run = max(1, EXTENT_BYTES // frame_bytes)
+    runs = -(-num_pages // per_run)
+    start = torch.randperm(runs, generator=generator).repeat_interleave(per_run)[:num_pages] * per_run
+    frames = start + torch.arange(num_pages) % per_run
+    # A partial last run leaves holes past num_pages; ranking closes them and keeps the order.
+    return torch.argsort(torch.argsort(frames))
+
+
+def build_paged(case: Case, dense: Dense, page_size: int, device: torch.device, seed: int,
+                placement: str = "random") -> Paged:
+    """The dense K/V written into a pool whose frames are placed by `placement` (frame_order);
+    with tier 1, every page lives in a pinned host slot instead and the GPU pool holds one unused
+    frame."""
     b = case.batch
     pages = -(-case.kv_len // page_size)
     generator = torch.Generator().manual_seed(seed)
-    frames = torch.randperm(b * pages, generator=generator).view(b, pages).to(device)
+    frame_bytes = 2 * NUM_KV_HEADS * page_size * HEAD_DIM * ELEMENT_BYTES  # one layer
+    frames = frame_order(b * pages, frame_bytes, placement, generator).view(b, pages).to(device)
     pool = paged_kv.new_pool(b * pages, 1, NUM_KV_HEADS, page_size, HEAD_DIM, DTYPE, device)
     pool[frames, LAYER, 0] = pages_of(dense.key, page_size)  # index_put: [B, pages, H, P, D]
     pool[frames, LAYER, 1] = pages_of(dense.value, page_size)

@@ -56,6 +56,39 @@ def test_paged_inputs_hold_the_dense_kv_in_random_frames(page_size):
     assert paged.query_starts.tolist() == [0, 1, 2, 3] and paged.kv_lens.tolist() == [700] * 3
 
 
+@pytest.mark.parametrize("frame_bytes, pages", [(64 << 10, 96), (64 << 10, 100), (1 << 20, 9), (4 << 20, 5)])
+def test_extent_placement_keeps_runs_of_pages_in_one_2mib_region(frame_bytes, pages):
+    generator = torch.Generator().manual_seed(3)
+    frames = attention.frame_order(pages, frame_bytes, "extent", generator).tolist()
+    assert sorted(frames) == list(range(pages))
+    per_run = max(1, attention.EXTENT_BYTES // frame_bytes)
+    runs = [frames[i:i + per_run] for i in range(0, pages, per_run)]
+    for run in runs:  # consecutive pages in consecutive frames, the run inside one region
+        assert run == list(range(run[0], run[0] + len(run)))
+    if pages % per_run == 0:
+        assert all(run[0] % per_run == 0 for run in runs)
+    if len(runs) > 2:  # the runs themselves are not in order (seed 3 shuffles them)
+        assert [run[0] for run in runs] != sorted(run[0] for run in runs)
+
+
+def test_unknown_placement_is_an_error():
+    with pytest.raises(ValueError, match="placement 'sorted'"):
+        attention.frame_order(8, 1 << 20, "sorted", torch.Generator())
+
+
+def test_extent_placement_holds_the_dense_kv():
+    case = attention.Case("d", "decode", 2, 1000, (16,))
+    dense = attention.make_dense(case, CPU)
+    paged = attention.build_paged(case, dense, 16, CPU, seed=1, placement="extent")
+    pages = paged.pages_per_sequence
+    assert sorted(paged.frames.flatten().tolist()) == list(range(2 * pages))
+    for b in range(case.batch):
+        key, value = paged_kv.gather_kv(paged.pool, paged.page_table, b,
+                                        torch.arange(pages, dtype=torch.int32), 0)
+        assert torch.equal(key[:1000].transpose(0, 1), dense.key[b])
+        assert torch.equal(value[:1000].transpose(0, 1), dense.value[b])
+
+
 def test_compare_flags_gross_and_diffuse_errors():
     reference = torch.randn(4, 32, 128)
     assert attention.compare(reference + 1e-3, reference)["correct"]
