@@ -513,36 +513,23 @@ def test_decode_blocks_of_both_widths(page_size):
         assert names[0] != names[1], names
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
-@pytest.mark.parametrize("page_size", [16, 256])
-@pytest.mark.parametrize("kind", ["columns fill the GPU", "page table past 128K"])
-def test_decode_outside_the_wide_block(page_size, kind):
-    """Decode at head_dim 128 outside the wide block's range runs 4-warp blocks (one per
-    sequence, KV head and split, with their claims, faults, telemetry and merge): a batch whose
-    (sequence, KV head) columns fill the GPU, unsplit, with sequences long enough to claim and
-    half the pages on disk (the fault queue lists exactly those, the output covers the rest);
-    and a few sequences in a page table of more than 128K tokens, split."""
-    dtype = torch.bfloat16
-    g = _generator("outside the wide block", page_size, kind)
-    if kind == "columns fill the GPU":
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        specs = [(2100 + 37 * i, 1) if i % 3 == 0 else (int(torch.randint(1, 400, (1,), generator=g)), 1)
-                 for i in range(sms // 4 + 2)]  # 4 KV heads per sequence
-        batch = make_batch("cuda", dtype, page_size, 128, 16, 4, specs, g)
-        table = batch.page_table.cpu()
-        needed = batch.needed_pages()
-        on_disk = [p for p in needed if torch.rand(1, generator=g) < 0.5]
-        for row, page in on_disk:
-            batch.pool[_frame(table, row, page)] = float("nan")  # on disk: must not be read
-        batch.page_table = _mark(table, on_disk, paged_kv.Tier.DISK, g).to("cuda")
-    else:
-        specs = [(5000, 1), (1, 1), (3001, 1)]
-        batch = make_batch("cuda", dtype, page_size, 128, 32, 8, specs, g)
-        rows = batch.page_table.shape[0]
-        pad = 128 * 1024 // page_size + 1 - batch.page_table.shape[1]
-        unmapped = torch.full((rows, pad), paged_kv.UNMAPPED, dtype=torch.int32, device="cuda")
-        batch.page_table = torch.cat([batch.page_table, unmapped], dim=1).contiguous()
-        on_disk = []
+def _batch_with_pages_on_disk(page_size, head_dim, num_q_heads, num_kv_heads, num_seqs, g):
+    """A CUDA decode batch of num_seqs sequences (every third long enough to claim, the others
+    1 to 399 tokens) with a random half of its pages on disk (NaN in their frames)."""
+    specs = [(2100 + 37 * i, 1) if i % 3 == 0 else (int(torch.randint(1, 400, (1,), generator=g)), 1)
+             for i in range(num_seqs)]
+    batch = make_batch("cuda", torch.bfloat16, page_size, head_dim, num_q_heads, num_kv_heads, specs, g)
+    table = batch.page_table.cpu()
+    on_disk = [p for p in batch.needed_pages() if torch.rand(1, generator=g) < 0.5]
+    for row, page in on_disk:
+        batch.pool[_frame(table, row, page)] = float("nan")  # on disk: must not be read
+    batch.page_table = _mark(table, on_disk, paged_kv.Tier.DISK, g).to("cuda")
+    return batch, on_disk
+
+
+def _check_decode_with_faults(batch, on_disk):
+    """Twice (the claim counters must be left at zero): the fault queue lists exactly `on_disk`,
+    and the output, LSE and telemetry match the reference."""
     ref_out, ref_lse, ref_faults, ref_telemetry = _reference(batch)
     assert ref_faults == on_disk
     for _ in range(2):
@@ -550,9 +537,51 @@ def test_decode_outside_the_wide_block(page_size, kind):
         telemetry = torch.zeros(batch.page_table.shape, device="cuda")
         out, lse = _attention(batch, fault_queue=queue, fault_count=count, telemetry=telemetry)
         assert read_faults(queue, count).tolist() == [list(p) for p in on_disk]
-        _assert_matches(out, lse, ref_out, ref_lse, dtype)
-        _assert_telemetry(telemetry, ref_telemetry, dtype)
+        _assert_matches(out, lse, ref_out, ref_lse, batch.query.dtype)
+        _assert_telemetry(telemetry, ref_telemetry, batch.query.dtype)
     paged_kv.check_errors()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("kind", ["columns fill the GPU", "more columns than fit at once",
+                                  "page table past 128K"])
+def test_decode_outside_the_wide_block(page_size, kind):
+    """Decode at head_dim 128 outside the wide block's range runs 4-warp blocks (one per
+    sequence, KV head and split, with their claims, faults, telemetry and merge): a batch whose
+    (sequence, KV head) columns fill the GPU, unsplit, with sequences long enough to claim and
+    half the pages on disk (the fault queue lists exactly those, the output covers the rest); a
+    batch of more columns than fit on the GPU at once, where each block attends several columns
+    in turn; and a few sequences in a page table of more than 128K tokens, split."""
+    g = _generator("outside the wide block", page_size, kind)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if kind == "columns fill the GPU":
+        batch, on_disk = _batch_with_pages_on_disk(page_size, 128, 16, 4, sms // 4 + 2, g)  # sms + 8 columns
+    elif kind == "more columns than fit at once":
+        # 4 * min(sms + 18, 256) columns (600 on 132 multiprocessors, where three 4-warp blocks
+        # fit on each): each block attends two.
+        batch, on_disk = _batch_with_pages_on_disk(page_size, 128, 16, 4, min(sms + 18, 256), g)
+    else:
+        batch = make_batch("cuda", torch.bfloat16, page_size, 128, 32, 8, [(5000, 1), (1, 1), (3001, 1)], g)
+        rows = batch.page_table.shape[0]
+        pad = 128 * 1024 // page_size + 1 - batch.page_table.shape[1]
+        unmapped = torch.full((rows, pad), paged_kv.UNMAPPED, dtype=torch.int32, device="cuda")
+        batch.page_table = torch.cat([batch.page_table, unmapped], dim=1).contiguous()
+        on_disk = []
+    _check_decode_with_faults(batch, on_disk)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_decode_blocks_of_several_columns(head_dim, page_size):
+    """Head dims 64 and 256 in a grid of more (sequence, KV head) columns than fit at once
+    (2 * min(sms + 18, 256) columns; two or one 4-warp blocks fit per multiprocessor): each
+    block attends two or three columns in turn, with claims, faults and telemetry."""
+    g = _generator("several columns", head_dim, page_size)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch, on_disk = _batch_with_pages_on_disk(page_size, head_dim, 8, 2, min(sms + 18, 256), g)
+    _check_decode_with_faults(batch, on_disk)
 
 
 # A batch of 4 is split over the multiprocessors (the splits share each tail); a batch of 24

@@ -21,12 +21,16 @@ using namespace detail;
 // D: head_dim. WM x WN warps: WM split the rows, WN split the key tiles (each with its own
 // pipeline). MW: 16-row MMA tiles per warp. KT: tokens per key tile. STAGES: pipeline depth.
 // KEYS_AS_M: decode blocks of 8 rows whose tile math puts the keys on the MMA's M side
-// (attention_keys_as_m.cuh).
-template <int D_, int WM_, int WN_, int MW_, int KT_, int STAGES_, bool KEYS_AS_M = false>
+// (attention_keys_as_m.cuh). SEVERAL_COLUMNS: each block attends columns blockIdx.x,
+// blockIdx.x + gridDim.x, ... (see plan_grid_columns).
+template <int D_, int WM_, int WN_, int MW_, int KT_, int STAGES_, bool KEYS_AS_M = false,
+          bool SEVERAL_COLUMNS = false>
 struct Config {
   static constexpr int D = D_, WM = WM_, WN = WN_, MW = MW_, KT = KT_, STAGES = STAGES_;
   static constexpr bool kKeysAsM = KEYS_AS_M;
   static_assert(!KEYS_AS_M || (WM == 1 && MW == 1 && WN > 1), "keys as M: decode blocks only");
+  static constexpr bool kSeveralColumns = SEVERAL_COLUMNS;
+  static_assert(!SEVERAL_COLUMNS || WN > 1, "several columns: decode blocks only");
   static constexpr int kRows = KEYS_AS_M ? 8 : WM * MW * 16;
   static constexpr int kThreads = WM * WN * 32;
   // Blocks of 384 threads or more must keep to the registers of one block per multiprocessor
@@ -90,6 +94,11 @@ template <int D>
 using DecodeKeysAsMConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 64 ? 3 : 2), true>;
 template <int D>
 using WideDecodeKeysAsMConfig = Config<D, 1, 12, 1, (D == 64 ? 32 : 16), 2, true>;
+// DecodeKeysAsMConfig for grids of more columns than fit at once (plan_grid_columns). A kernel
+// of its own, so that the one-column kernel keeps its code (with the column loop the 4-warp
+// and 12-warp blocks took 3 registers fewer and 32K decode was 0.5% slower).
+template <int D>
+using DecodeColumnsConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 64 ? 3 : 2), true, true>;
 
 template <int D>
 using PrefillConfig = Config<D, 4, 1, (D == 256 ? 1 : 2), (D == 256 ? 32 : 64), 2>;
@@ -224,15 +233,13 @@ __device__ void attend_tile(const Params& p, const BlockScope& s, int k, const T
 }
 
 
+// One block column: a (sequence, KV head, query tile) and the block's split of its keys.
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
-    paged_attention_kernel(const __grid_constant__ Params p) {
+__device__ __forceinline__ void attend_column(const Params& p, int column, unsigned char* smem) {
   constexpr int D = Cfg::D, MW = Cfg::MW, KT = Cfg::KT, STAGES = Cfg::STAGES, WN = Cfg::WN;
   constexpr int C = Cfg::kChunks;
-  extern __shared__ __align__(128) unsigned char smem[];
-  wait_for_prior_grid();
   BlockScope s;
-  if (!make_scope<Cfg>(p, s)) return;
+  if (!make_scope<Cfg>(p, s, column)) return;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int warp_m = warp % Cfg::WM, warp_n = warp / Cfg::WM;
@@ -369,7 +376,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   // Units of 1 were no better (batch 32 0.9980).
   const int claim_tiles = p.num_splits == 1 ? 2 : 4;
   const bool claims_tail = Cfg::kClaimsTail && p.tile_claims != nullptr && s.pool_n > 0;
-  int* const counter = claims_tail ? p.tile_claims + blockIdx.x : nullptr;
+  int* const counter = claims_tail ? p.tile_claims + column : nullptr;
   const int claimers = static_cast<int>(p.num_splits) * WN;
   const int wide_units = max(0, s.pool_n - claimers) / claim_tiles;
   const int units = wide_units + (s.pool_n - wide_units * claim_tiles);
@@ -579,6 +586,23 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   }
 }
 
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+    paged_attention_kernel(const __grid_constant__ Params p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  wait_for_prior_grid();
+  if constexpr (Cfg::kSeveralColumns) {
+    // The barrier keeps the next column's set-up off shared memory that slower warps of this
+    // one still read.
+    for (int column = blockIdx.x; column < p.columns; column += gridDim.x) {
+      if (column != static_cast<int>(blockIdx.x)) __syncthreads();
+      attend_column<T, Cfg>(p, column, smem);
+    }
+  } else {
+    attend_column<T, Cfg>(p, static_cast<int>(blockIdx.x), smem);
+  }
+}
+
 // Merges the splits' partial states of each (query, head) into the output: one block of
 // kCombineWarps warps per row. Warp w sums the weighted outputs of splits w, w + kCombineWarps,
 // ... (each lane owns D / 32 columns). The outputs of its first kCombineAhead splits are loaded
@@ -736,8 +760,7 @@ bool uses_wide_decode(const AttentionProblem& pr, int num_sms) {
 template <typename T, int D>
 int launch_typed(const Params& params, const AttentionPlan& plan, cudaStream_t stream) {
   const AttentionProblem& pr = params.pr;
-  const dim3 grid(static_cast<unsigned>(pr.batch * pr.geometry.num_kv_heads * plan.query_tiles),
-                  static_cast<unsigned>(plan.num_splits));
+  const dim3 grid(static_cast<unsigned>(plan.grid_columns), static_cast<unsigned>(plan.num_splits));
   int status;
   if (plan.wide_decode) {
     if constexpr (D == 128) {
@@ -747,8 +770,12 @@ int launch_typed(const Params& params, const AttentionPlan& plan, cudaStream_t s
       status = static_cast<int>(cudaErrorInvalidValue);
     }
   } else if (is_decode<D>(pr)) {
-    status = plan.keys_as_m ? launch_main<T, DecodeKeysAsMConfig<D>>(params, grid, stream)
-                            : launch_main<T, DecodeConfig<D>>(params, grid, stream);
+    if (plan.keys_as_m && plan.grid_columns < params.columns) {
+      status = launch_main<T, DecodeColumnsConfig<D>>(params, grid, stream);
+    } else {
+      status = plan.keys_as_m ? launch_main<T, DecodeKeysAsMConfig<D>>(params, grid, stream)
+                              : launch_main<T, DecodeConfig<D>>(params, grid, stream);
+    }
   } else if (wgmma_prefill_applies(pr)) {
     status = launch_wgmma_prefill(params, grid, stream);
   } else {
@@ -769,6 +796,7 @@ int launch_typed(const Params& params, const AttentionPlan& plan, cudaStream_t s
 void plan_with(const AttentionProblem& pr, int num_sms, int rows, int key_tile, int per_sm,
                AttentionPlan& plan) {
   plan.query_tiles = (pr.max_query_len * pr.group + rows - 1) / rows;
+  plan.grid_columns = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
   plan.chunk_tokens = std::min<int64_t>(pr.geometry.page_size, key_tile);
   const int64_t max_tokens = pr.table.max_pages * pr.geometry.page_size;
   plan.max_chunks = max_tokens / plan.chunk_tokens;
@@ -797,6 +825,29 @@ void plan_with(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
             Cfg::WN > 1 ? std::min(resident, kDecodeBlocksPerSmPlanned) : resident, plan);
 }
 
+// A decode grid of more columns than fit on the GPU at once runs in waves, the last one partial:
+// batch 64 at 4K tokens (512 columns of 8 KV heads where 396 4-warp blocks fit on an H200) took
+// 1.05 to 1.11 times SDPA's time on four machines. Instead each block attends
+// ceil(columns / resident) columns in turn, in one wave. Same-machine A/B (H200, pages of 16 /
+// 256, time over SDPA's): batch 64 at 4K 1.068 / 1.053 to 1.019 / 1.005, batch 96 at 4K 1.013 /
+// 1.004 to 1.011 / 0.999, batch 192 at 2K 1.018 / 1.002 to 1.016 / 1.003, batch 128 at 2K 1.022
+// / 1.007 to 1.029 / 1.014 (on another machine, with two blocks per multiprocessor, 1.090 /
+// 1.089 to 1.054 / 1.035). A block's columns each start with dependent round trips, so past
+// kMaxColumnsPerBlock the waves are kept (batch 256 at 1K: 6 columns a block took 1.036 / 1.023
+// against 1.016 / 1.010).
+constexpr int64_t kMaxColumnsPerBlock = 4;
+
+template <typename Cfg>
+void plan_grid_columns(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
+  static_assert(Cfg::kSeveralColumns, "a block of one column cannot take several");
+  const int64_t columns = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
+  const int64_t resident = static_cast<int64_t>(num_sms) * configure_kernel<__nv_bfloat16, Cfg>();
+  if (plan.num_splits > 1 || resident <= 0 || columns <= resident) return;
+  const int64_t per_block = (columns + resident - 1) / resident;
+  if (per_block > kMaxColumnsPerBlock) return;
+  plan.grid_columns = (columns + per_block - 1) / per_block;
+}
+
 template <int D>
 void plan_for(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
   plan.wide_decode = uses_wide_decode<D>(pr, num_sms);
@@ -812,6 +863,7 @@ void plan_for(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
   } else if (is_decode<D>(pr)) {
     if (plan.keys_as_m) {
       plan_with<DecodeKeysAsMConfig<D>>(pr, num_sms, plan);
+      plan_grid_columns<DecodeColumnsConfig<D>>(pr, num_sms, plan);
     } else {
       plan_with<DecodeConfig<D>>(pr, num_sms, plan);
     }
@@ -854,6 +906,7 @@ int launch_attention(const AttentionProblem& pr, const AttentionPlan& plan, void
   params.kv_heads_div = FastDivisor(pr.geometry.num_kv_heads);
   params.group_div = FastDivisor(pr.group);
   params.splits_div = FastDivisor(plan.num_splits);
+  params.columns = static_cast<int>(pr.batch * pr.geometry.num_kv_heads * plan.query_tiles);
   int status = static_cast<int>(cudaErrorInvalidValue);
   switch (pr.geometry.head_dim) {
     case 64:

@@ -171,6 +171,9 @@ struct Params {
   int* tile_claims;
   // The divisors of a block's start (see fast_divisor.h): batch, KV heads, group, splits.
   FastDivisor batch_div, kv_heads_div, group_div, splits_div;
+  // Block columns: batch * num_kv_heads * query_tiles. A decode grid of fewer blocks than
+  // columns has each block attend columns blockIdx.x, blockIdx.x + gridDim.x, ...
+  int columns;
 };
 
 // The claimed tail: the last kTailShare / 64 of a sequence's key tiles are claimed by the warps
@@ -684,23 +687,24 @@ __device__ inline void store_lse(const Params& p, const BlockScope& s, int row, 
 // Checks the batch entry's values and fills the block's scope; false when the block has no work
 // (or the entry is bad, which is recorded).
 template <typename Cfg>
-__device__ bool make_scope(const Params& p, BlockScope& s) {
+__device__ bool make_scope(const Params& p, BlockScope& s, int column) {
   const AttentionProblem& pr = p.pr;
-  // blockIdx.x = (tile_index * num_kv_heads + kv_head) * batch + b, below 2^31. Heaviest
-  // (latest) query tiles first: under causal masking they have the most keys.
+  // column = (tile_index * num_kv_heads + kv_head) * batch + b, below 2^31 (blockIdx.x where
+  // the grid has a block per column). Heaviest (latest) query tiles first: under causal masking
+  // they have the most keys.
   if constexpr (Cfg::kFastDivisions) {
-    const int bx = static_cast<int>(blockIdx.x);
-    const int column = p.batch_div.quotient(bx);
-    s.b = p.batch_div.remainder(bx, column);
-    const int tile_index = p.kv_heads_div.quotient(column);
-    s.kv_head = p.kv_heads_div.remainder(column, tile_index);
+    const int head_column = p.batch_div.quotient(column);
+    s.b = p.batch_div.remainder(column, head_column);
+    const int tile_index = p.kv_heads_div.quotient(head_column);
+    s.kv_head = p.kv_heads_div.remainder(head_column, tile_index);
     s.query_tile = static_cast<int>(p.query_tiles - 1 - tile_index);
   } else {
-    // The same in 64 bits: the 32-bit form above made the mma.sync prefill block spill.
-    const int64_t column = blockIdx.x / pr.batch;
-    s.b = static_cast<int>(blockIdx.x - column * pr.batch);
-    s.kv_head = static_cast<int>(column % pr.geometry.num_kv_heads);
-    s.query_tile = static_cast<int>(p.query_tiles - 1 - column / pr.geometry.num_kv_heads);
+    // The same in 64 bits from blockIdx.x (one column per block): the 32-bit form above made the
+    // mma.sync prefill block spill.
+    const int64_t head_column = blockIdx.x / pr.batch;
+    s.b = static_cast<int>(blockIdx.x - head_column * pr.batch);
+    s.kv_head = static_cast<int>(head_column % pr.geometry.num_kv_heads);
+    s.query_tile = static_cast<int>(p.query_tiles - 1 - head_column / pr.geometry.num_kv_heads);
   }
   s.split = blockIdx.y;
   s.row = pr.sequences[s.b];

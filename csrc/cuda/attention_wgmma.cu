@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
                                                 Cfg::kBarrierBytes);
   wait_for_prior_grid();
   BlockScope s;
-  if (!make_scope<Cfg>(p, s)) return;
+  if (!make_scope<Cfg>(p, s, static_cast<int>(blockIdx.x))) return;
   const int count = s.n1 + s.n2;
   if (threadIdx.x < Cfg::kBuffers) {
     // Every producer thread's copies, and (K) the first thread's mask.
