@@ -95,8 +95,8 @@ using DecodeKeysAsMConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 64 ? 3
 template <int D>
 using WideDecodeKeysAsMConfig = Config<D, 1, 12, 1, (D == 64 ? 32 : 16), 2, true>;
 // DecodeKeysAsMConfig for grids of more columns than fit at once (plan_grid_columns). A kernel
-// of its own, so that the one-column kernel keeps its code (with the column loop the 4-warp
-// and 12-warp blocks took 3 registers fewer and 32K decode was 0.5% slower).
+// of its own, so that the one-column kernels keep their code (with the column loop in them the
+// 4-warp and 12-warp blocks took 3 registers fewer and 32K decode was 0.4 to 0.7% slower).
 template <int D>
 using DecodeColumnsConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 64 ? 3 : 2), true, true>;
 
