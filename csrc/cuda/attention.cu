@@ -244,7 +244,6 @@ __device__ __forceinline__ void attend_column(const Params& p, int column, unsig
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int warp_m = warp % Cfg::WM, warp_n = warp / Cfg::WM;
   const int g = lane >> 2, t = lane & 3;
-  const int group = static_cast<int>(p.pr.group);
   T* sq = reinterpret_cast<T*>(smem);
   T* pipeline = reinterpret_cast<T*>(smem + Cfg::kQueryBytes);
   uint32_t* page_masks = reinterpret_cast<uint32_t*>(smem + Cfg::kPageMaskOffset);
@@ -295,14 +294,7 @@ __device__ __forceinline__ void attend_column(const Params& p, int column, unsig
 
   // Queries: straight into fragments (decode) or into shared memory (prefill).
   const T* query = static_cast<const T*>(p.pr.query);
-  auto query_row = [&](int r) -> const T* {
-    const int rr = s.row_base + r;
-    if (rr >= s.total_rows) return nullptr;
-    const int token = quotient<Cfg>(p.group_div, rr);
-    return query + static_cast<int64_t>(s.q_start + token) * p.pr.query_token_stride +
-           static_cast<int64_t>(s.kv_head * group + p.group_div.remainder(rr, token)) *
-               p.pr.query_head_stride;
-  };
+  auto query_row = [&](int r) { return query_row_address<Cfg, T>(p, s, r); };
   uint32_t q_regs[Cfg::kQueryInRegisters && !Cfg::kKeysAsM ? D / 16 : 1][4];
   uint32_t q_cols[Cfg::kKeysAsM ? D / 16 : 1][2];  // row g's query as Q^T's B fragments
   if constexpr (Cfg::kKeysAsM) {
@@ -796,7 +788,8 @@ int launch_typed(const Params& params, const AttentionPlan& plan, cudaStream_t s
 void plan_with(const AttentionProblem& pr, int num_sms, int rows, int key_tile, int per_sm,
                AttentionPlan& plan) {
   plan.query_tiles = (pr.max_query_len * pr.group + rows - 1) / rows;
-  plan.grid_columns = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
+  plan.columns = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
+  plan.grid_columns = plan.columns;
   plan.chunk_tokens = std::min<int64_t>(pr.geometry.page_size, key_tile);
   const int64_t max_tokens = pr.table.max_pages * pr.geometry.page_size;
   plan.max_chunks = max_tokens / plan.chunk_tokens;
@@ -804,12 +797,11 @@ void plan_with(const AttentionProblem& pr, int num_sms, int rows, int key_tile, 
   // one full wave of long splits keeps the per-block start-up cost small. The sequence length
   // is only known on the device, so the split count is sized by the page table's capacity; a
   // split past a shorter sequence's end is an empty state.
-  const int64_t blocks = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
   const int64_t wave = static_cast<int64_t>(num_sms) * std::max(1, per_sm);
   const int64_t align = std::max<int64_t>(pr.geometry.page_size, key_tile);
   const int64_t min_split_tokens = std::max<int64_t>(align, 512);
   const int64_t max_splits = std::max<int64_t>(1, max_tokens / min_split_tokens);
-  const int64_t splits = blocks >= wave ? 1 : wave / std::max<int64_t>(blocks, 1);
+  const int64_t splits = plan.columns >= wave ? 1 : wave / std::max<int64_t>(plan.columns, 1);
   plan.num_splits = std::max<int64_t>(1, std::min<int64_t>({splits, max_splits, 65535}));
 }
 
@@ -840,12 +832,11 @@ constexpr int64_t kMaxColumnsPerBlock = 4;
 template <typename Cfg>
 void plan_grid_columns(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
   static_assert(Cfg::kSeveralColumns, "a block of one column cannot take several");
-  const int64_t columns = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
   const int64_t resident = static_cast<int64_t>(num_sms) * configure_kernel<__nv_bfloat16, Cfg>();
-  if (plan.num_splits > 1 || resident <= 0 || columns <= resident) return;
-  const int64_t per_block = (columns + resident - 1) / resident;
+  if (plan.num_splits > 1 || resident <= 0 || plan.columns <= resident) return;
+  const int64_t per_block = (plan.columns + resident - 1) / resident;
   if (per_block > kMaxColumnsPerBlock) return;
-  plan.grid_columns = (columns + per_block - 1) / per_block;
+  plan.grid_columns = (plan.columns + per_block - 1) / per_block;
 }
 
 template <int D>
@@ -876,7 +867,7 @@ void plan_for(const AttentionProblem& pr, int num_sms, AttentionPlan& plan) {
   // splits the warps of each block share their column's tail (batch 32 at 8K tokens on an H200:
   // 246.1 to 244.7 us).
   if (is_decode<D>(pr) && pr.window == 0) {
-    plan.claim_counters = pr.batch * pr.geometry.num_kv_heads * plan.query_tiles;
+    plan.claim_counters = plan.columns;
   }
 }
 
@@ -906,7 +897,7 @@ int launch_attention(const AttentionProblem& pr, const AttentionPlan& plan, void
   params.kv_heads_div = FastDivisor(pr.geometry.num_kv_heads);
   params.group_div = FastDivisor(pr.group);
   params.splits_div = FastDivisor(plan.num_splits);
-  params.columns = static_cast<int>(pr.batch * pr.geometry.num_kv_heads * plan.query_tiles);
+  params.columns = static_cast<int>(plan.columns);
   int status = static_cast<int>(cudaErrorInvalidValue);
   switch (pr.geometry.head_dim) {
     case 64:

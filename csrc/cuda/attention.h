@@ -56,9 +56,10 @@ struct AttentionPlan {
   // Decode without a window: the counters (zero before the launch, zero after it) from which
   // warps claim the tail of each sequence's key tiles.
   int64_t claim_counters;
-  // Blocks along the grid's x: one per block column (sequence, KV head, query tile), or fewer
-  // for a decode grid of more columns than fit on the GPU at once (each block then attends
-  // several columns in turn).
+  // Block columns: one per (sequence, KV head, query tile).
+  int64_t columns;
+  // Blocks along the grid's x: one per column, or fewer for a decode grid of more columns than
+  // fit on the GPU at once (each block then attends several columns in turn).
   int64_t grid_columns;
 };
 

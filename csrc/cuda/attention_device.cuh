@@ -231,6 +231,19 @@ __device__ inline int query_head(const Params& p, const BlockScope& s, int row) 
   return s.kv_head * static_cast<int>(p.pr.group) +
          p.group_div.remainder(r, quotient<Cfg>(p.group_div, r));
 }
+// The query row `row` of the block (its token and its query head from the GQA group), or nullptr
+// past the block's rows.
+template <typename Cfg, typename T>
+__device__ inline const T* query_row_address(const Params& p, const BlockScope& s, int row) {
+  const int r = s.row_base + row;
+  if (r >= s.total_rows) return nullptr;
+  const int token = quotient<Cfg>(p.group_div, r);
+  return static_cast<const T*>(p.pr.query) +
+         static_cast<int64_t>(s.q_start + token) * p.pr.query_token_stride +
+         static_cast<int64_t>(s.kv_head * static_cast<int>(p.pr.group) +
+                              p.group_div.remainder(r, token)) *
+             p.pr.query_head_stride;
+}
 // log2 of a power of two known at compile time.
 __host__ __device__ constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 

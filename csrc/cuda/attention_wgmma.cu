@@ -98,20 +98,11 @@ __device__ inline void produce_tiles(const Params& p, const BlockScope& s, int c
   constexpr int C = Cfg::kChunks, kRows = Cfg::kRows;
   const int loader = threadIdx.x - Cfg::kConsumerThreads;
   const bool first_warp = loader < 32;
-  const int group = static_cast<int>(p.pr.group);
   const T* query = static_cast<const T*>(p.pr.query);
   for (int idx = loader; idx < kRows * C; idx += Cfg::kLoaders) {
     const int r = idx / C, c = idx % C;
-    const int rr = s.row_base + r;
-    const bool live = rr < s.total_rows;
-    const int token = quotient<Cfg>(p.group_div, rr);
-    const T* src =
-        live ? query + static_cast<int64_t>(s.q_start + token) * p.pr.query_token_stride +
-                   static_cast<int64_t>(s.kv_head * group + p.group_div.remainder(rr, token)) *
-                       p.pr.query_head_stride +
-                   c * 8
-             : query;
-    cp_async_16(sq + sw128_offset<kRows>(r, c), src, live);
+    const T* row = query_row_address<Cfg, T>(p, s, r);
+    cp_async_16(sq + sw128_offset<kRows>(r, c), row ? row + c * 8 : query, row != nullptr);
   }
   int32_t pte = count > 0 ? read_tile_pte<Cfg>(p, s, 0) : kPteUnmapped;
   for (int t = 0; t < count; ++t) {
