@@ -118,3 +118,27 @@ __global__ void __launch_bounds__(128)
       [&](int i) { return (r.lo + i) * TOKENS; }, [] { __syncthreads(); });
   if (acc == 0x9e3779b9u) result[0] = acc;
 }
+
+// Every KV head of a page read by one block: warp w reads head w % heads of the split's tiles
+// lo + w / heads, lo + w / heads + WARPS / heads, ..., so a block's warps read the heads of the
+// same pages at about the same time (one frame's runs together instead of one run per block).
+// Grid: batch * splits blocks; WARPS must be a multiple of heads (the driver checks).
+template <int WARPS, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32)
+    head_warps(const u16* pool, const int* frames, long long frame_elems, int heads, int page_size,
+               int head_dim, int tokens, int pages, int splits, u32* result) {
+  const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int phases = WARPS / heads, h = warp % heads, phase = warp / heads;
+  const int b = blockIdx.x / splits, split = blockIdx.x % splits;
+  const long long tiles = tokens / kTile;
+  const int lo = static_cast<int>(tiles * split / splits);
+  const int hi = static_cast<int>(tiles * (split + 1) / splits);
+  const int count = hi - lo > phase ? (hi - lo - phase + phases - 1) / phases : 0;
+  unsigned char* ring = smem + warp * STAGES * 2 * (kTile * head_dim * 2);
+  const u32 acc = stream_tiles<STAGES>(
+      c, b, h, count, kTile, ring, lane, 32,
+      [&](int i) { return (lo + phase + i * phases) * kTile; }, [] { __syncwarp(); });
+  if (acc == 0x9e3779b9u) result[0] = acc;
+}

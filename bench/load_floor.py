@@ -9,11 +9,15 @@ before every call:
                   pattern (per-warp pipelines of 16-token tiles, the same split count)
   load_block_64   the same bytes read by 4-warp blocks sharing 64-token tiles, 2 per SM (pages
                   of at least 64 tokens)
-and the HBM read ceiling. The load-only kernels are compiled with NVRTC through CuPy, so the
+  load_head_warps the same bytes read by one 8-warp block per SM whose warp w reads KV head w of
+                  the block's pages, so the eight heads' runs of a frame are read together
+                  (3-stage pipelines per warp, a block per sequence and split)
+and the HBM read ceiling. `--placement extent` places the frames as bench/attention.py's
+frame_order does (runs of consecutive pages in 2 MiB of consecutive frames) instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
 script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
 load_floor_page<N>.json.
 
-    python bench/load_floor.py [--cases REGEX] [--page-size N] [--out DIR]
+    python bench/load_floor.py [--cases REGEX] [--page-size N] [--placement P] [--out DIR]
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from bench import ceilings
 from bench.harness import bench_args, format_table, gbps, time_cuda, write_results
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "load_floor.cu"
-CASES = [c for c in A.FULL_CASES if c.kind == "decode" and c.tier == 0 and c.kv_len < 1 << 20]
+CASES = [c for c in A.FULL_CASES if c.kind == "decode" and c.tier == 0]
 PAGE_SIZE = 256  # the default; --page-size picks another
 WIDE_MAX_TOKENS = 128 * 1024  # as kWideDecodeMaxTokens in csrc/cuda/attention.cu
 DECODE_STAGES = 2  # as DecodeKeysAsMConfig and WideDecodeKeysAsMConfig at head_dim 128
@@ -50,7 +54,8 @@ class LoadKernels:
             raise SystemExit(f"load_floor needs CuPy to compile its kernels ({exc})") from exc
         self.cupy = cupy
         self.names = {("per_warp", 12, 2): "per_warp<12, 2>", ("per_warp", 4, 2): "per_warp<4, 2>",
-                      ("block_tiles", 64, 3): "block_tiles<64, 3>"}
+                      ("block_tiles", 64, 3): "block_tiles<64, 3>",
+                      ("head_warps", 8, 3): "head_warps<8, 3>"}
         self.module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",),
                                      name_expressions=list(self.names.values()))
         self.result = torch.zeros(1, dtype=torch.int32, device="cuda")
@@ -69,9 +74,12 @@ class LoadKernels:
     def launcher(self, kind: str, a: int, b: int, paged: A.Paged, case: A.Case, splits: int,
                  per_sm: int):
         kernel = self.module.get_function(self.names[(kind, a, b)])
-        threads = a * 32 if kind == "per_warp" else 128
-        tile_bytes = (16 if kind == "per_warp" else a) * A.HEAD_DIM * 2
-        smem = (a if kind == "per_warp" else 1) * b * 2 * tile_bytes
+        per_warp_rings = kind in ("per_warp", "head_warps")
+        threads = a * 32 if per_warp_rings else 128
+        tile_bytes = (16 if per_warp_rings else a) * A.HEAD_DIM * 2
+        smem = (a if per_warp_rings else 1) * b * 2 * tile_bytes
+        if kind == "head_warps" and a % A.NUM_KV_HEADS:
+            raise ValueError(f"head_warps<{a}, {b}> needs a multiple of {A.NUM_KV_HEADS} warps")
         kernel.max_dynamic_shared_size_bytes = smem
         pool, frames = paged.pool, paged.page_table
         if pool.shape[1] != 1 or not pool.is_contiguous() or not frames.is_contiguous():
@@ -80,7 +88,7 @@ class LoadKernels:
                 np.int32(A.NUM_KV_HEADS), np.int32(paged.page_size), np.int32(A.HEAD_DIM),
                 np.int32(case.kv_len), np.int32(frames.shape[1]), np.int32(splits),
                 np.uint64(self.result.data_ptr()))
-        grid = case.batch * A.NUM_KV_HEADS * splits
+        grid = case.batch * splits * (1 if kind == "head_warps" else A.NUM_KV_HEADS)
         stream = self.torch_stream()
         details = {"grid": grid, "threads": threads, "smem_bytes": smem, "splits": splits,
                    "blocks_per_sm_intended": per_sm}
@@ -104,11 +112,17 @@ def decode_grid(case: A.Case, num_sms: int) -> tuple[int, int, int]:
     return warps, per_sm, max(1, min(splits, case.kv_len // 512))
 
 
+def head_warps_splits(case: A.Case, num_sms: int) -> int:
+    """Splits of each sequence for load_head_warps: one block per multiprocessor, at least 512
+    tokens a split."""
+    return max(1, min(num_sms // case.batch, case.kv_len // 512))
+
+
 def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
-             page_size: int = PAGE_SIZE) -> list[dict]:
+             page_size: int = PAGE_SIZE, placement: str = "random") -> list[dict]:
     torch.manual_seed(0)
     dense = A.make_dense(case, torch.device("cuda"))
-    paged = A.build_paged(case, dense, page_size, torch.device("cuda"), seed=1)
+    paged = A.build_paged(case, dense, page_size, torch.device("cuda"), seed=1, placement=placement)
     case_bytes = A.case_bytes(case)
     candidates = {"sdpa_dense": (A.sdpa_candidate(case, dense), {}),
                   "paged_kv": (A.paged_kv_candidate(case, dense, paged, torch.device("cuda")), {})}
@@ -122,6 +136,8 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
                                                per_sm)}
     if page_size % 64 == 0:  # 64-token tiles within one page
         loads["load_block_64"] = kernels.launcher("block_tiles", 64, 3, paged, case, block_splits, 2)
+    loads["load_head_warps"] = kernels.launcher("head_warps", 8, 3, paged, case,
+                                                head_warps_splits(case, num_sms), 1)
     for name, (call, details) in loads.items():
         call()
         torch.cuda.synchronize()
@@ -131,6 +147,7 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
     for name, (timing, details) in timed.items():
         rate = gbps(case_bytes, timing["median_us"])
         rows.append({"case": case.name, "kernel": name, "page_size": None if name == "sdpa_dense" else page_size,
+                     "placement": None if name == "sdpa_dense" else placement,
                      "bytes": case_bytes, "time_us": timing["median_us"], "p10_us": timing["p10_us"],
                      "p90_us": timing["p90_us"], "gbps": rate, "fraction_of_hbm_read": rate / hbm_gbps,
                      "vs_sdpa": timing["median_us"] / sdpa_us, **details})
@@ -144,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", metavar="REGEX", default=None, help="run only matching cases")
     parser.add_argument("--page-size", type=int, default=PAGE_SIZE, choices=paged_kv.PAGE_SIZES,
                         help="tokens per page (default %(default)s)")
+    parser.add_argument("--placement", default="random", choices=A.PLACEMENTS,
+                        help="frame placement (bench/attention.py frame_order; default %(default)s)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("load_floor needs a CUDA GPU")
@@ -158,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for case in cases:
-        rows += run_case(case, kernels, hbm["gbps"], num_sms, args.page_size)
+        rows += run_case(case, kernels, hbm["gbps"], num_sms, args.page_size, args.placement)
     print(format_table(rows, ["case", "kernel", "time_us", "gbps", "fraction_of_hbm_read", "vs_sdpa",
                               "grid", "splits"]))
     name = "load_floor" if args.page_size == PAGE_SIZE else f"load_floor_page{args.page_size}"
+    if args.placement != "random":
+        name += f"_{args.placement}"
     path = write_results(name, {"hbm_read": hbm}, rows, args.out,
-                         {"page_size": args.page_size, "kernel_source": KERNEL_SOURCE.name})
+                         {"page_size": args.page_size, "placement": args.placement,
+                          "kernel_source": KERNEL_SOURCE.name})
     print(f"wrote {path}")
     return 0
 

@@ -28,9 +28,24 @@ def test_grid_follows_the_decode_plan():
     assert load_floor.decode_grid(case(1, 2048), 132) == (12, 1, 4)
 
 
-def test_cases_are_the_gpu_decode_cases_below_1m():
+def test_cases_are_the_gpu_decode_cases():
     names = [c.name for c in load_floor.CASES]
-    assert names == ["decode_b1_32k", "decode_b1_128k", "decode_b32_8k"]
+    assert names == ["decode_b1_32k", "decode_b1_128k", "decode_b1_1m", "decode_b32_8k"]
+
+
+def test_head_warps_grid_gives_one_block_per_multiprocessor():
+    # A block per (sequence, split) holds every KV head: 132 splits of one sequence, 4 of each
+    # of 32 sequences (128 blocks), never splits of fewer than 512 tokens.
+    assert load_floor.head_warps_splits(case(1, 1 << 20), 132) == 132
+    assert load_floor.head_warps_splits(case(32, 8 * 1024), 132) == 4
+    assert load_floor.head_warps_splits(case(1, 2048), 132) == 4
+    assert load_floor.head_warps_splits(case(256, 1024), 132) == 1
+
+
+def test_unknown_placement_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):  # argparse's error exit
+        load_floor.main(["--placement", "sorted"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
