@@ -13,9 +13,10 @@ before every call:
                   the block's pages, so the eight heads' runs of a frame are read together
                   (3-stage pipelines per warp, a block per sequence and split)
 and the HBM read ceiling. `--placement extent` places the frames as bench/attention.py's
-frame_order does (runs of consecutive pages in 2 MiB of consecutive frames) instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
-script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
-load_floor_page<N>.json.
+frame_order does (runs of consecutive pages in 2 MiB of consecutive frames) instead of randomly.
+The load-only kernels are compiled with NVRTC through CuPy, so the script needs CuPy and a CUDA
+GPU. Writes bench/results/load_floor.json (pages of 256) or load_floor_page<N>.json, with the
+suffix _extent under --placement extent.
 
     python bench/load_floor.py [--cases REGEX] [--page-size N] [--placement P] [--out DIR]
 """
