@@ -74,15 +74,23 @@ __device__ u32 stream_tiles(const Case& c, int b, int h, int count, int tile_tok
   return acc;
 }
 
-// Block (b, h, split) of the grid and its split's tiles [lo, hi) of `tile_tokens` tokens.
+// Block (b, h, split) of the grid and its split's tiles [lo, hi) of `tile_tokens` tokens: a
+// block per (sequence, KV head, split), or without `head_blocks` a block per (sequence, split)
+// (h = 0).
 struct BlockRange {
   int b, h, lo, hi;
 };
-__device__ inline BlockRange block_range(const Case& c, int tile_tokens) {
+__device__ inline BlockRange block_range(const Case& c, int tile_tokens, bool head_blocks = true) {
   const int col = blockIdx.x / c.splits, split = blockIdx.x % c.splits;
+  const int heads = head_blocks ? c.heads : 1;
   const long long tiles = c.tokens / tile_tokens;
-  return {col / c.heads, col % c.heads, static_cast<int>(tiles * split / c.splits),
+  return {col / heads, col % heads, static_cast<int>(tiles * split / c.splits),
           static_cast<int>(tiles * (split + 1) / c.splits)};
+}
+
+// How many of `n` tiles a loader visits that takes tiles first, first + stride, ...
+__device__ inline int turns(int n, int first, int stride) {
+  return n > first ? (n - first + stride - 1) / stride : 0;
 }
 
 // The decode kernel's pattern: each of WARPS warps runs its own STAGES-deep pipeline of tiles
@@ -95,7 +103,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const BlockRange r = block_range(c, kTile);
-  const int count = r.hi - r.lo > warp ? (r.hi - r.lo - warp + WARPS - 1) / WARPS : 0;
+  const int count = turns(r.hi - r.lo, warp, WARPS);
   unsigned char* ring = smem + warp * STAGES * 2 * (kTile * c.head_dim * 2);
   const u32 acc = stream_tiles<STAGES>(
       c, r.b, r.h, count, kTile, ring, lane, 32,
@@ -131,14 +139,11 @@ __global__ void __launch_bounds__(WARPS * 32)
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int phases = WARPS / heads, h = warp % heads, phase = warp / heads;
-  const int b = blockIdx.x / splits, split = blockIdx.x % splits;
-  const long long tiles = tokens / kTile;
-  const int lo = static_cast<int>(tiles * split / splits);
-  const int hi = static_cast<int>(tiles * (split + 1) / splits);
-  const int count = hi - lo > phase ? (hi - lo - phase + phases - 1) / phases : 0;
+  const BlockRange r = block_range(c, kTile, false);
+  const int count = turns(r.hi - r.lo, phase, phases);
   unsigned char* ring = smem + warp * STAGES * 2 * (kTile * head_dim * 2);
   const u32 acc = stream_tiles<STAGES>(
-      c, b, h, count, kTile, ring, lane, 32,
-      [&](int i) { return (lo + phase + i * phases) * kTile; }, [] { __syncwarp(); });
+      c, r.b, h, count, kTile, ring, lane, 32,
+      [&](int i) { return (r.lo + phase + i * phases) * kTile; }, [] { __syncwarp(); });
   if (acc == 0x9e3779b9u) result[0] = acc;
 }
