@@ -7,6 +7,7 @@
 #ifdef PKV_WITH_CUDA
 #include <cuda_runtime_api.h>
 
+#include "cuda/claim_counters.h"
 #include "cuda/op_error_buffer.h"
 #endif
 
@@ -45,6 +46,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Synchronise the device and raise any bad input a paged_kv kernel recorded on it.");
   m.def("set_sync_checks", &paged_kv::cuda::set_sync_checks, py::arg("enabled"));
   m.def("sync_checks", &paged_kv::cuda::sync_checks);
+  m.def("claim_counter_buffers", []() {
+    const paged_kv::cuda::ClaimCounterStats stats = paged_kv::cuda::claim_counter_stats();
+    py::dict d;
+    d["allocated"] = stats.allocated;
+    d["pooled"] = stats.pooled;
+    return d;
+  }, "Decode claim-counter buffers allocated so far and pooled (freed by destroyed CUDA graphs).");
 #endif
   paged_kv::bind_store(m);
   paged_kv::bind_engine(m);  // after the store: the pager takes its DiskStore
