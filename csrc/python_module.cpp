@@ -52,7 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["allocated"] = stats.allocated;
     d["pooled"] = stats.pooled;
     return d;
-  }, "Decode claim-counter buffers allocated so far and pooled (freed by destroyed CUDA graphs).");
+  }, "Decode claim-counter buffers allocated so far, and those pooled (handed back by "
+     "destroyed CUDA graphs).");
 #endif
   paged_kv::bind_store(m);
   paged_kv::bind_engine(m);  // after the store: the pager takes its DiskStore
