@@ -93,6 +93,20 @@ __device__ inline int turns(int n, int first, int stride) {
   return n > first ? (n - first + stride - 1) / stride : 0;
 }
 
+// Each warp of the block streams 16-token tiles lo + first, lo + first + stride, ... (those
+// below lo + n) of column (b, h) through a STAGES-deep ring of its own in `smem`.
+template <int STAGES>
+__device__ void warp_pipeline(const Case& c, int b, int h, int lo, int n, int first, int stride,
+                              unsigned char* smem, u32* result) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int count = turns(n, first, stride);
+  unsigned char* ring = smem + warp * STAGES * 2 * (kTile * c.head_dim * 2);
+  const u32 acc = stream_tiles<STAGES>(
+      c, b, h, count, kTile, ring, lane, 32,
+      [&](int i) { return (lo + first + i * stride) * kTile; }, [] { __syncwarp(); });
+  if (acc == 0x9e3779b9u) result[0] = acc;
+}
+
 // The decode kernel's pattern: each of WARPS warps runs its own STAGES-deep pipeline of tiles
 // warp, warp + WARPS, ... of the block's split.
 template <int WARPS, int STAGES>
@@ -101,14 +115,9 @@ __global__ void __launch_bounds__(WARPS * 32)
              int head_dim, int tokens, int pages, int splits, u32* result) {
   const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
   extern __shared__ __align__(128) unsigned char smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const BlockRange r = block_range(c, kTile);
-  const int count = turns(r.hi - r.lo, warp, WARPS);
-  unsigned char* ring = smem + warp * STAGES * 2 * (kTile * c.head_dim * 2);
-  const u32 acc = stream_tiles<STAGES>(
-      c, r.b, r.h, count, kTile, ring, lane, 32,
-      [&](int i) { return (r.lo + warp + i * WARPS) * kTile; }, [] { __syncwarp(); });
-  if (acc == 0x9e3779b9u) result[0] = acc;
+  warp_pipeline<STAGES>(c, r.b, r.h, r.lo, r.hi - r.lo, warp, WARPS, smem, result);
 }
 
 // A block-wide pattern for comparison: 128 threads load each TOKENS-token tile together into a
@@ -137,13 +146,8 @@ __global__ void __launch_bounds__(WARPS * 32)
                int head_dim, int tokens, int pages, int splits, u32* result) {
   const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
   extern __shared__ __align__(128) unsigned char smem[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const int phases = WARPS / heads, h = warp % heads, phase = warp / heads;
   const BlockRange r = block_range(c, kTile, false);
-  const int count = turns(r.hi - r.lo, phase, phases);
-  unsigned char* ring = smem + warp * STAGES * 2 * (kTile * head_dim * 2);
-  const u32 acc = stream_tiles<STAGES>(
-      c, r.b, h, count, kTile, ring, lane, 32,
-      [&](int i) { return (r.lo + phase + i * phases) * kTile; }, [] { __syncwarp(); });
-  if (acc == 0x9e3779b9u) result[0] = acc;
+  warp_pipeline<STAGES>(c, r.b, h, r.lo, r.hi - r.lo, phase, phases, smem, result);
 }
