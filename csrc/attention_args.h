@@ -95,7 +95,12 @@ inline AttentionArgs check_attention_args(
   a.host_slots = 0;
   if (host_pool.has_value()) {
     const at::Tensor& h = *host_pool;
-    TORCH_CHECK(h.device().is_cpu(), op, ": host_pool must be a CPU tensor, got ", h.device());
+    // Pinned CPU slots, or (CUDA) their mapped view on the pool's GPU, which is what a CUDA graph
+    // captured by torch.compile can take as an input; attention_cuda checks that a view's memory
+    // is host memory.
+    TORCH_CHECK(h.device().is_cpu() || (h.is_cuda() && h.device() == pool.device()), op,
+                ": host_pool must be a pinned CPU tensor or its mapped view on the pool's device ",
+                pool.device(), " (paged_kv.ops.mapped_host_view), got a tensor on ", h.device());
     TORCH_CHECK(h.scalar_type() == pool.scalar_type(), op, ": host_pool must have the pool's dtype ",
                 pool.scalar_type(), ", got ", h.scalar_type());
     TORCH_CHECK(h.dim() == 6 && h.size(1) == g.num_layers && h.size(2) == 2 &&
@@ -105,7 +110,7 @@ inline AttentionArgs check_attention_args(
                 g.page_size, ", ", g.head_dim, "] to match the pool, got ", h.sizes());
     TORCH_CHECK(h.is_contiguous(), op, ": host_pool must be contiguous");
     TORCH_CHECK(h.size(0) <= kPteMaxIndex, op, ": host_pool has more slots than a PTE can index");
-    if (pool.is_cuda() && h.numel() > 0) {  // an empty tensor is never pinned
+    if (pool.is_cuda() && h.device().is_cpu() && h.numel() > 0) {  // an empty one is never pinned
       TORCH_CHECK(h.is_pinned(), op,
                   ": host_pool must be in pinned memory for the GPU to read it (pin_memory())");
     }

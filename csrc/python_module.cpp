@@ -1,6 +1,7 @@
 // The pybind11 module paged_kv._C: build facts and error-check controls. Loading it also loads
 // the op registrations compiled into the same library.
 #include <pybind11/pybind11.h>
+#include <torch/python.h>
 
 #include <string>
 
@@ -8,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include "cuda/claim_counters.h"
+#include "cuda/mapped_host_memory.h"
 #include "cuda/op_error_buffer.h"
 #endif
 
@@ -54,6 +56,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return d;
   }, "Decode claim-counter buffers allocated so far, and those pooled (handed back by "
      "destroyed CUDA graphs).");
+  m.def("mapped_host_view", &paged_kv::cuda::mapped_host_view, py::arg("host"), py::arg("device"),
+        "A CUDA tensor over a pinned CPU tensor's pages (zero-copy); see paged_kv.ops.mapped_host_view.");
 #endif
   paged_kv::bind_store(m);
   paged_kv::bind_engine(m);  // after the store: the pager takes its DiskStore

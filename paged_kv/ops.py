@@ -132,7 +132,8 @@ def attention(
         max_query_len: an upper bound of every q_b (1 for decode); it sizes the launch.
         scale: softmax scale, default 1 / sqrt(D).
         window: sliding window in tokens, 0 for none. sinks: sink tokens (needs a window).
-        host_pool: pinned [S, L, 2, H, P, D] host slots, read zero-copy for tier-1 pages.
+        host_pool: pinned [S, L, 2, H, P, D] host slots, read zero-copy for tier-1 pages; on a
+            GPU, their mapped_host_view on the pool's device (for CUDA graphs) reads the same.
         fault_queue: int32 [capacity, 2]; fault_count: int32 [1]; the pool's device.
         telemetry: float32 [max_sequences, max_pages]; for each batch entry and page read in
             this call, adds the softmax mass that the entry's newest query put on the page,
@@ -179,6 +180,32 @@ def read_faults(fault_queue: torch.Tensor, fault_count: torch.Tensor) -> torch.T
         # Batch entries that share a page-table row may each list a page they both need.
         faults = torch.unique(faults, dim=0)  # sorted by row, then page
     return faults
+
+
+def mapped_host_view(host: torch.Tensor, device: torch.device | str | int | None = None) -> torch.Tensor:
+    """The pinned CPU tensor `host` as a CUDA tensor on `device` (default: the current one) over
+    the same pages: no copy, the GPU reads and writes host memory over PCIe. It is what
+    attention's `host_pool` takes where only device tensors may go, such as a step that
+    torch.compile captures into CUDA graphs (mode="reduce-overhead" leaves a graph with a CPU
+    input uncaptured). The view keeps `host` alive; a write through either is seen by the other
+    (order GPU work against host writes as for any pinned buffer)."""
+    _library.require_library()
+    if not isinstance(host, torch.Tensor):
+        raise TypeError(f"mapped_host_view: host must be a torch.Tensor, got {type(host).__name__}")
+    if not hasattr(_library._C, "mapped_host_view"):
+        raise RuntimeError("mapped_host_view: paged_kv was built without CUDA")
+    if not torch.cuda.is_available():
+        raise RuntimeError("mapped_host_view: no CUDA device is available")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif isinstance(device, int) and not isinstance(device, bool):
+        device = torch.device("cuda", device)
+    else:
+        device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"mapped_host_view: device must be a CUDA device, got {device}")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _library._C.mapped_host_view(host, index)
 
 
 if _LIB_LOADED:

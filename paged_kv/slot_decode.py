@@ -59,6 +59,12 @@ class SlotDecoder:
         capacity = engine.max_batch * engine.max_pages + 1
         self._queue, self._count = ops.new_fault_queue(capacity, dev)
         self._faults_in_steps = torch.zeros(1, dtype=torch.int32, device=dev)
+        # The host slots a step reads in place (zero-copy). On a GPU, their mapped view: a device
+        # tensor, which a step captured into CUDA graphs by torch.compile can take as an input.
+        self._host_slots = None
+        if engine.policy.zero_copy and engine.host_pool is not None:
+            self._host_slots = (ops.mapped_host_view(engine.host_pool, dev) if dev.type == "cuda"
+                                else engine.host_pool)
 
     def reserve(self, steps: int) -> None:
         """Prepare the next `steps` decode steps of the bound slots (host work, outside any graph):
@@ -115,14 +121,15 @@ class SlotDecoder:
         return self._pending
 
     def static_tensors(self) -> list[torch.Tensor]:
-        """The device tensors a step reads or writes in place, besides its arguments: the
-        engine's pools, page table and batch rows and the decoder's lengths and fault queue.
-        Their addresses never change, which is what a CUDA graph replaying the step needs
-        (torch.compile's "reduce-overhead" mode must be told so: torch._dynamo.mark_static_address)."""
+        """The tensors a step reads or writes in place, besides its arguments: the engine's pool,
+        page table and batch rows, the decoder's lengths and fault queue, and with zero-copy the
+        host slots (on a GPU, their mapped view: a device tensor). Their addresses never change,
+        which is what a CUDA graph replaying the step needs (torch.compile's "reduce-overhead"
+        mode must be told so: torch._dynamo.mark_static_address)."""
         engine = self.engine
         tensors = [engine.pool, engine.page_table, engine.batch_rows, self.lengths, self._starts,
                    self._queue, self._count, self._faults_in_steps]
-        return tensors + ([engine.host_pool] if engine.host_pool is not None else [])
+        return tensors + ([self._host_slots] if self._host_slots is not None else [])
 
     def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
              *, scale: float | None = None, window: int = 0, sinks: int = 0) -> torch.Tensor:
@@ -157,7 +164,7 @@ class SlotDecoder:
         out = ops.attention(
             query, engine.pool, engine.page_table, engine.batch_rows[:batch], self._starts[: batch + 1],
             lengths + 1, layer, 1, scale=scale, window=window, sinks=sinks,
-            host_pool=engine.host_pool if engine.policy.zero_copy else None,
+            host_pool=self._host_slots,
             fault_queue=self._queue, fault_count=self._count,
         )
         self._faults_in_steps.add_(self._count)

@@ -13,7 +13,7 @@ import torch
 
 import paged_kv
 from paged_kv import reference
-from paged_kv.ops import new_fault_queue, read_faults
+from paged_kv.ops import mapped_host_view, new_fault_queue, read_faults
 from attention_batch import make_batch, random_specs
 from conftest import DEVICES, DTYPES, HAS_CUDA, PAGE_SIZES
 
@@ -343,10 +343,35 @@ def test_zero_copy_host_pages(device, dtype):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, expected_out, rtol=tol, atol=tol)
     torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=LSE_TOLERANCE)
+    if device == "cuda":  # the same slots as a CUDA tensor (what a captured CUDA graph takes)
+        view_out, view_lse = _attention(batch, host_pool=mapped_host_view(host_pool, device))
+        _assert_matches(view_out, view_lse, ref_out, ref_lse, dtype)
 
     queue, count = new_fault_queue(len(needed), device)
     _attention(batch, fault_queue=queue, fault_count=count)
     assert read_faults(queue, count).tolist() == [list(p) for p in on_host]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_mapped_host_view_aliases_pinned_memory():
+    """The view is the pinned pages themselves: writes through either side are seen by the other,
+    and the pages outlive the CPU tensor while the view lives."""
+    host = torch.arange(12, dtype=torch.float32).reshape(3, 4).pin_memory()
+    view = mapped_host_view(host)
+    assert view.device == torch.device("cuda", torch.cuda.current_device())
+    assert view.shape == host.shape and view.stride() == host.stride() and view.dtype == host.dtype
+    assert torch.equal(view.cpu(), host)
+    host[1] = -1.0
+    assert torch.equal(view[1].cpu(), torch.full((4,), -1.0))
+    view[2].fill_(7.0)  # a GPU write into host memory
+    torch.cuda.synchronize()
+    assert torch.equal(host[2], torch.full((4,), 7.0))
+    want = host.clone()
+    del host
+    gc.collect()
+    assert torch.equal(view.cpu(), want)
+    empty = mapped_host_view(torch.empty(0, 4), "cuda")  # never pinned, nothing to map
+    assert empty.shape == (0, 4) and empty.is_cuda
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -195,7 +195,8 @@ def test_wrong_device_and_memory():
         (dict(fault_queue=queue.cpu(), fault_count=count), r"fault_queue must be on the pool's device"),
         (dict(fault_queue=queue, fault_count=count.cpu()), r"fault_count must be on the pool's device"),
         (dict(telemetry=telemetry.cpu()), r"telemetry must be on the pool's device"),
-        (dict(host_pool=host_pool.cuda()), r"host_pool must be a CPU tensor, got cuda:0"),
+        (dict(host_pool=host_pool.cuda()), r"a host_pool on the GPU must be a mapped view of pinned host "
+                                           r"memory \(paged_kv.ops.mapped_host_view\); this one is GPU memory"),
         (dict(host_pool=host_pool), r"host_pool must be in pinned memory for the GPU to read it"),
     ]
     for override, message in cases:
@@ -203,6 +204,28 @@ def test_wrong_device_and_memory():
         args.update(override)
         with pytest.raises(RuntimeError, match=r"paged_kv.attention: " + message):
             _call("cuda", args)
+    on_cpu = _setup("cpu", torch.bfloat16)
+    view = paged_kv.ops.mapped_host_view(torch.zeros((2,) + tuple(on_cpu["pool"].shape[1:]),
+                                                     dtype=torch.bfloat16).pin_memory())
+    with pytest.raises(RuntimeError, match=r"host_pool must be a pinned CPU tensor or its mapped view on the "
+                                           r"pool's device cpu \(paged_kv.ops.mapped_host_view\), got a tensor on cuda:0"):
+        _call("cpu", dict(on_cpu, host_pool=view))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_mapped_host_view_refuses_what_it_cannot_map():
+    from paged_kv.ops import mapped_host_view
+
+    with pytest.raises(RuntimeError, match=r"paged_kv.mapped_host_view: the tensor must be in pinned"):
+        mapped_host_view(torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"expects a CPU tensor in pinned memory, got one on cuda:0"):
+        mapped_host_view(torch.zeros(4, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"no CUDA device 64 \("):
+        mapped_host_view(torch.zeros(4).pin_memory(), 64)
+    with pytest.raises(ValueError, match=r"device must be a CUDA device, got cpu"):
+        mapped_host_view(torch.zeros(4).pin_memory(), "cpu")
+    with pytest.raises(TypeError, match=r"host must be a torch.Tensor, got list"):
+        mapped_host_view([1.0])
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")

@@ -197,37 +197,41 @@ def _forced_logits(decoder, ids, tokens):
     return torch.stack(out).float()
 
 
+def _compiled(paged, cache, compile, run, emulate_eager=False):
+    """run(decoder) with a CompiledDecoder compiled afresh over cache(); raises if the step was
+    not captured (when compile asks for CUDA graphs) or was compiled twice."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    skips = counters["inductor"]["cudagraph_skips"]
+    decoder = CompiledDecoder(paged, cache(), compile=compile)
+    with torch._dynamo.config.patch(error_on_recompile=True), \
+            torch._inductor.config.patch(emulate_precision_casts=emulate_eager):
+        out = run(decoder)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "the step was not captured as a CUDA graph"
+    decoder.cache.engine.pager.check_invariants()
+    return out, decoder
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
 def test_cuda_graphs_match_eager_in_bfloat16():
-    """CUDA graphs in bfloat16, with Policy(fault_mode="forbid", zero_copy=False) (a captured
-    graph reads no host slot in place), 48 tokens over 5 pages, one compile each. The greedy
+    """CUDA graphs in bfloat16, with Policy(fault_mode="forbid", zero_copy=False) (every page the
+    step reads is in a GPU frame), 48 tokens over 5 pages, one compile each. The greedy
     tokens are eager paged_kv's exactly with the "cudagraphs" backend (eager kernels, captured)
     and with mode="reduce-overhead" when inductor rounds as eager does (emulate_precision_casts).
     With inductor's own roundings, reduce-overhead gives exactly the tokens of the same kernels
     without CUDA graphs, and against eager every step's logits (fed eager's tokens, so that one
     near-tie cannot send the runs apart) agree within bfloat16's error and pick the same token
     wherever eager's best two are further apart than that."""
-    from torch._dynamo.utils import counters
-
     _, paged = _models("llama", torch.bfloat16, "cuda")
     ids = _prompt(device="cuda")
     new = 48
 
-    def cache(**options):
-        return _cache(paged, gpu_pages=8, max_tokens=PROMPT + new + PAGE, **{"zero_copy": False, **options})
+    def cache():
+        return _cache(paged, gpu_pages=8, max_tokens=PROMPT + new + PAGE, zero_copy=False)
 
     def compiled(compile, run, emulate_eager=False):
-        """run(decoder) with a decoder compiled afresh; raises if the step was not captured
-        (when compile asks for CUDA graphs) or was compiled twice."""
-        torch._dynamo.reset()
-        skips = counters["inductor"]["cudagraph_skips"]
-        decoder = CompiledDecoder(paged, cache(), compile=compile)
-        with torch._dynamo.config.patch(error_on_recompile=True), \
-                torch._inductor.config.patch(emulate_precision_casts=emulate_eager):
-            out = run(decoder)
-        assert counters["inductor"]["cudagraph_skips"] == skips, "the step was not captured as a CUDA graph"
-        decoder.cache.engine.pager.check_invariants()
-        return out
+        return _compiled(paged, cache, compile, run, emulate_eager)[0]
 
     def generate(decoder):
         return decoder.generate(ids, new, steps_per_reserve=16)  # reservations of 16, 16 and 15
@@ -235,8 +239,6 @@ def test_cuda_graphs_match_eager_in_bfloat16():
     with torch.no_grad():
         eager = paged.generate(ids, max_new_tokens=new, do_sample=False, past_key_values=cache())
     assert torch.equal(generate(CompiledDecoder(paged, cache(), compile=False)), eager)
-    with pytest.raises(ValueError, match=r"CUDA graphs .* use Policy\(zero_copy=False\)"):
-        CompiledDecoder(paged, cache(zero_copy=True), compile={"mode": "reduce-overhead"})
 
     assert torch.equal(compiled({"backend": "cudagraphs"}, generate), eager)
     assert torch.equal(compiled({"mode": "reduce-overhead"}, generate, emulate_eager=True), eager)
@@ -252,3 +254,35 @@ def test_cuda_graphs_match_eager_in_bfloat16():
     clear = best[..., 0] - best[..., 1] > 2 * tol
     assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
     assert clear.float().mean() > 0.5, "too few steps with a clear best token to compare"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")
+def test_cuda_graphs_read_host_slots_in_place():
+    """CUDA graphs with zero-copy reads: frames for 2 of the 5 pages the context grows to, the
+    older pages read in place from pinned host slots through their mapped view (a CUDA tensor,
+    so inductor captures the step). The greedy tokens under mode="reduce-overhead", rounding as
+    eager does, are eager paged_kv's (the same frames and host slots) exactly; the steps were
+    captured, and pages left the frames while they ran. The "cudagraphs" backend, which would
+    copy the host slots at every replay, is refused."""
+    _, paged = _models("llama", torch.bfloat16, "cuda")
+    ids = _prompt(device="cuda")
+    new = 48
+
+    def cache():
+        return _cache(paged, gpu_pages=2, max_tokens=PROMPT + new + PAGE, zero_copy=True)
+
+    def generate(decoder):
+        return decoder.generate(ids, new, steps_per_reserve=16)  # each reservation fits 2 frames
+
+    with torch.no_grad():
+        eager_cache = cache()
+        eager = paged.generate(ids, max_new_tokens=new, do_sample=False, past_key_values=eager_cache)
+    assert eager_cache.engine.stats()["evictions"]["gpu"] >= 3  # pages 0 to 2 went to host slots
+    got, decoder = _compiled(paged, cache, {"mode": "reduce-overhead"}, generate, emulate_eager=True)
+    assert torch.equal(got, eager)
+    engine = decoder.cache.engine
+    assert engine.stats()["evictions"]["gpu"] >= 3
+    assert engine.num_tokens(decoder.cache.rows[0]) == PROMPT + new - 1
+    with pytest.raises(ValueError, match=r"the 'cudagraphs' backend copies every graph input .* use "
+                                         r"compile=\{'mode': 'reduce-overhead'\}, or Policy\(zero_copy=False\)"):
+        CompiledDecoder(paged, cache(), compile={"backend": "cudagraphs"})

@@ -15,6 +15,7 @@
 #include "attention_args.h"
 #include "cuda/attention.h"
 #include "cuda/claim_counters.h"
+#include "cuda/mapped_host_memory.h"
 #include "cuda/op_error_buffer.h"
 
 namespace paged_kv {
@@ -57,10 +58,17 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
   pr.has_host_pool = host_pool.has_value();
   pr.host_slots = a.host_slots;
   if (host_pool.has_value() && a.host_slots > 0) {
-    void* device_ptr = nullptr;
-    const cudaError_t e = cudaHostGetDevicePointer(&device_ptr, host_pool->data_ptr(), 0);
-    TORCH_CHECK(e == cudaSuccess, op, ": host_pool is not mapped for the GPU (",
-                cudaGetErrorString(e), "); allocate it with pin_memory()");
+    void* device_ptr = host_pool->data_ptr();
+    if (host_pool->is_cuda()) {  // a mapped view: its address is the GPU's already
+      TORCH_CHECK(cuda::is_mapped_host_memory(device_ptr), op,
+                  ": a host_pool on the GPU must be a mapped view of pinned host memory "
+                  "(paged_kv.ops.mapped_host_view); this one is GPU memory");
+    } else {
+      const cudaError_t e = cudaHostGetDevicePointer(&device_ptr, host_pool->data_ptr(), 0);
+      if (e != cudaSuccess) (void)cudaGetLastError();  // not sticky: later checks must not see it
+      TORCH_CHECK(e == cudaSuccess, op, ": host_pool is not mapped for the GPU (",
+                  cudaGetErrorString(e), "); allocate it with pin_memory()");
+    }
     TORCH_CHECK(aligned16(device_ptr), op, ": host_pool data must be 16-byte aligned");
     pr.host_pool = device_ptr;
   }

@@ -40,9 +40,10 @@ the forward launches device work only; positions come from the same device lengt
 mask sizes and query offset that transformers' mask code asks for are constants or device
 tensors, so the graph is not specialised on the length. The step compiles with no graph break
 (fullgraph=True) and once for all steps, and on a GPU mode="reduce-overhead" replays it as a
-CUDA graph; that needs Policy(zero_copy=False) or no host tier, since inductor does not capture
-a graph that reads a CPU (pinned) tensor. The Policy must have fault_mode "forbid": a page that
-left the kernel's reach during the steps is raised by commit().
+CUDA graph, zero-copy reads of host slots included (the step takes the host slots as a CUDA
+tensor, their mapped view, since inductor leaves a graph with a CPU input uncaptured). The
+Policy must have fault_mode "forbid": a page that left the kernel's reach during the steps is
+raised by commit().
 
 Supported: decoder-only models whose attention goes through transformers' attention interface
 with a standard KV cache (tested: Llama, Mistral with its sliding window, Qwen2, GPT-NeoX), and
@@ -225,14 +226,14 @@ class CompiledDecoder:
                 f"{engine.policy.fault_mode!r}"
             )
         options = _compile_options(compile)
-        if options is not None and _uses_cuda_graphs(options) and engine.device.type == "cuda":
-            if engine.host_pool is not None and engine.policy.zero_copy:
-                raise ValueError(
-                    "CompiledDecoder: CUDA graphs (torch.compile mode "
-                    f"{options.get('mode', options.get('backend'))!r}) cannot read the pinned host slots in "
-                    "place (inductor leaves a graph with a CPU tensor uncaptured); use "
-                    "Policy(zero_copy=False), so that reserve() brings host pages into GPU frames, or no host tier"
-                )
+        if (options is not None and options.get("backend") == "cudagraphs" and engine.device.type == "cuda"
+                and engine.host_pool is not None and engine.policy.zero_copy):
+            raise ValueError(
+                "CompiledDecoder: the 'cudagraphs' backend copies every graph input that is not a parameter "
+                "into a buffer of its own before each replay (it does not take mark_static_address), which "
+                "for the host slots read in place would copy the whole host tier, so paged_kv refuses it; "
+                "use compile={'mode': 'reduce-overhead'}, or Policy(zero_copy=False)"
+            )
         others = set(engine.bound()) - set(cache.rows)
         if others:
             raise ValueError(f"CompiledDecoder: the engine's batch slots hold other sequences ({sorted(others)}); "
@@ -425,10 +426,6 @@ def _compile_options(compile) -> dict | None:
         return {"fullgraph": True} if compile else None
     raise TypeError(f"CompiledDecoder: compile must be a bool or a dict of torch.compile options, "
                     f"got {type(compile).__name__}")
-
-
-def _uses_cuda_graphs(options: dict) -> bool:
-    return options.get("mode") in ("reduce-overhead", "max-autotune") or options.get("backend") == "cudagraphs"
 
 
 def _check_attention(model, where: str):
