@@ -262,8 +262,8 @@ def test_cuda_graphs_read_host_slots_in_place():
     older pages read in place from pinned host slots through their mapped view (a CUDA tensor,
     so inductor captures the step). The greedy tokens under mode="reduce-overhead", rounding as
     eager does, are eager paged_kv's (the same frames and host slots) exactly; the steps were
-    captured, and pages left the frames while they ran. The "cudagraphs" backend, which would
-    copy the host slots at every replay, is refused."""
+    captured, and pages left the frames while they ran. The "cudagraphs" backend, which copies
+    that view into a buffer of its own when it records the step, is refused."""
     _, paged = _models("llama", torch.bfloat16, "cuda")
     ids = _prompt(device="cuda")
     new = 48
@@ -283,6 +283,7 @@ def test_cuda_graphs_read_host_slots_in_place():
     engine = decoder.cache.engine
     assert engine.stats()["evictions"]["gpu"] >= 3
     assert engine.num_tokens(decoder.cache.rows[0]) == PROMPT + new - 1
-    with pytest.raises(ValueError, match=r"the 'cudagraphs' backend copies every graph input .* use "
-                                         r"compile=\{'mode': 'reduce-overhead'\}, or Policy\(zero_copy=False\)"):
+    with pytest.raises(ValueError, match=r"the 'cudagraphs' backend copies the host slots .* use "
+                                         r"compile=\{'mode': 'reduce-overhead'\}, which keeps them in place, "
+                                         r"or Policy\(zero_copy=False\)"):
         CompiledDecoder(paged, cache(), compile={"backend": "cudagraphs"})

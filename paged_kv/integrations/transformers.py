@@ -229,10 +229,10 @@ class CompiledDecoder:
         if (options is not None and options.get("backend") == "cudagraphs" and engine.device.type == "cuda"
                 and engine.host_pool is not None and engine.policy.zero_copy):
             raise ValueError(
-                "CompiledDecoder: the 'cudagraphs' backend copies every graph input that is not a parameter "
-                "into a buffer of its own before each replay (it does not take mark_static_address), which "
-                "for the host slots read in place would copy the whole host tier, so paged_kv refuses it; "
-                "use compile={'mode': 'reduce-overhead'}, or Policy(zero_copy=False)"
+                "CompiledDecoder: the 'cudagraphs' backend copies the host slots (their mapped view, a graph "
+                "input it does not keep at its address) into a GPU buffer of its own when it records the step, "
+                "so every replay would copy the whole host tier instead of reading the pages it needs in place; "
+                "use compile={'mode': 'reduce-overhead'}, which keeps them in place, or Policy(zero_copy=False)"
             )
         others = set(engine.bound()) - set(cache.rows)
         if others:
