@@ -24,9 +24,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import torch
 
 from bench import ceilings
+from bench.e2e import kv_bytes_per_token, residency
 from bench.harness import MiB, bench_args, format_table, write_results
-from paged_kv import Policy, Tier
-from paged_kv.pte import TIER_SHIFT
+from paged_kv import Policy
 
 PAGE = 16
 BLOCK = 32  # steps per reservation
@@ -49,11 +49,6 @@ def build_model(quick: bool):
     return model.to("cuda", torch.bfloat16).eval()
 
 
-def kv_bytes_per_token(model) -> int:
-    c = model.config
-    return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2
-
-
 def decode(model, prompt: torch.Tensor, new: int, zero_copy: bool, frames: int, compile) -> dict:
     """Prefill in chunks, then `new` steps; ms per step over the reservations after the first, the
     greedy tokens, and the host pages each timed step read (summed)."""
@@ -66,7 +61,7 @@ def decode(model, prompt: torch.Tensor, new: int, zero_copy: bool, frames: int, 
     torch._dynamo.reset()
     cache = PagedKVCache.for_model(model, policy, 1, max_tokens=prompt.shape[1] + new + PAGE)
     decoder = CompiledDecoder(model, cache, compile=compile)
-    engine, row = cache.engine, cache.rows[0]
+    engine = cache.engine
     with torch.no_grad():
         for start in range(0, prompt.shape[1], PREFILL_CHUNK):
             logits = decoder.prefill(prompt[:, start:start + PREFILL_CHUNK])
@@ -77,10 +72,8 @@ def decode(model, prompt: torch.Tensor, new: int, zero_copy: bool, frames: int, 
             torch.cuda.synchronize()
             started = time.perf_counter()
         decoder.reserve(BLOCK)
-        if block:  # the pages each step of this reservation reads from host slots (the pager's mirror)
-            pages = engine.pager.num_pages(row)
-            tiers = (engine.pager.page_table()[row, :pages].to(torch.int64) & 0xFFFFFFFF) >> TIER_SHIFT
-            host_page_reads += BLOCK * int((tiers == Tier.HOST).sum())
+        if block:  # the pages each step of this reservation reads from host slots
+            host_page_reads += BLOCK * residency(cache)["host_pages"]
         for _ in range(BLOCK):
             token = decoder.step(token).argmax(-1, keepdim=True)
             tokens.append(token)

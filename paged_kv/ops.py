@@ -192,20 +192,16 @@ def mapped_host_view(host: torch.Tensor, device: torch.device | str | int | None
     _library.require_library()
     if not isinstance(host, torch.Tensor):
         raise TypeError(f"mapped_host_view: host must be a torch.Tensor, got {type(host).__name__}")
-    if not hasattr(_library._C, "mapped_host_view"):
+    lib = _cuda_library()
+    if lib is None:
         raise RuntimeError("mapped_host_view: paged_kv was built without CUDA")
     if not torch.cuda.is_available():
         raise RuntimeError("mapped_host_view: no CUDA device is available")
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    elif isinstance(device, int) and not isinstance(device, bool):
-        device = torch.device("cuda", device)
-    else:
-        device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"mapped_host_view: device must be a CUDA device, got {device}")
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return _library._C.mapped_host_view(host, index)
+    if isinstance(device, bool):
+        raise TypeError("mapped_host_view: device must be a CUDA device, an index or None, got a bool")
+    if isinstance(device, (str, torch.device)) and torch.device(device).type != "cuda":
+        raise ValueError(f"mapped_host_view: device must be a CUDA device, got {torch.device(device)}")
+    return lib.mapped_host_view(host, _cuda_index(device))
 
 
 if _LIB_LOADED:
@@ -244,13 +240,16 @@ def check_errors(device: torch.device | int | str | None = None) -> None:
     lib = _cuda_library()
     if lib is None or not torch.cuda.is_available():
         return
-    if device is None:
-        index = None
-    elif isinstance(device, int):
-        index = device
-    else:
-        index = torch.device(device).index
-    lib.check_errors(torch.cuda.current_device() if index is None else index)
+    lib.check_errors(_cuda_index(device))
+
+
+def _cuda_index(device: torch.device | int | str | None) -> int:
+    """The CUDA device index `device` names: an int is one, a device without an index (or None)
+    means the current device."""
+    if isinstance(device, int):
+        return device
+    index = None if device is None else torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
 
 
 def set_sync_checks(enabled: bool) -> None:
