@@ -119,3 +119,18 @@ def test_demo_with_a_local_checkpoint(tmp_path):
     assert out.returncode == 2 and "could not load a causal language model from it" in out.stdout, out.stdout + out.stderr
     out = demo("--model", str(tmp_path / "missing"))
     assert out.returncode == 2 and "no such folder" in out.stderr
+
+
+@pytest.mark.parametrize("step, message", [
+    ("nosuch", "unknown step 'nosuch'"),
+    ("tests:0/2", "expected tests:K/N with 1 <= K <= N"),
+    ("memcheck:3/2", "expected memcheck:K/N with 1 <= K <= N"),
+    ("bench:nosuch", "no benchmark bench/nosuch.py"),
+])
+def test_gpu_check_refuses_a_bad_step_before_building(tmp_path, step, message):
+    out_dir = tmp_path / "out"
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), str(out_dir), "tests", step],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert not out_dir.exists()  # nothing was built or run
