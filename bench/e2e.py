@@ -81,6 +81,7 @@ BARS = {
     "prefill_ratio_vs_sdpa": (1.10, "paged_kv prefill_ms / sdpa prefill_ms <= 1.10"),
     "decode_ratio_vs_sdpa": (1.0, "paged_kv tokens_per_s / sdpa tokens_per_s >= 1.0"),
     "fraction_of_bound": (0.80, "bound_ms_per_token / decode_ms_per_token >= 0.80"),
+    "within_margin": (True, "memory.peak_decode_bytes <= memory.memory_limit_bytes"),
 }
 
 FORMULAS = {
@@ -428,9 +429,12 @@ def apply_bars(row: dict, names: list[str]) -> None:
     row["bar_rule"] = " and ".join(BARS[name][1] for name in names)
     verdicts = {}
     for name in names:
-        value = row.get(name)
+        # The memory verdict lives in the row's memory record (absent or skipped off a GPU).
+        value = row.get("memory", {}).get(name) if name == "within_margin" else row.get(name)
         if value is None:
             verdicts[name] = None
+        elif name == "within_margin":
+            verdicts[name] = value is True
         elif name == "prefill_ratio_vs_sdpa":
             verdicts[name] = value <= BARS[name][0]
         else:
@@ -535,7 +539,7 @@ def run_fits(model, case: Case, setup: Setup) -> list[dict]:
     for row in (sdpa_row, paged_row):
         add_fraction_of_bound(row)
     sdpa_row.update(bar=None, bar_rule="the reference: no bar", met=None)
-    apply_bars(paged_row, ["prefill_ratio_vs_sdpa", "decode_ratio_vs_sdpa"])
+    apply_bars(paged_row, ["prefill_ratio_vs_sdpa", "decode_ratio_vs_sdpa", "within_margin"])
     if not setup.compiled:
         return [sdpa_row, paged_row]
     return [sdpa_row, paged_row, run_compiled(model, case, setup, prompt, reference, sdpa_row)]
@@ -657,7 +661,7 @@ def run_beyond(model, case: Case, setup: Setup) -> list[dict]:
     if run is not None:
         row["check"] = beyond_reference(model, case, setup, run)
         row["correct"] = row["check"].get("correct")
-    apply_bars(row, ["fraction_of_bound"])
+    apply_bars(row, ["fraction_of_bound", "within_margin"])
     return [row]
 
 
