@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import paged_kv
 from bench import ceilings
-from bench.harness import bench_args, format_table, gbps, resolve_device, time_fn, write_results
+from bench.harness import bench_args, bench_device, format_table, gbps, time_fn, write_results
 
 NUM_Q_HEADS = 32
 NUM_KV_HEADS = 8
@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="results file stem (default: attention), e.g. for a run of some --cases")
     args = parser.parse_args(argv)
     # --quick alone stays on the CPU; --quick --device cuda is a fast smoke test on the GPU.
-    device = resolve_device("cpu" if args.quick and args.device == "auto" else args.device)
+    device = bench_device(args)
     skip = {name.strip() for name in args.skip_peers.split(",") if name.strip()}
     unknown = skip - {"flex", "flashinfer"}
     if unknown:

@@ -29,9 +29,9 @@ from bench.harness import (
     GiB,
     MiB,
     bench_args,
+    bench_device,
     format_table,
     gbps,
-    resolve_device,
     summarize_us,
     time_cpu,
     time_cuda,
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     disk_bytes = parse_bytes(args.disk_bytes) if isinstance(args.disk_bytes, str) else args.disk_bytes
     # --quick alone stays on the CPU; --quick --device cuda is a fast smoke test of the GPU items.
-    device = resolve_device("cpu" if args.quick and args.device == "auto" else args.device)
+    device = bench_device(args)
 
     ceilings = measure_all(device, quick=args.quick, disk_bytes=disk_bytes, disk_dir=args.disk_dir)
     rows = summary_rows(ceilings)

@@ -38,7 +38,7 @@ import torch
 
 import paged_kv
 from bench import ceilings
-from bench.harness import bench_args, format_table, resolve_device, write_results
+from bench.harness import bench_args, bench_device, format_table, write_results
 from bench.replacement import BUDGET_SHARE, optimal_faults, run as run_replacement
 from bench.traces import TraceConfig, working_set
 from paged_kv import Engine, Policy
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4, help="layers measured (default 4)")
     parser.add_argument("--disk-dir", default=None, help="folder for the disk store (default: a temporary one)")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    device = bench_device(args)
     quick = args.quick
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     element = torch.empty((), dtype=dtype).element_size()

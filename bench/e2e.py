@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import torch
 
 from bench import ceilings
-from bench.harness import GiB, bench_args, format_table, resolve_device, summarize_us, write_results
+from bench.harness import GiB, bench_args, bench_device, format_table, summarize_us, write_results
 from paged_kv import Policy, Tier
 from paged_kv.pte import TIER_SHIFT
 
@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
                              "graphs on a GPU, aot_eager on a CPU)")
     args = parser.parse_args(argv)
     # --quick alone stays on the CPU; --quick --device cuda is a fast smoke test on the GPU.
-    device = resolve_device("cpu" if args.quick and args.device == "auto" else args.device)
+    device = bench_device(args)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
         device = torch.device("cuda", torch.cuda.current_device())

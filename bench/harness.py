@@ -194,6 +194,12 @@ def resolve_device(choice: str = "auto") -> torch.device:
     return torch.device(choice)
 
 
+def bench_device(args) -> torch.device:
+    """The device of a benchmark's parsed `bench_args`: a `--quick` run stays on the CPU unless
+    `--device` names one, else `resolve_device`."""
+    return resolve_device("cpu" if args.quick and args.device == "auto" else args.device)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

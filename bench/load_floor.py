@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement", default="random", choices=A.PLACEMENTS,
                         help="frame placement (bench/attention.py frame_order; default %(default)s)")
     args = parser.parse_args(argv)
+    if args.quick or args.device == "cpu":
+        parser.error("load_floor times CUDA kernels at full size: it needs a CUDA GPU and no --quick")
     if not torch.cuda.is_available():
         raise SystemExit("load_floor needs a CUDA GPU")
     cases = [c for c in CASES if args.cases is None or re.search(args.cases, c.name)]

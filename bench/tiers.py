@@ -34,7 +34,7 @@ import torch
 
 import paged_kv
 from bench import ceilings
-from bench.harness import (GiB, MiB, bench_args, format_table, gbps, resolve_device, summarize_us,
+from bench.harness import (GiB, MiB, bench_args, bench_device, format_table, gbps, summarize_us,
                            time_fn, write_results)
 from paged_kv import Engine, Policy, Tier
 
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the disk store (default: the first non-memory temp folder)")
     args = parser.parse_args(argv)
     # --quick alone stays on the CPU; --quick --device cuda is a fast smoke test on the GPU.
-    device = resolve_device("cpu" if args.quick and args.device == "auto" else args.device)
+    device = bench_device(args)
     sizes = QUICK if args.quick else FULL
     on_gpu = device.type == "cuda"
     if on_gpu:

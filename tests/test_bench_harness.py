@@ -158,3 +158,12 @@ def test_hbm_ceilings_are_positive():
     copy = ceilings.measure_hbm_copy(256 << 20, repeat=5)
     assert read["gbps"] > 0 and copy["gbps"] > 0
     assert "triton_error" not in read or read["method"].startswith("torch.sum")
+
+
+def test_quick_runs_stay_on_the_cpu_unless_a_device_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    parser = harness.bench_args("test")
+    assert harness.bench_device(parser.parse_args(["--quick"])).type == "cpu"
+    assert harness.bench_device(parser.parse_args(["--quick", "--device", "cuda"])).type == "cuda"
+    assert harness.bench_device(parser.parse_args([])).type == "cuda"
+    assert harness.bench_device(parser.parse_args(["--device", "cpu"])).type == "cpu"

@@ -42,6 +42,15 @@ def test_head_warps_grid_gives_one_block_per_multiprocessor():
     assert load_floor.head_warps_splits(case(256, 1024), 132) == 1
 
 
+@pytest.mark.parametrize("flags", [["--quick"], ["--device", "cpu"]])
+def test_quick_or_cpu_is_refused_not_ignored(monkeypatch, capsys, flags):
+    # Both would still time the full-size CUDA kernels and write over the committed results.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):  # argparse's error exit
+        load_floor.main(flags)
+    assert "needs a CUDA GPU and no --quick" in capsys.readouterr().err
+
+
 def test_unknown_placement_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit):  # argparse's error exit
