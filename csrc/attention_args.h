@@ -50,6 +50,7 @@ inline AttentionArgs check_attention_args(
   TORCH_CHECK(is_attention_head_dim(g.head_dim), op, ": head_dim must be 64, 128 or 256, got ",
               g.head_dim);
 
+  check_defined(op, "query", query);
   TORCH_CHECK(query.dim() == 3, op, ": query must be [total_queries, num_q_heads, head_dim], got ",
               query.dim(), " dimensions ", query.sizes());
   TORCH_CHECK(query.scalar_type() == pool.scalar_type(), op, ": query must have the pool's dtype ",
@@ -68,22 +69,25 @@ inline AttentionArgs check_attention_args(
               g.num_kv_heads, ")");
   a.group = a.num_q_heads / g.num_kv_heads;
 
+  check_defined(op, "sequences", sequences);
   TORCH_CHECK(sequences.dim() == 1, op, ": sequences must be one-dimensional, got ",
               sequences.dim(), " dimensions");
   a.batch = sequences.size(0);
-  check_index_vector(op, "sequences", sequences, a.batch, pool);
+  check_index_vector(op, "sequences", sequences, a.batch, "batch entry", pool);
+  check_defined(op, "query_starts", query_starts);
   TORCH_CHECK(query_starts.dim() == 1 && query_starts.size(0) == a.batch + 1, op,
               ": query_starts must be [batch + 1] = [", a.batch + 1, "], got ",
               query_starts.sizes());
-  check_index_vector(op, "query_starts", query_starts, a.batch + 1, pool);
-  check_index_vector(op, "kv_lens", kv_lens, a.batch, pool);
+  check_index_vector(op, "query_starts", query_starts, a.batch + 1, "batch entry, plus one", pool);
+  check_index_vector(op, "kv_lens", kv_lens, a.batch, "batch entry", pool);
   TORCH_CHECK(a.total_queries < (int64_t{1} << 31), op, ": too many queries: ", a.total_queries);
 
   TORCH_CHECK(max_query_len >= 1, op, ": max_query_len must be at least 1, got ", max_query_len);
   a.max_query_len = max_query_len;
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(g.head_dim));
-  TORCH_CHECK(std::isfinite(s) && s > 0, op, ": scale must be positive and finite, got ", s);
-  a.scale = static_cast<float>(s);
+  a.scale = static_cast<float>(s);  // checked as the kernels use it: 1e39 is finite, not as a float
+  TORCH_CHECK(std::isfinite(a.scale) && a.scale > 0, op, ": scale must be positive and finite, got ",
+              s, std::isfinite(s) && s > 0 ? " (not as a float32)" : "");
   TORCH_CHECK(window >= 0, op, ": window must be 0 (none) or positive, got ", window);
   TORCH_CHECK(sinks >= 0, op, ": sinks must be 0 or positive, got ", sinks);
   TORCH_CHECK(sinks == 0 || window > 0, op,

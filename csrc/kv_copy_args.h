@@ -9,6 +9,7 @@
 #include "core/page_geometry.h"
 #include "core/page_lookup.h"
 #include "core/pte.h"
+#include "tensor_checks.h"
 
 namespace paged_kv {
 
@@ -18,6 +19,7 @@ inline bool is_kv_dtype(at::ScalarType t) {
 
 // Checks the pool and returns its geometry.
 inline PageGeometry check_pool(const char* op, const at::Tensor& pool) {
+  check_defined(op, "pool", pool);
   TORCH_CHECK(pool.dim() == 6, op, ": pool must be [num_frames, num_layers, 2, num_kv_heads, ",
               "page_size, head_dim], got ", pool.dim(), " dimensions ", pool.sizes());
   TORCH_CHECK(pool.size(2) == 2, op, ": pool dimension 2 must be 2 (K and V), got ",
@@ -44,6 +46,7 @@ inline PageGeometry check_pool(const char* op, const at::Tensor& pool) {
 
 inline PageTableView check_page_table(const char* op, const at::Tensor& page_table,
                                       const at::Tensor& pool) {
+  check_defined(op, "page_table", page_table);
   TORCH_CHECK(page_table.scalar_type() == at::kInt, op, ": page_table must be int32, got ",
               page_table.scalar_type());
   TORCH_CHECK(page_table.dim() == 2, op,
@@ -60,15 +63,17 @@ inline PageTableView check_page_table(const char* op, const at::Tensor& page_tab
                        page_table.size(0) > 0 ? page_table.stride(0) : 0};
 }
 
-// An int32 index vector of `length` on the pool's device.
+// An int32 index vector on the pool's device of `length` entries, one per `each` (any length
+// when `length` is negative).
 inline void check_index_vector(const char* op, const char* name, const at::Tensor& t,
-                               int64_t length, const at::Tensor& pool) {
+                               int64_t length, const char* each, const at::Tensor& pool) {
+  check_defined(op, name, t);
   TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ",
               t.scalar_type());
   TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be one-dimensional, got ", t.dim(),
               " dimensions");
   TORCH_CHECK(length < 0 || t.size(0) == length, op, ": ", name, " must have ", length,
-              " entries (one per token), got ", t.size(0));
+              " entries (one per ", each, "), got ", t.size(0));
   TORCH_CHECK(t.device() == pool.device(), op, ": ", name, " must be on the pool's device ",
               pool.device(), ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
@@ -77,6 +82,7 @@ inline void check_index_vector(const char* op, const char* name, const at::Tenso
 // K or V rows [num_tokens, num_kv_heads, head_dim] matching the pool.
 inline void check_token_rows(const char* op, const char* name, const at::Tensor& t,
                              const at::Tensor& pool, const PageGeometry& g) {
+  check_defined(op, name, t);
   TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be [num_tokens, num_kv_heads, head_dim], got ",
               t.dim(), " dimensions ", t.sizes());
   TORCH_CHECK(t.size(1) == g.num_kv_heads && t.size(2) == g.head_dim, op, ": ", name,
@@ -113,8 +119,8 @@ inline AppendKvArgs check_append_kv_args(const at::Tensor& key, const at::Tensor
   check_token_rows(op, "value", value, pool, g);
   TORCH_CHECK(key.size(0) == value.size(0), op, ": key has ", key.size(0),
               " tokens but value has ", value.size(0));
-  check_index_vector(op, "sequences", sequences, key.size(0), pool);
-  check_index_vector(op, "positions", positions, key.size(0), pool);
+  check_index_vector(op, "sequences", sequences, key.size(0), "token", pool);
+  check_index_vector(op, "positions", positions, key.size(0), "token", pool);
   check_layer(op, layer, g);
   return {g, table, key.size(0)};
 }
@@ -132,7 +138,7 @@ inline GatherKvArgs check_gather_kv_args(const at::Tensor& pool, const at::Tenso
   constexpr const char* op = "paged_kv.gather_kv";
   const PageGeometry g = check_pool(op, pool);
   const PageTableView table = check_page_table(op, page_table, pool);
-  check_index_vector(op, "pages", pages, -1, pool);
+  check_index_vector(op, "pages", pages, -1, "page", pool);
   check_layer(op, layer, g);
   TORCH_CHECK(sequence >= 0 && sequence < table.max_sequences, op, ": sequence must be in [0, ",
               table.max_sequences, "), got ", sequence);

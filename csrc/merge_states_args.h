@@ -3,10 +3,14 @@
 
 #include <torch/library.h>
 
+#include "tensor_checks.h"
+
 namespace paged_kv {
 
 inline void check_merge_states_args(const at::Tensor& outputs, const at::Tensor& lses) {
   constexpr const char* op = "paged_kv.merge_states";
+  check_defined(op, "outputs", outputs);
+  check_defined(op, "lses", lses);
   TORCH_CHECK(outputs.dim() == 4, op, ": outputs must be [num_states, num_queries, num_heads, ",
               "head_dim], got ", outputs.dim(), " dimensions ", outputs.sizes());
   TORCH_CHECK(outputs.size(0) >= 1, op, ": outputs must hold at least one state");

@@ -7,6 +7,7 @@ Shapes use these names: T tokens, H KV heads, D head_dim, F frames, L layers, P 
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 
@@ -156,8 +157,10 @@ def attention(
 
 def new_fault_queue(capacity: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """An empty fault queue for attention: int32 [capacity, 2] entries and an int32 [1] count."""
+    if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral):
+        raise TypeError(f"new_fault_queue: capacity must be an int, got {type(capacity).__name__} {capacity!r}")
     if capacity < 1:
-        raise ValueError(f"fault queue capacity must be at least 1, got {capacity}")
+        raise ValueError(f"new_fault_queue: capacity must be at least 1, got {capacity}")
     return (
         torch.full((capacity, 2), -1, dtype=torch.int32, device=device),
         torch.zeros(1, dtype=torch.int32, device=device),
@@ -167,9 +170,22 @@ def new_fault_queue(capacity: int, device: torch.device | str) -> tuple[torch.Te
 def read_faults(fault_queue: torch.Tensor, fault_count: torch.Tensor) -> torch.Tensor:
     """The distinct recorded faults as an int32 [n, 2] CPU tensor of (page-table row, page),
     sorted. Synchronises. Raises if the queue overflowed (count above capacity): faults were
-    dropped."""
+    dropped, or if the count is negative (it starts at 0 and only grows: the caller set it)."""
+    for name, tensor, shape in (("fault_queue", fault_queue, "[capacity, 2]"), ("fault_count", fault_count, "[1]")):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int32:
+            kind = f"{tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"read_faults: {name} must be an int32 {shape} tensor (new_fault_queue), got {kind}")
+    if fault_queue.dim() != 2 or fault_queue.shape[1] != 2:
+        raise ValueError(f"read_faults: fault_queue must be [capacity, 2], got {list(fault_queue.shape)}")
+    if fault_count.numel() != 1:
+        raise ValueError(f"read_faults: fault_count must hold one element, got {list(fault_count.shape)}")
     count = int(fault_count.item())
     capacity = fault_queue.shape[0]
+    if count < 0:
+        raise RuntimeError(
+            f"read_faults: fault_count is {count}: a count starts at 0 (new_fault_queue) and the "
+            f"kernel only adds to it, so the faults it recorded cannot be told apart"
+        )
     if count > capacity:
         raise RuntimeError(
             f"paged_kv.attention: fault queue overflowed: {count} faults for a capacity of "
@@ -204,14 +220,31 @@ def mapped_host_view(host: torch.Tensor, device: torch.device | str | int | None
     return lib.mapped_host_view(host, _cuda_index(device))
 
 
+def _fake_args(op: str, anchor: str, tensors: dict, dims: dict) -> None:
+    """What a fake kernel must refuse, since the real one never sees the call: a tensor on
+    another device than `anchor` (one `meta` tensor among real ones sends the whole call to the
+    fake kernel, which would return uninitialised memory), or a rank its shape is read from."""
+    device = tensors[anchor].device
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise RuntimeError(f"paged_kv.{op}: {name} must be on the device of {anchor} ({device}), got {tensor.device}")
+    for name, rank in dims.items():
+        if tensors[name].dim() != rank:
+            raise RuntimeError(f"paged_kv.{op}: {name} must have {rank} dimensions, got {tensors[name].dim()}")
+
+
 if _LIB_LOADED:
 
     @torch.library.register_fake("paged_kv::append_kv")
     def _append_kv_fake(key, value, pool, page_table, sequences, positions, layer):
+        _fake_args("append_kv", "pool", dict(key=key, value=value, pool=pool, page_table=page_table,
+                                             sequences=sequences, positions=positions), {})
         return None
 
     @torch.library.register_fake("paged_kv::gather_kv")
     def _gather_kv_fake(pool, page_table, sequence, pages, layer):
+        _fake_args("gather_kv", "pool", dict(pool=pool, page_table=page_table, pages=pages),
+                   dict(pool=6, pages=1))
         shape = (pages.shape[0] * pool.shape[4], pool.shape[3], pool.shape[5])
         return pool.new_empty(shape), pool.new_empty(shape)
 
@@ -219,11 +252,16 @@ if _LIB_LOADED:
     def _attention_fake(query, pool, page_table, sequences, query_starts, kv_lens, layer,
                         max_query_len, scale=None, window=0, sinks=0, host_pool=None,
                         fault_queue=None, fault_count=None, telemetry=None):
+        # host_pool may be a CPU tensor beside a CUDA pool (pinned slots), so it is not checked.
+        _fake_args("attention", "pool", dict(query=query, pool=pool, page_table=page_table, sequences=sequences,
+                                             query_starts=query_starts, kv_lens=kv_lens, fault_queue=fault_queue,
+                                             fault_count=fault_count, telemetry=telemetry), dict(query=3))
         lse = query.new_empty(query.shape[:2], dtype=torch.float32)
         return query.new_empty(query.shape), lse
 
     @torch.library.register_fake("paged_kv::merge_states")
     def _merge_states_fake(outputs, lses):
+        _fake_args("merge_states", "outputs", dict(outputs=outputs, lses=lses), dict(outputs=4, lses=3))
         return outputs.new_empty(outputs.shape[1:]), lses.new_empty(lses.shape[1:])
 
 

@@ -149,13 +149,15 @@ def test_bad_arguments(device):
         (dict(sequences=good["sequences"].long()), r"sequences must be int32, got Long"),
         (dict(query_starts=good["query_starts"][:2]), r"query_starts must be \[batch \+ 1\] = \[3\], got \[2\]"),
         (dict(query_starts=good["query_starts"].long()), r"query_starts must be int32, got Long"),
-        (dict(kv_lens=good["kv_lens"][:1]), r"kv_lens must have 2 entries"),
+        (dict(kv_lens=good["kv_lens"][:1]), r"kv_lens must have 2 entries \(one per batch entry\), got 1"),
         (dict(kv_lens=good["kv_lens"].long()), r"kv_lens must be int32, got Long"),
         (dict(max_query_len=0), r"max_query_len must be at least 1, got 0"),
         (dict(scale=0.0), r"scale must be positive and finite, got 0"),
         (dict(scale=-1.0), r"scale must be positive and finite, got -1"),
         (dict(scale=float("inf")), r"scale must be positive and finite, got inf"),
         (dict(scale=float("nan")), r"scale must be positive and finite, got nan"),
+        (dict(scale=1e39), r"scale must be positive and finite, got 1e\+39 \(not as a float32\)"),
+        (dict(scale=1e-50), r"scale must be positive and finite, got 1e-50 \(not as a float32\)"),
         (dict(window=-1), r"window must be 0 \(none\) or positive, got -1"),
         (dict(window=8, sinks=-1), r"sinks must be 0 or positive, got -1"),
         (dict(sinks=4), r"sinks only make sense with a sliding window \(window > 0\); got sinks=4"),
@@ -173,11 +175,56 @@ def test_bad_arguments(device):
         (dict(telemetry=telemetry[:, :2]), r"telemetry must be \[3, 4\] like the page table, got \[3, 2\]"),
         (dict(telemetry=torch.zeros(4, 3, device=device).t()), r"telemetry must be contiguous"),
     ]
+    # None for a tensor the op needs is named as such, not read as an empty tensor.
+    cases += [(dict([(name, None)]), name + " must be a tensor, got None")
+              for name in ("query", "pool", "page_table", "sequences", "query_starts", "kv_lens")]
     for override, message in cases:
         args = dict(good)
         args.update(override)
         with pytest.raises(RuntimeError, match=r"paged_kv.attention: " + message):
             _call(device, args)
+
+
+def test_cpu_kernel_refuses_a_negative_fault_count():
+    # The faults of the call would go unrecorded while the count read back as fewer. (The CUDA
+    # op cannot read the count without a synchronisation; read_faults refuses it there.)
+    args = _setup("cpu")
+    queue, count = new_fault_queue(4, "cpu")
+    count.fill_(-1)
+    with pytest.raises(RuntimeError, match=r"paged_kv.attention: fault_count is -1: it must start at 0"):
+        _call("cpu", dict(args, fault_queue=queue, fault_count=count))
+    assert count.item() == -1 and bool((queue == -1).all())  # nothing was written
+
+
+def test_read_faults_refuses_what_it_cannot_read():
+    queue, count = new_fault_queue(4, "cpu")
+    count.fill_(-1)
+    with pytest.raises(RuntimeError, match=r"read_faults: fault_count is -1"):
+        paged_kv.ops.read_faults(queue, count)
+    count.fill_(0)
+    with pytest.raises(ValueError, match=r"read_faults: fault_queue must be \[capacity, 2\], got \[8\]"):
+        paged_kv.ops.read_faults(queue.view(-1), count)
+    with pytest.raises(ValueError, match=r"read_faults: fault_count must hold one element, got \[2\]"):
+        paged_kv.ops.read_faults(queue, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"read_faults: fault_count must be an int32 \[1\] tensor"):
+        paged_kv.ops.read_faults(queue, count.float())
+    with pytest.raises(TypeError, match=r"read_faults: fault_queue must be an int32 \[capacity, 2\] tensor"):
+        paged_kv.ops.read_faults(None, count)
+    for capacity, error in ((None, TypeError), (True, TypeError), (2.5, TypeError), (0, ValueError)):
+        with pytest.raises(error, match=r"new_fault_queue: capacity must be"):
+            new_fault_queue(capacity, "cpu")
+
+
+def test_a_meta_tensor_among_real_ones_is_refused():
+    # One meta tensor sends the call to the fake kernel, which must not hand back uninitialised
+    # memory as if the op had run.
+    args = _setup("cpu")
+    queue, count = new_fault_queue(4, "cpu")
+    for name, extra in (("kv_lens", {}), ("fault_count", dict(fault_queue=queue, fault_count=count))):
+        call = dict(args, **extra)
+        call[name] = call[name].to("meta")
+        with pytest.raises(RuntimeError, match=rf"paged_kv.attention: {name} must be on the device of pool \(cpu\), got meta"):
+            _call("cpu", call)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")

@@ -67,7 +67,11 @@ def test_append_bad_arguments(device):
         (dict(value=key[:2]), r"key has 3 tokens but value has 2"),
         (dict(key=key.transpose(1, 2).contiguous().transpose(1, 2)), r"key must be contiguous along head_dim"),
         (dict(positions=pos.long()), r"positions must be int32, got Long"),
-        (dict(sequences=seqs[:2]), r"sequences must have 3 entries"),
+        (dict(sequences=seqs[:2]), r"sequences must have 3 entries \(one per token\), got 2"),
+        (dict(key=None), r"paged_kv.append_kv: key must be a tensor, got None"),
+        (dict(positions=None), r"paged_kv.append_kv: positions must be a tensor, got None"),
+        (dict(page_table=None), r"paged_kv.append_kv: page_table must be a tensor, got None"),
+        (dict(pool=None), r"paged_kv.append_kv: pool must be a tensor, got None"),
         (dict(page_table=table.long()), r"page_table must be int32"),
         (dict(page_table=table[0]), r"page_table must be \[max_sequences, max_pages\]"),
         (dict(pool=pool[:, :, :, :, :, :4].contiguous()), r"key must be \[num_tokens, 2, 4\]"),
@@ -128,6 +132,27 @@ def test_gather_bad_arguments(device):
         paged_kv.gather_kv(pool, table, 0, torch.zeros(1, dtype=torch.long, device=device), 0)
     with pytest.raises(RuntimeError, match=r"layer must be in \[0, 2\), got 5"):
         paged_kv.gather_kv(pool, table, 0, _i32([0], device), 5)
+    with pytest.raises(RuntimeError, match=r"paged_kv.gather_kv: pages must be a tensor, got None"):
+        paged_kv.gather_kv(pool, table, 0, None, 0)
+
+
+def test_meta_tensors_among_real_ones_are_refused():
+    # One meta tensor sends the call to the fake kernel: it must refuse, not skip the write or
+    # hand back uninitialised memory as if the op had run.
+    pool, table, key = _setup("cpu")
+    seqs, pos = _i32([0, 0, 0], "cpu"), _i32([0, 1, 2], "cpu")
+    before = pool.clone()
+    with pytest.raises(RuntimeError, match=r"paged_kv.append_kv: key must be on the device of pool \(cpu\), got meta"):
+        paged_kv.append_kv(key.to("meta"), key, pool, table, seqs, pos, 0)
+    assert torch.equal(pool.nan_to_num(), before.nan_to_num())
+    with pytest.raises(RuntimeError, match=r"paged_kv.gather_kv: pages must be on the device of pool \(cpu\), got meta"):
+        paged_kv.gather_kv(pool, table, 0, _i32([0], "cpu").to("meta"), 0)
+    # All on meta (shape inference) still works, and a pool of the wrong rank is named there too.
+    meta_pool, meta_table, meta_pages = pool.to("meta"), table.to("meta"), _i32([0, 1], "cpu").to("meta")
+    k, v = paged_kv.gather_kv(meta_pool, meta_table, 0, meta_pages, 0)
+    assert k.shape == v.shape == (2 * PAGE, HEADS, DIM) and k.device.type == "meta"
+    with pytest.raises(RuntimeError, match=r"paged_kv.gather_kv: pool must have 6 dimensions, got 5"):
+        paged_kv.gather_kv(meta_pool[0], meta_table, 0, meta_pages, 0)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")

@@ -72,6 +72,13 @@ def test_merge_states_bad_inputs(device):
         paged_kv.merge_states(o.double(), l)
     with pytest.raises(RuntimeError, match=r"at least one state"):
         paged_kv.merge_states(o[:0], l[:0])
+    with pytest.raises(RuntimeError, match=r"merge_states: lses must be a tensor, got None"):
+        paged_kv.merge_states(o, None)
+    with pytest.raises(RuntimeError, match=r"merge_states: outputs must be a tensor, got None"):
+        paged_kv.merge_states(None, l)
+    # One meta tensor among real ones reaches the fake kernel, which refuses it.
+    with pytest.raises(RuntimeError, match=r"merge_states: lses must be on the device of outputs"):
+        paged_kv.merge_states(o, l.to("meta"))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build")

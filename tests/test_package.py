@@ -87,6 +87,32 @@ def test_pte_encoding_round_trip():
     assert paged_kv.pte.pte_tier(paged_kv.UNMAPPED) == paged_kv.Tier.UNMAPPED
 
 
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: paged_kv.make_pte(0, 1.5), TypeError, r"PTE index must be an int, got float 1.5"),
+    (lambda: paged_kv.make_pte(True, 1), TypeError, r"PTE tier must be an int, got bool True"),
+    (lambda: paged_kv.make_pte(torch.tensor(2), 5), TypeError, r"PTE tier must be an int, got Tensor"),
+    (lambda: paged_kv.make_pte(4, 1), ValueError, r"PTE tier must be one of \[0, 1, 2, 3\]"),
+    (lambda: paged_kv.make_pte(0, -1), ValueError, r"PTE index must be in \[0, 1073741823\], got -1"),
+    (lambda: paged_kv.pte.pte_tier(2**40 + 5), ValueError, r"a PTE is an int32"),
+    (lambda: paged_kv.pte.pte_index(1.0), TypeError, r"PTE must be an int, got float"),
+    (lambda: paged_kv.new_pool(2, 1, 1, 16, 0), ValueError, r"head_dim must be at least 1, got 0"),
+    (lambda: paged_kv.new_pool(-1, 1, 1, 16, 8), ValueError, r"num_frames must be at least 0, got -1"),
+    (lambda: paged_kv.new_pool(2.0, 1, 1, 16, 8), TypeError, r"num_frames must be an int, got float"),
+    (lambda: paged_kv.new_pool(2, 1, 1, 16, 8, torch.int32), ValueError, r"dtype must be one of"),
+    (lambda: paged_kv.new_pool(2, 1, 1, 24, 8), ValueError, r"page_size must be one of"),
+])
+def test_pte_and_pool_helpers_refuse_bad_values(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_pte_helpers_take_numpy_integers():
+    np = pytest.importorskip("numpy")
+
+    assert paged_kv.make_pte(np.int64(1), np.int32(7)) == paged_kv.make_pte(1, 7)
+    assert paged_kv.new_pool(np.int64(2), 1, 1, 16, 8, torch.float32).shape[0] == 2
+
+
 def test_demo_with_a_local_checkpoint(tmp_path):
     """--model DIR: a checkpoint saved by transformers runs instead of the random Llama (float32 on
     the CPU, so session 0's tokens equal sdpa's); a checkpoint whose head_dim the kernels do not

@@ -166,9 +166,14 @@ void record_faults(const Plan& plan, at::Tensor& fault_queue, at::Tensor& fault_
   int32_t* queue = fault_queue.data_ptr<int32_t>();
   int32_t* count = fault_count.data_ptr<int32_t>();
   const int64_t capacity = fault_queue.size(0);
+  // A count below 0 would make the faults of this call vanish (their slots skipped) while read
+  // back as fewer; the kernel's own counting starts at the caller's value.
+  TORCH_CHECK(*count >= 0, "paged_kv.attention: fault_count is ", *count,
+              ": it must start at 0 (ops.new_fault_queue) and only grows");
   for (const auto& fault : plan.faults) {
-    const int64_t slot = (*count)++;
-    if (slot >= 0 && slot < capacity) {
+    const int64_t slot = *count;
+    if (*count < std::numeric_limits<int32_t>::max()) ++*count;  // past it, still an overflow
+    if (slot < capacity) {
       queue[2 * slot] = fault.first;
       queue[2 * slot + 1] = fault.second;
     }
