@@ -35,6 +35,7 @@ the whole context. With fault_mode "forbid" a fault raises FaultError naming the
 from __future__ import annotations
 
 import math
+import numbers
 import shutil
 import tempfile
 import time
@@ -86,6 +87,23 @@ class _Sequence:
     def __init__(self, num_layers: int):
         self.reserved = 0  # tokens that have pages
         self.written = [0] * num_layers  # tokens written, per layer
+
+
+def _index_list(what: str, values) -> list[int]:
+    """A list or integer tensor of indices as ints; a float or bool entry is an error, not
+    rounded."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"{what} must hold integers, got a {values.dtype} tensor")
+        return [int(v) for v in values.tolist()]
+    try:
+        items = list(values)
+    except TypeError:
+        raise TypeError(f"{what} must be a sequence of ints or an integer tensor, got {type(values).__name__}") from None
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what} must hold ints, got {type(v).__name__} {v!r}")
+    return [int(v) for v in items]
 
 
 def _tier_named(name: str, allowed: tuple[str, ...], where: str) -> Tier:
@@ -375,7 +393,15 @@ class Engine:
         for name, tier, value in (("gpu", Tier.GPU, gpu), ("host", Tier.HOST, host), ("disk", Tier.DISK, disk)):
             if value is ...:
                 continue
-            pages = None if value is None else parse_bytes(value, f"Engine.set_quota {name}") // self.page_bytes
+            pages = None
+            if value is not None:
+                size = parse_bytes(value, f"Engine.set_quota {name}")
+                pages = size // self.page_bytes
+                if size and not pages:
+                    raise ValueError(
+                        f"Engine.set_quota: a {name} quota of {size} bytes is less than one page "
+                        f"({self.page_bytes} bytes); give 0 for no pages, or at least one page"
+                    )
             try:
                 self.pager.set_quota(tenant, tier, pages)
             finally:
@@ -430,6 +456,28 @@ class Engine:
         while n > 0 and not self.pager.page_info(row, n - 1)["sealed"]:
             n -= 1
         return n
+
+    def drop_unfinished(self, row: int) -> int:
+        """Take back a step that some layers of the sequence wrote and others did not (a forward
+        that failed part-way): every layer goes back to the tokens all of them hold, and the
+        pages reserved for the dropped tokens are given back. Returns how many tokens were
+        dropped; 0, changing nothing, when every layer holds the same tokens (pages reserved
+        ahead of them, as SlotDecoder.reserve makes, are kept then)."""
+        seq = self._sequence(row)
+        keep = min(seq.written)
+        if all(w == keep for w in seq.written):
+            return 0
+        dropped = seq.reserved - keep
+        # The page holding the last kept token stays: it is open, and the next append writes on.
+        extra = self.pager.num_pages(row) - -(-keep // self.page_size)
+        try:
+            if extra > 0:
+                self.pager.drop_open_pages(row, extra)
+        finally:
+            self.pager.sync_table(self.page_table)
+        seq.reserved = keep
+        seq.written = [keep] * self.num_layers
+        return dropped
 
     def num_tokens(self, row: int, layer: int | None = None) -> int:
         """Tokens written to every layer of the sequence (or to `layer`)."""
@@ -564,15 +612,16 @@ class Engine:
             rows = self.bound()
             if not rows:
                 raise ValueError("Engine.attention: rows=None reads the bound batch slots, but none is bound")
-        rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
-        starts = [int(s) for s in (query_starts.tolist() if isinstance(query_starts, torch.Tensor) else query_starts)]
+        rows = _index_list("Engine.attention: rows", rows)
+        starts = _index_list("Engine.attention: query_starts", query_starts)
+        layer = self._layer(layer)
         if torch.compiler.is_compiling():
             out, lse = torch.ops.paged_kv.engine_attention(
-                query, self.pool, self.page_table, self.op_id, rows, starts, int(layer), scale, window, sinks)
+                query, self.pool, self.page_table, self.op_id, rows, starts, layer, scale, window, sinks)
         else:
             # Eagerly the operator's body runs directly: the custom op's dispatch layers cost
             # more host time than the rest of a decode step's host work.
-            out, lse = self._attend(query, rows, starts, int(layer), scale, window, sinks)
+            out, lse = self._attend(query, rows, starts, layer, scale, window, sinks)
         return (out, lse) if return_lse else out
 
     def _attend(self, query, rows: list[int], starts: list[int], layer: int, scale, window: int,

@@ -205,10 +205,14 @@ class Policy:
         if isinstance(self.span_share, bool) or not isinstance(self.span_share, (int, float)):
             raise TypeError(f"Policy.span_share must be a number > 0 (of a page's fair share), got "
                             f"{type(self.span_share).__name__} {self.span_share!r}")
-        if not (math.isfinite(self.span_share) and self.span_share > 0):
+        try:
+            share = float(self.span_share)
+        except OverflowError:  # an int too large for a float
+            share = math.inf
+        if not (math.isfinite(share) and share > 0):
             raise ValueError(f"Policy.span_share must be a finite number > 0 (of a page's fair share), "
                              f"got {self.span_share!r}")
-        store("span_share", float(self.span_share))
+        store("span_share", share)
         for name in ("span_sink_pages", "span_window_pages"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -244,10 +248,13 @@ class Policy:
                 raise RuntimeError(
                     "Policy.from_toml needs tomllib (Python 3.11+) or the tomli package (pip install tomli)"
                 ) from None
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            # open() would take an int as a file descriptor and close it.
+            raise TypeError(f"Policy.from_toml needs a file path, got {type(path).__name__} {path!r}")
         with open(path, "rb") as file:
             try:
                 document = tomllib.load(file)
-            except tomllib.TOMLDecodeError as exc:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ValueError(f"Policy.from_toml: {os.fspath(path)!s} is not valid TOML: {exc}") from exc
         if "policy" in document:
             settings = document["policy"]
@@ -255,6 +262,13 @@ class Policy:
                 raise TypeError(
                     f"Policy.from_toml: 'policy' in {os.fspath(path)!s} must be a table, "
                     f"got {type(settings).__name__} {settings!r}"
+                )
+            # The table is read alone; a setting outside it would be silently ignored.
+            outside = sorted(key for key in document if key in _FIELD_NAMES)
+            if outside:
+                raise ValueError(
+                    f"Policy.from_toml: {os.fspath(path)!s} has a [policy] table, which is read alone, and "
+                    f"also sets {outside} outside it; move them into [policy]"
                 )
         else:
             settings = document

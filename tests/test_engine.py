@@ -229,11 +229,56 @@ def test_append_and_attention_errors(device):
             engine.attention(query, [row], [0, 4], 0)
         with pytest.raises(ValueError, match="query_starts needs"):
             engine.attention(query, [row], [0], 0)
+        # Indices are taken exactly, never rounded.
+        with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\), got 1.7"):
+            engine.attention(query[:3], [row], [0, 3], 1.7)
+        with pytest.raises(TypeError, match=r"rows must hold ints, got float 0.9"):
+            engine.attention(query[:3], [0.9], [0, 3], 0)
+        with pytest.raises(TypeError, match=r"rows must hold ints, got bool True"):
+            engine.attention(query[:3], [True], [0, 3], 0)
+        with pytest.raises(TypeError, match=r"query_starts must hold integers, got a torch.float32 tensor"):
+            engine.attention(query[:3], [row], torch.tensor([0.0, 3.0]), 0)
         engine.append(row, kv, kv, 1)
         assert engine.num_tokens(row) == 3
         engine.free_sequence(row)
         with pytest.raises(ValueError, match="not a live sequence"):
             engine.num_tokens(row)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_some_layers_wrote_is_dropped_back(device):
+    """drop_unfinished takes back the tokens some layers wrote and others did not (a forward that
+    failed part-way), with the pages reserved for them; then the step writes again and attends
+    exactly. With every layer even it changes nothing."""
+    dtype = _dtype(device)
+    with _engine(_policy(dtype, host_pages=8), device) as engine:
+        g = _generator("drop_unfinished")
+        row = engine.new_sequence()
+        kv = [torch.randn(30, KV_HEADS, HEAD_DIM, generator=g).to(dtype).to(device) for _ in range(2 * LAYERS)]
+        for layer in range(LAYERS):  # 20 tokens in every layer: two pages, the second open
+            engine.append(row, kv[2 * layer][:20], kv[2 * layer + 1][:20], layer)
+        assert engine.drop_unfinished(row) == 0
+        engine.append(row, kv[0][20:], kv[1][20:], 0)  # layer 0 writes 10 more, layer 1 does not
+        assert engine.pager.num_pages(row) == 2  # 30 tokens: still two pages of 16
+        assert engine.drop_unfinished(row) == 10
+        assert [engine.num_tokens(row, layer) for layer in range(LAYERS)] == [20, 20]
+        assert engine.pager.num_pages(row) == 2
+        # Past a page boundary the reserved page goes back too.
+        long = torch.randn(20, KV_HEADS, HEAD_DIM, generator=g).to(dtype).to(device)
+        engine.append(row, long, long, 0)
+        assert engine.pager.num_pages(row) == 3
+        assert engine.drop_unfinished(row) == 20 and engine.pager.num_pages(row) == 2
+        engine.pager.check_invariants()
+        for layer in range(LAYERS):  # the step again, in every layer this time
+            engine.append(row, kv[2 * layer][20:], kv[2 * layer + 1][20:], layer)
+        query = torch.randn(10, Q_HEADS, HEAD_DIM, generator=g).to(dtype).to(device)
+        for layer in range(LAYERS):
+            got = engine.attention(query, [row], [0, 10], layer)
+            k, v = kv[2 * layer], kv[2 * layer + 1]
+            want, _ = reference.attention(query.cpu().double(), k.cpu().double(), v.cpu().double(), causal_offset=20)
+            torch.testing.assert_close(got.cpu().double(), want, **_tolerance(dtype))
+        with pytest.raises(ValueError, match="a gpu quota of 1000 bytes is less than one page"):
+            engine.set_quota(0, gpu=1000)
 
 
 # ---- exact attention over contexts larger than the GPU ----

@@ -376,6 +376,16 @@ def test_toml_errors(tmp_path):
         Policy.from_toml(path)
     with pytest.raises(FileNotFoundError):
         Policy.from_toml(tmp_path / "missing.toml")
+    # A setting beside the [policy] table, which is read alone, would be silently ignored.
+    path.write_text('page_size = 32\ngpu_budget = "2GiB"\nother_program = 1\n[policy]\nhost_budget = "1GiB"\n')
+    with raises(ValueError, f"Policy.from_toml: {path} has a [policy] table, which is read alone, and also "
+                            f"sets ['gpu_budget', 'page_size'] outside it; move them into [policy]"):
+        Policy.from_toml(path)
+    path.write_bytes(b'page_size = "\xff"\n')
+    with raises(ValueError, f"Policy.from_toml: {path} is not valid TOML"):
+        Policy.from_toml(path)
+    with raises(TypeError, "Policy.from_toml needs a file path, got int 0"):
+        Policy.from_toml(0)  # a file descriptor, which open() would close
 
 
 def test_toml_without_a_parser(tmp_path, monkeypatch):
@@ -455,6 +465,7 @@ def test_describe():
     ({"span_decay": True}, TypeError, "got bool True"),
     ({"span_share": 0}, ValueError, r"Policy.span_share must be a finite number > 0 \(of a page's fair share\), got 0"),
     ({"span_share": float("inf")}, ValueError, "Policy.span_share must be a finite number > 0"),
+    ({"span_share": 10**400}, ValueError, "Policy.span_share must be a finite number > 0"),
     ({"span_share": "1"}, TypeError, "Policy.span_share must be a number > 0 \\(of a page's fair share\\), got str '1'"),
     ({"span_share": False}, TypeError, "got bool False"),
     ({"span_sink_pages": -1}, ValueError, "Policy.span_sink_pages must be >= 0 \\(pages\\), got -1"),

@@ -157,8 +157,14 @@ def test_clear_errors():
         decoder.prefill(ids)
     with pytest.raises(ValueError, match=r"input_ids must be a \[1, 1\] tensor"):
         decoder.step(ids)
-    with pytest.raises(ValueError, match="a forward step takes one token per sequence, got 21"), torch.no_grad():
-        paged(ids, past_key_values=decoder.cache)
+    # The model's own forward would add a token the reservation does not count: refused, and
+    # the reserved steps go on as if it had not been tried.
+    for tokens in (ids, token):
+        with pytest.raises(RuntimeError, match=r"the model runs through CompiledDecoder.step\(\) alone"), \
+                torch.no_grad():
+            paged(tokens, past_key_values=decoder.cache)
+    with pytest.raises(RuntimeError, match="another CompiledDecoder has reserved steps on this cache"):
+        CompiledDecoder(paged, decoder.cache, compile=False).reserve(1)
     decoder.step(token)
     with pytest.raises(RuntimeError, match="1 of the 2 reserved steps have not run"):
         decoder.commit()
@@ -168,6 +174,10 @@ def test_clear_errors():
     decoder.commit()
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int, got 0"):
         decoder.generate(ids, 0)
+    decoder.reserve(1)
+    decoder.cache.engine.close()
+    with pytest.raises(RuntimeError, match="Engine is closed"):
+        decoder.step(token)
 
 
 def test_reserve_refuses_pages_out_of_reach():

@@ -114,6 +114,65 @@ def test_clear_errors(tmp_path):
         _cache(ref, tmp_path)
 
 
+def test_a_custom_4d_mask_is_refused(tmp_path):
+    """transformers passes a 4-D attention_mask through as given; the kernel cannot apply it, so
+    it is refused rather than dropped (the logits would be those of no mask at all)."""
+    _, paged = _models("llama")
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    mask[0, 0, 1:, 0] = False
+    with torch.no_grad(), pytest.raises(ValueError, match=r"cannot apply a custom attention mask \(a 4-D"):
+        paged(ids, attention_mask=mask, past_key_values=_cache(paged, tmp_path))
+
+
+def test_a_forward_that_fails_part_way_is_taken_back(tmp_path, monkeypatch):
+    """An error after the first layer wrote its tokens leaves the other layers behind; the next
+    forward takes that step back, so the cache goes on as if the failed forward had not run."""
+    ref, paged = _models("llama")
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(2))
+    cache = _cache(paged, tmp_path)
+    engine = cache.engine
+    attend = engine.attention
+
+    def fail_at_layer_0(query, rows, starts, layer, **kwargs):  # after layer 0 wrote, before layer 1
+        if layer == 0:
+            raise RuntimeError("injected failure at layer 0")
+        return attend(query, rows, starts, layer, **kwargs)
+
+    with torch.no_grad():
+        paged(ids[:, :12], past_key_values=cache)
+        monkeypatch.setattr(engine, "attention", fail_at_layer_0)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            paged(ids[:, 12:], past_key_values=cache)
+        assert [engine.num_tokens(cache.rows[0], layer) for layer in range(2)] == [20, 12]
+        monkeypatch.setattr(engine, "attention", attend)
+        got = paged(ids[:, 12:], past_key_values=cache).logits
+        want = ref(ids).logits[:, 12:]
+    assert [engine.num_tokens(cache.rows[0], layer) for layer in range(2)] == [20, 20]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    engine.pager.check_invariants()
+
+
+def test_bad_cache_arguments_and_a_crop_are_refused(tmp_path):
+    _, paged = _models("llama")
+    policy = Policy(page_size=PAGE, gpu_budget="1MiB", host_budget="1MiB", disk_path=str(tmp_path))
+    with pytest.raises(TypeError, match=r"policy must be a paged_kv.Policy \(Policy.from_dict for a dict\)"):
+        PagedKVCache.for_model(paged, {"page_size": PAGE})
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match=r"max_tokens must be a positive int"):
+            PagedKVCache.for_model(paged, policy, max_tokens=bad)
+    cache = PagedKVCache.for_model(paged, policy, max_tokens=64)
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        paged(ids, past_key_values=cache)
+        # Assisted and prompt-lookup decoding crop after a forward of candidates, which the cache
+        # cannot take back: it says so, and refuses to go on with the candidates in it.
+        with pytest.raises(NotImplementedError, match="cannot be cropped yet"):
+            cache.crop(3)
+        with pytest.raises(RuntimeError, match=r"cannot be used any more: a crop to 3 tokens"):
+            paged(ids[:, :1], past_key_values=cache)
+
+
 def test_prompt_longer_than_the_frames(tmp_path):
     """A prompt whose pages exceed the GPU frames is refused with the remedy; fed in chunks
     (generate's prefill_chunk_size), it generates what sdpa does."""

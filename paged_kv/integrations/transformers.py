@@ -97,12 +97,23 @@ class _PagedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         cache = self.cache
+        if cache.unusable:
+            raise RuntimeError(f"PagedKVCache cannot be used any more: {cache.unusable}")
         batch = key_states.shape[0]
         if batch != len(cache.rows):
-            raise ValueError(f"PagedKVCache holds {len(cache.rows)} sequences, the model's batch has {batch}")
+            raise ValueError(
+                f"PagedKVCache holds {len(cache.rows)} sequences, the model's batch has {batch} (build the cache "
+                f"with batch_size={batch} for that many prompts; beam search and num_return_sequences > 1, which "
+                f"widen the batch inside generate(), are not supported yet)"
+            )
         if cache.decoder is not None:
             cache.decoder._append(key_states, value_states, self.layer)
         else:
+            if self.layer == 0:
+                # A forward that failed part-way left its tokens in some layers only: take them
+                # back, so that this forward finds the cache as it was before that one.
+                for row in cache.rows:
+                    cache.engine.drop_unfinished(row)
             try:
                 for b, row in enumerate(cache.rows):
                     # [H, T, D] per row -> the engine's [T, H, D]
@@ -119,7 +130,9 @@ class _PagedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         if self.cache.decoder is not None:
             return self.cache.decoder.num_tokens
-        return self.cache.engine.num_tokens(self.cache.rows[0], self.layer)
+        # The tokens every layer holds: after a forward that failed part-way (whose step the next
+        # forward takes back) the first layers hold more, and the next positions start here.
+        return self.cache.engine.num_tokens(self.cache.rows[0])
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.cache.decoder is not None:
@@ -139,7 +152,14 @@ class _PagedLayer(CacheLayerMixin):
         raise NotImplementedError("PagedKVCache does not support beam search yet (reordering the cache)")
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("PagedKVCache cannot be cropped yet")
+        # Asked for after a forward of candidate tokens (assisted or prompt-lookup decoding): the
+        # cache holds them all, accepted or not, so later forwards would attend rejected tokens.
+        self.cache.unusable = (
+            f"a crop to {max_length} tokens was asked for (assisted or prompt-lookup decoding) and is not "
+            f"supported, so the cache holds tokens the model did not accept; build a new PagedKVCache"
+        )
+        raise NotImplementedError("PagedKVCache cannot be cropped yet (assisted and prompt-lookup decoding need it); "
+                                  "the cache holds the candidate tokens of the last forward and cannot be used again")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("PagedKVCache does not support repeating the batch (num_return_sequences > 1) yet")
@@ -155,7 +175,11 @@ class PagedKVCache(Cache):
         engine: an Engine with the model's KV geometry (layers, KV heads, head_dim, dtype, device).
         batch_size: the model's batch; that many new sequences are made (of `tenant`).
     Attributes: engine, rows (the engine's sequence rows, one per batch entry), decoder (the
-    CompiledDecoder whose reserved steps are running, else None: see CompiledDecoder).
+    CompiledDecoder whose reserved steps are running, else None: see CompiledDecoder), unusable
+    (why the cache refuses further forwards, else None).
+
+    A forward that raises part-way (after some layers wrote its tokens) is taken back by the next
+    forward: the cache is then as it was before the failed one.
     """
 
     def __init__(self, engine: Engine, batch_size: int = 1, tenant: int = 0):
@@ -166,6 +190,7 @@ class PagedKVCache(Cache):
         self.engine = engine
         self.rows = [engine.new_sequence(tenant) for _ in range(batch_size)]
         self.decoder: CompiledDecoder | None = None
+        self.unusable: str | None = None
         super().__init__(layers=[_PagedLayer(self, layer) for layer in range(engine.num_layers)])
 
     def get_query_offset(self, layer_idx: int = 0):
@@ -182,12 +207,20 @@ class PagedKVCache(Cache):
         head_dim, dtype and device; room for `max_tokens` tokens per sequence (default the
         config's max_position_embeddings). The model's attention must be "paged_kv"."""
         config = _check_attention(model, "PagedKVCache.for_model")
+        if not isinstance(policy, Policy):
+            raise TypeError(f"PagedKVCache.for_model: policy must be a paged_kv.Policy (Policy.from_dict for a "
+                            f"dict), got {type(policy).__name__}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise ValueError(f"PagedKVCache.for_model: max_tokens must be a positive int (or None for the "
+                             f"config's max_position_embeddings), got {max_tokens!r}")
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         if config.model_type == "falcon":  # as FalconAttention counts them
             kv_heads = config.num_kv_heads if config.new_decoder_architecture or not config.multi_query else 1
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        max_tokens = max_tokens or config.max_position_embeddings
+        if max_tokens is None:
+            max_tokens = config.max_position_embeddings
         engine = Engine(policy, num_layers=config.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim,
                         dtype=model.dtype, device=model.device, max_sequences=batch_size,
                         max_pages=-(-max_tokens // policy.page_size))
@@ -244,6 +277,7 @@ class CompiledDecoder:
         self.slots = SlotDecoder(engine)
         self.num_tokens = 0
         self._steps = self._left = 0  # steps reserved, steps of them not run yet
+        self._in_step = False  # inside step(): the only forward the reserved steps may take
         self._forward = self._device_step
         if options is not None:
             for tensor in self.slots.static_tensors():  # CUDA graphs replay them in place
@@ -264,8 +298,14 @@ class CompiledDecoder:
         of the sequences within the kernel's reach. Raises paged_kv.FaultError when a page cannot
         be brought in (see SlotDecoder.reserve)."""
         engine = self.cache.engine
+        engine._check_open()
         if self._steps:
             raise RuntimeError(f"CompiledDecoder.reserve: {self._steps} reserved steps are not committed yet")
+        if self.cache.decoder is not None:
+            raise RuntimeError("CompiledDecoder.reserve: another CompiledDecoder has reserved steps on this cache; "
+                               "commit() them first")
+        for row in self.cache.rows:  # a forward that failed part-way is taken back, as a forward would
+            engine.drop_unfinished(row)
         if engine.bound() != self.cache.rows:
             raise RuntimeError(
                 f"CompiledDecoder.reserve: the engine's bound rows {engine.bound()} are not the cache's rows "
@@ -289,8 +329,13 @@ class CompiledDecoder:
         if not isinstance(input_ids, torch.Tensor) or tuple(input_ids.shape) != (batch, 1):
             raise ValueError(f"CompiledDecoder.step: input_ids must be a [{batch}, 1] tensor (one token per "
                              f"sequence), got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        with torch.no_grad():
-            logits = self._forward(input_ids)
+        self.cache.engine._check_open()
+        self._in_step = True
+        try:
+            with torch.no_grad():
+                logits = self._forward(input_ids)
+        finally:
+            self._in_step = False
         self._left -= 1
         self.num_tokens += 1
         # Under CUDA graphs the output is a buffer the next replay overwrites.
@@ -343,6 +388,13 @@ class CompiledDecoder:
         return self.slots.lengths[: len(self.cache.rows)].to(torch.int64).unsqueeze(1)
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor, layer: int) -> None:
+        if not self._in_step:
+            # A forward of the model's own, which the reservation does not count: its token
+            # would move the device lengths past the host's record of them.
+            raise RuntimeError(
+                "PagedKVCache: between CompiledDecoder.reserve() and commit() the model runs through "
+                "CompiledDecoder.step() alone; commit() the reserved steps before calling the model"
+            )
         if key_states.shape[2] != 1:
             raise ValueError(
                 f"PagedKVCache: between CompiledDecoder.reserve() and commit() a forward step takes one "
@@ -372,6 +424,14 @@ def paged_kv_attention(module, query, key, value, attention_mask, scaling=None, 
             f"pass past_key_values=PagedKVCache.for_model(model, policy) to the model or to generate()"
         )
     _last_update.cache = _last_update.layer = None
+    if attention_mask is not None:
+        # The "paged_kv" mask function makes no mask, so one here is the caller's own (a 4-D
+        # attention_mask, which transformers passes through as given).
+        raise ValueError(
+            f"paged_kv attention cannot apply a custom attention mask (a {attention_mask.dim()}-D attention_mask "
+            f"reached layer {layer}): its kernel masks by position only (causal, and the sliding window); pass "
+            f"no mask or a 2-D mask of ones"
+        )
     if dropout:
         raise ValueError("paged_kv attention does not support dropout; call model.eval()")
     batch, q_heads, length, head_dim = query.shape
