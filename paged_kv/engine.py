@@ -764,9 +764,13 @@ class Engine:
                 limit = self.pager.serviceable_prefix(faults)
                 if limit < 1:
                     raise RuntimeError(
-                        "Engine.attention: no GPU frame can be freed to service faults (every frame, "
-                        "or every frame of the faulting tenant's GPU quota, holds an open or pinned "
-                        "page); raise Policy.gpu_budget or the quota, or free sequences"
+                        f"Engine.attention: no GPU frame can be freed to service {len(faults)} faulted page(s): "
+                        f"each frame (or each of the faulting tenant's GPU quota) holds an open or pinned "
+                        f"page, or a page whose only copy must first be written back to the host tier, "
+                        f"which has no room for it ({self.pager.free_host_slots()} of {self.num_host_slots} "
+                        f"host slots free; a faulted page keeps its host copy while it is serviced). Raise "
+                        f"Policy.gpu_budget, or host_budget (a spare host slot per GPU frame is enough), or "
+                        f"the quota, or free sequences"
                     )
                 batch, faults = faults[:limit], faults[limit:]
                 self.pager.service(batch)

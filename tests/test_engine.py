@@ -281,6 +281,24 @@ def test_a_step_some_layers_wrote_is_dropped_back(device):
             engine.set_quota(0, gpu=1000)
 
 
+def test_a_host_tier_too_small_to_write_back_is_named(tmp_path):
+    """One host slot behind the frames: a fault on the page in it cannot evict a frame (the page
+    it would write back needs the slot the faulted page keeps), and the error says so instead of
+    blaming open or pinned pages."""
+    policy = _policy(torch.float32, host_pages=1, disk_pages=16, zero_copy=False, prefetch=False,
+                     disk_path=str(tmp_path))
+    with _engine(policy, "cpu") as engine:
+        row = engine.new_sequence()
+        query = torch.zeros(1, Q_HEADS, HEAD_DIM)
+        kv = torch.zeros(1, KV_HEADS, HEAD_DIM)
+        with pytest.raises(RuntimeError, match=r"written back to the host tier, which has no room for it "
+                                               r"\(0 of 1 host slots free"):
+            for _ in range(40 * PAGE_SIZE):
+                for layer in range(LAYERS):
+                    engine.append(row, kv, kv, layer)
+                    engine.attention(query, [row], [0, 1], layer)
+
+
 # ---- exact attention over contexts larger than the GPU ----
 
 # name: (host pages, disk pages); the context is ten times the GPU frames (first) or ten times
