@@ -122,6 +122,8 @@ class Pager:
 
     def add_sequence(self, tenant: int = 0, row: int | None = None) -> int:
         """Take a free page-table row (or `row`) for a new sequence of `tenant`; returns the row."""
+        if isinstance(tenant, bool) or not isinstance(tenant, int) or not 0 <= tenant < 2**31:
+            raise ValueError(f"Pager.add_sequence: tenant must be >= 0 and below 2**31 (an int), got {tenant!r}")
         return self._pager.add_sequence(tenant, -1 if row is None else row)
 
     def remove_sequence(self, row: int) -> None:

@@ -528,6 +528,9 @@ def test_bad_rows_and_pages_are_clear_errors():
         pager.append_pages(row, 3)
     with pytest.raises(ValueError, match="tenant must be >= 0"):
         pager.add_sequence(tenant=-1)
+    for tenant in (2**40, "x", True):
+        with pytest.raises(ValueError, match=r"tenant must be >= 0 and below 2\*\*31 \(an int\)"):
+            pager.add_sequence(tenant=tenant)
     with pytest.raises(ValueError, match="open"):
         pager.demote([(row, 1)], HOST)
     pager.seal(row, 0)

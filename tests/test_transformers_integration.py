@@ -161,8 +161,14 @@ def test_bad_cache_arguments_and_a_crop_are_refused(tmp_path):
     for bad in (0, -5, 1.5, True):
         with pytest.raises(ValueError, match=r"max_tokens must be a positive int"):
             PagedKVCache.for_model(paged, policy, max_tokens=bad)
-    cache = PagedKVCache.for_model(paged, policy, max_tokens=64)
     ids = torch.randint(0, 96, (1, 5))
+    deeper = copy.deepcopy(paged.config)
+    deeper.num_hidden_layers = 3
+    deeper_model = transformers.AutoModelForCausalLM.from_config(deeper, attn_implementation="paged_kv").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"PagedKVCache holds 2 layers \(its engine's\) and the "
+                                                          r"model updates layer 2"):
+        deeper_model(ids, past_key_values=PagedKVCache.for_model(paged, policy, max_tokens=64))
+    cache = PagedKVCache.for_model(paged, policy, max_tokens=64)
     with torch.no_grad():
         paged(ids, past_key_values=cache)
         # Assisted and prompt-lookup decoding crop after a forward of candidates, which the cache

@@ -193,6 +193,14 @@ class PagedKVCache(Cache):
         self.unusable: str | None = None
         super().__init__(layers=[_PagedLayer(self, layer) for layer in range(engine.num_layers)])
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"PagedKVCache holds {len(self.layers)} layers (its engine's) and the model updates layer "
+                f"{layer_idx}: build the cache for this model (PagedKVCache.for_model)"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def get_query_offset(self, layer_idx: int = 0):
         if self.decoder is not None:
             # The device lengths (as transformers' StaticLayer gives a tensor): no host counter
