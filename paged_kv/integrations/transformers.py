@@ -152,6 +152,11 @@ class _PagedLayer(CacheLayerMixin):
         raise NotImplementedError("PagedKVCache does not support beam search yet (reordering the cache)")
 
     def crop(self, max_length: int) -> None:
+        length = self.get_seq_length()
+        if max_length < 0:  # as transformers' caches read it: that many tokens off the end
+            max_length = length - abs(max_length)
+        if length <= max_length:
+            return  # nothing to take off
         # Asked for after a forward of candidate tokens (assisted or prompt-lookup decoding): the
         # cache holds them all, accepted or not, so later forwards would attend rejected tokens.
         self.cache.unusable = (
