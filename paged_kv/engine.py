@@ -26,8 +26,9 @@ to the host, so every copy holds all layers' tokens, and a multi-token step may 
 
 Faults: attention runs paged_kv.attention with a fault queue. The pager's mirror of the page
 table tells on the host whether any page of the batch is out of reach; only then are the faults
-read (a synchronisation). With fault_mode "service" they are made GPU-resident in batches of at
-most pager.max_serviceable(); each batch is attended on a page table mapping that batch alone,
+read (a synchronisation). With fault_mode "service" and zero_copy, with room in the host tier,
+they are read into host slots and attended there in place; otherwise they are made GPU-resident
+in batches of at most pager.max_serviceable(); each batch is attended on a page table mapping that batch alone,
 and every partial state is merged with paged_kv.merge_states, which gives exact attention over
 the whole context. With fault_mode "forbid" a fault raises FaultError naming the pages.
 """
@@ -319,8 +320,9 @@ class Engine:
     def resume(self, row: int, tier: str = "gpu") -> int:
         """Bring the sequence's pages up to the GPU (`tier="gpu"`, newest first, as many as the
         frames that can be freed, and the tenant's GPU quota, hold) or, from disk, to the host
-        (`"host"`, all of them); returns how many pages moved up. The copies into GPU frames are queued on the pager's
-        stream and the current stream waits for them, so the call does not wait for them."""
+        (`"host"`, all of them); returns how many pages moved up. Copies from host slots into GPU
+        frames are queued on the pager's stream and the current stream waits for them, so the
+        call does not wait for them; reads from disk (and write-backs they force) it waits for."""
         target = _tier_named(tier, ("gpu", "host"), "Engine.resume")
         self._sequence(row)
         below = self._pages_where([row], {Tier.HOST, Tier.DISK} if target == Tier.GPU else {Tier.DISK})
@@ -338,7 +340,8 @@ class Engine:
     def prefetch(self, rows: Sequence[int] | None = None) -> dict[str, int]:
         """Bring the pages of `rows` (default: the bound batch slots) within the kernel's reach
         for their next step: disk pages are read into host slots (newest first; the call waits for
-        the reads, which overlap whatever GPU work is queued), and, without zero_copy, host pages
+        the GPU work queued before it, which may still read those slots, then for the reads), and,
+        without zero_copy, host pages
         are copied into free GPU frames on the pager's stream, newest first, evicting nothing
         (the current stream waits for the copies; the host does not). Returns the pages moved,
         {"disk_to_host": n, "host_to_gpu": m}. Raises PagerError when the host tier cannot take

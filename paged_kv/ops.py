@@ -291,10 +291,11 @@ def _cuda_index(device: torch.device | int | str | None) -> int:
 
 
 def set_sync_checks(enabled: bool) -> None:
-    """By default each CUDA op waits for its kernel and raises a bad input at once. With checks
-    off, ops never synchronise; an error is raised by the next paged_kv op on that device or by
-    check_errors(). The setting is the calling thread's (as torch's grad mode is): other threads'
-    ops keep theirs. Ops captured into a CUDA graph always defer."""
+    """By default append_kv and gather_kv wait for their kernel and raise a bad input at once.
+    With checks off they do not wait either; attention never waits, checks or not. A deferred
+    error is raised by the next append_kv, gather_kv or attention on that device, or by
+    check_errors(). The setting is the calling thread's (as torch's grad mode is): other
+    threads' ops keep theirs. Ops captured into a CUDA graph always defer."""
     lib = _cuda_library()
     if lib is not None:
         lib.set_sync_checks(bool(enabled))

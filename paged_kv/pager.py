@@ -44,7 +44,8 @@ else:  # the library is missing; Pager() raises the reason
 #: (row, page) pairs: an int32/int64 tensor [n, 2] or an iterable of pairs.
 Pages = Union[torch.Tensor, Iterable[Tuple[int, int]]]
 
-#: Bytes of pager metadata per page (besides about 24 bytes per frame or slot and 4 per PTE).
+#: Bytes of a page's PageMeta (besides its 8 bytes of attention scores, about 24 bytes per
+#: frame or slot and 4 per PTE; bytes_of_metadata() counts them all).
 METADATA_BYTES_PER_PAGE = 32
 
 
@@ -131,7 +132,8 @@ class Pager:
         self._pager.remove_sequence(row)
 
     def fork(self, parent: int, row: int | None = None) -> int:
-        """A new sequence (in `row`, or the lowest free row) of the parent's tenant holding the
+        """A new sequence (in `row`, or a free row: the lowest on a fresh pager, else the one freed
+        most recently) of the parent's tenant holding the
         parent's pages: the sealed ones shared (no bytes copied; a shared page moves between
         tiers for every sequence holding it and lives while any does), the open ones copied
         into new frames. Returns the new row."""
@@ -237,16 +239,19 @@ class Pager:
 
         The pages are pinned for the call, so they never evict each other. Raises PagerError when
         more pages are missing than max_serviceable() or when no lower tier has room for a page
-        that must be written back. On CUDA the copies into frames run on the pager's own stream
-        and the current stream waits for them (no host synchronisation), so kernels queued next
-        read the pages; copies into host slots are complete on return. Call sync_table() before
+        that must be written back. On CUDA the copies from host slots into frames run on the
+        pager's own stream and the current stream waits for them (no host synchronisation), so
+        kernels queued next read the pages; pages read from disk, and write-backs into host
+        slots, are waited for by the host (they are complete on return). Call sync_table() before
         the kernel reads the page table.
         """
         return self._pager.service(_pages(pages))
 
     def max_serviceable(self) -> int:
-        """How many pages one service() call can make GPU-resident (free frames plus frames of
-        sealed, unpinned pages). Stream more faults than this in batches."""
+        """How many pages one service() call can make GPU-resident: free frames, frames of
+        sealed unpinned pages that have a copy below, and as many of the other sealed unpinned
+        pages as the host (and, through it, the disk) tier can take written back. Stream more
+        faults than this in batches."""
         return self._pager.max_serviceable()
 
     def serviceable_prefix(self, pages: Pages) -> int:

@@ -140,8 +140,9 @@ class Policy:
                    slots, and, without zero_copy, host pages into free GPU frames.
     write_policy   "write_back" (a sealed page goes down a tier when evicted) or "write_through"
                    (as soon as it is sealed).
-    fault_mode     "service" (faults are serviced inside the op) or "forbid" (the pager keeps
-                   every needed page in tiers 0-1 and a fault is an error; for CUDA graphs).
+    fault_mode     "service" (faults are serviced inside the op) or "forbid" (a fault raises
+                   FaultError; keeping the pages within reach is the caller's part, as
+                   SlotDecoder.reserve does; for CUDA graphs).
     replacement    which page the GPU tier evicts: "lru" (least recently used) or "span"
                    (span-aware: the page attention comes back to least often, by the mass the
                    kernel reports, ties by recency; each sequence's first span_sink_pages and

@@ -16,7 +16,7 @@ INDEX_MASK = (1 << TIER_SHIFT) - 1
 MAX_INDEX = INDEX_MASK
 UNMAPPED = -1
 PAGE_SIZES = (16, 32, 64, 128, 256)
-KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32 runs on the CPU kernels only
+KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # CUDA attention takes no float32
 
 
 class Tier(enum.IntEnum):

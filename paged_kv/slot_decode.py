@@ -12,11 +12,12 @@ capture it (docs/DESIGN.md, "Graph safety").
 
 reserve() does the host's part ahead of time: it gives every bound sequence pages for its next
 `steps` tokens, brings every page within the kernel's reach (GPU frames, or host slots with
-zero-copy), writes each slot's length into a device tensor, and raises FaultError when a page
-cannot be brought in. step() only launches kernels over device tensors: it appends the token's
-K/V at the slot's length, attends the sequence with a fault queue, and after the last layer
-advances the lengths on the device. Nothing in it reads a device value on the host, so it never
-synchronises. A page that became unreachable anyway (moved by other work between reserve and the
+zero-copy), writes each slot's length into a device tensor, and raises PagerError when the
+tiers cannot make room or FaultError when a page is still out of reach. step() only launches
+kernels over device tensors: it appends the token's K/V at the slot's length, attends the
+sequence with a fault queue, and after the last layer advances the lengths on the device.
+Nothing in it reads a device value on the host; on CUDA append_kv still waits for its input
+check unless checks are deferred (ops.deferred_checks) or the step is captured in a CUDA graph. A page that became unreachable anyway (moved by other work between reserve and the
 step) is recorded in the fault queue and skipped; commit() reads the queue once, after the steps,
 and raises FaultError naming it: the outputs of those steps are then incomplete. commit() also
 catches up the host's bookkeeping (tokens written, full pages sealed). The Engine's policy must
@@ -69,9 +70,10 @@ class SlotDecoder:
     def reserve(self, steps: int) -> None:
         """Prepare the next `steps` decode steps of the bound slots (host work, outside any graph):
         pages for the tokens, every page brought within reach, the slots' lengths written. Raises
-        FaultError when a page cannot be made readable (raise the GPU budget, turn zero_copy on,
-        or give the host tier room); the sequences are then left as they were, so the call can
-        be repeated once there is room."""
+        PagerError when the tiers cannot make room (the host tier cannot take the disk pages),
+        or FaultError when a page is still out of reach after the prefetch (raise the GPU
+        budget, turn zero_copy on, or give the host tier room); the sequences are then left as
+        they were, so the call can be repeated once there is room."""
         engine = self.engine
         engine._check_open()
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

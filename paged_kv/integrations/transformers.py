@@ -308,8 +308,9 @@ class CompiledDecoder:
 
     def reserve(self, steps: int) -> None:
         """Host work for the next `steps` tokens (outside any graph): pages for them, every page
-        of the sequences within the kernel's reach. Raises paged_kv.FaultError when a page cannot
-        be brought in (see SlotDecoder.reserve)."""
+        of the sequences within the kernel's reach. Raises paged_kv.PagerError when the tiers
+        cannot make room, or paged_kv.FaultError when a page is still out of reach (see
+        SlotDecoder.reserve)."""
         engine = self.cache.engine
         engine._check_open()
         if self._steps:
