@@ -16,6 +16,9 @@ def main(argv=None) -> int:
     if argv[0] == "info":
         from paged_kv import info
 
+        if argv[1:]:
+            print(f"python -m paged_kv info takes no options, got {' '.join(argv[1:])}", file=sys.stderr)
+            return 2
         return info.main()
     from paged_kv import demo
 

@@ -41,6 +41,12 @@ def test_info_command():
     assert "cufile:" in out.stdout and f"torch: {torch.__version__}" in out.stdout
 
 
+def test_info_command_refuses_options():
+    out = subprocess.run([sys.executable, "-m", "paged_kv", "info", "--x"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert out.returncode == 2 and "info takes no options, got --x" in out.stderr and not out.stdout
+
+
 def test_demo_command_small(tmp_path):
     """The demo on the CPU: sessions switched in turn, most pages off the frames; session 0's tokens
     equal sdpa's with a dense cache (float32), and the plot is written."""
