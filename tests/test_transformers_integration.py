@@ -152,6 +152,21 @@ def test_a_forward_that_fails_part_way_is_taken_back(tmp_path, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     engine.pager.check_invariants()
 
+    # A failure in the last layer's attention comes after every layer wrote the tokens, which
+    # cannot be taken back yet: the cache refuses to go on rather than hold them twice.
+    def fail_at_layer_1(query, rows, starts, layer, **kwargs):
+        if layer == 1:
+            raise RuntimeError("injected failure at layer 1")
+        return attend(query, rows, starts, layer, **kwargs)
+
+    monkeypatch.setattr(engine, "attention", fail_at_layer_1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="injected failure"):
+        paged(ids[:, :1], past_key_values=cache)
+    monkeypatch.setattr(engine, "attention", attend)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"cannot be used any more: a forward failed at its "
+                                                             r"last layer's attention"):
+        paged(ids[:, :1], past_key_values=cache)
+
 
 def test_bad_cache_arguments_and_a_crop_are_refused(tmp_path):
     _, paged = _models("llama")

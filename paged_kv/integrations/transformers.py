@@ -110,10 +110,12 @@ class _PagedLayer(CacheLayerMixin):
             cache.decoder._append(key_states, value_states, self.layer)
         else:
             if self.layer == 0:
-                # A forward that failed part-way left its tokens in some layers only: take them
-                # back, so that this forward finds the cache as it was before that one.
-                for row in cache.rows:
-                    cache.engine.drop_unfinished(row)
+                if not cache._last_forward_whole:
+                    # A forward that failed part-way left its tokens in some layers only: take
+                    # them back, so that this forward finds the cache as it was before that one.
+                    for row in cache.rows:
+                        cache.engine.drop_unfinished(row)
+                cache._last_forward_whole = False
             try:
                 for b, row in enumerate(cache.rows):
                     # [H, T, D] per row -> the engine's [T, H, D]
@@ -184,7 +186,8 @@ class PagedKVCache(Cache):
     (why the cache refuses further forwards, else None).
 
     A forward that raises part-way (after some layers wrote its tokens) is taken back by the next
-    forward: the cache is then as it was before the failed one.
+    forward: the cache is then as it was before the failed one. One that raises in its last
+    layer's attention, when every layer holds its tokens, leaves the cache unusable (it says so).
     """
 
     def __init__(self, engine: Engine, batch_size: int = 1, tenant: int = 0):
@@ -196,6 +199,7 @@ class PagedKVCache(Cache):
         self.rows = [engine.new_sequence(tenant) for _ in range(batch_size)]
         self.decoder: CompiledDecoder | None = None
         self.unusable: str | None = None
+        self._last_forward_whole = True  # False from a forward's first update to its last attention
         super().__init__(layers=[_PagedLayer(self, layer) for layer in range(engine.num_layers)])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -427,17 +431,35 @@ def paged_kv_attention(module, query, key, value, attention_mask, scaling=None, 
     """The "paged_kv" attention function: query [B, Hq, T, D] attends each sequence's whole
     context in the PagedKVCache the layer just updated; returns ([B, T, Hq, D], None)."""
     layer = getattr(module, "layer_idx", None)
+    cache = getattr(_last_update, "cache", None)
+    if getattr(_last_update, "layer", None) != layer:
+        cache = None
+    _last_update.cache = _last_update.layer = None
+    try:
+        return _attend_in_cache(cache, module, layer, query, key, attention_mask, scaling, dropout, kwargs), None
+    except BaseException:
+        if cache is not None and cache.decoder is None and layer == len(cache.layers) - 1:
+            # Every layer holds the forward's tokens now, and full pages of them may be sealed
+            # and moved: they cannot be taken back yet, and a retry would add them twice. (A
+            # failure at an earlier layer is taken back by the next forward: drop_unfinished.)
+            cache.unusable = (
+                f"a forward failed at its last layer's attention, after every layer had written its "
+                f"{query.shape[2]} token(s), which cannot be taken back yet (a retry would hold them twice); "
+                f"build a new PagedKVCache"
+            )
+        raise
+
+
+def _attend_in_cache(cache, module, layer, query, key, attention_mask, scaling, dropout, kwargs) -> torch.Tensor:
     unsupported = _unsupported_attention(module, kwargs)
     if unsupported:
         raise ValueError(f"paged_kv attention does not support {unsupported} ({type(module).__name__}, layer "
                          f"{layer}); load this model with another attn_implementation")
-    cache = getattr(_last_update, "cache", None)
-    if cache is None or getattr(_last_update, "layer", None) != layer:
+    if cache is None:
         raise RuntimeError(
             f"paged_kv attention (layer {layer}): no PagedKVCache was updated for this layer just before; "
             f"pass past_key_values=PagedKVCache.for_model(model, policy) to the model or to generate()"
         )
-    _last_update.cache = _last_update.layer = None
     if attention_mask is not None:
         # The "paged_kv" mask function makes no mask, so one here is the caller's own (a 4-D
         # attention_mask, which transformers passes through as given).
@@ -454,11 +476,13 @@ def paged_kv_attention(module, query, key, value, attention_mask, scaling=None, 
     # Mistral and Qwen2 pass their window; a layer without one gets None.
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None)) or 0
     if cache.decoder is not None:
-        return cache.decoder._attend(query, layer, scaling, window), None
+        return cache.decoder._attend(query, layer, scaling, window)
     q = query.transpose(1, 2).reshape(batch * length, q_heads, head_dim)
     starts = [b * length for b in range(batch + 1)]
     out = cache.engine.attention(q.contiguous(), cache.rows, starts, layer, scale=scaling, window=window)
-    return out.reshape(batch, length, q_heads, head_dim), None
+    if layer == len(cache.layers) - 1:
+        cache._last_forward_whole = True
+    return out.reshape(batch, length, q_heads, head_dim)
 
 
 def _unsupported_attention(module, kwargs) -> str | None:
