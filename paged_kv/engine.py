@@ -36,7 +36,6 @@ the whole context. With fault_mode "forbid" a fault raises FaultError naming the
 from __future__ import annotations
 
 import math
-import numbers
 import shutil
 import tempfile
 import time
@@ -47,7 +46,7 @@ import torch
 from paged_kv import engine_op, ops
 from paged_kv.pager import Pager, PagerError
 from paged_kv.policy import Policy, parse_bytes
-from paged_kv.pte import TIER_SHIFT, Tier, UNMAPPED, new_page_table, new_pool
+from paged_kv.pte import TIER_SHIFT, Tier, UNMAPPED, exact_int, new_page_table, new_pool
 
 __all__ = ["Engine", "FaultError"]
 
@@ -101,10 +100,7 @@ def _index_list(what: str, values) -> list[int]:
         items = list(values)
     except TypeError:
         raise TypeError(f"{what} must be a sequence of ints or an integer tensor, got {type(values).__name__}") from None
-    for v in items:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{what} must hold ints, got {type(v).__name__} {v!r}")
-    return [int(v) for v in items]
+    return [exact_int(f"{what}: each entry", v) for v in items]
 
 
 def _tier_named(name: str, allowed: tuple[str, ...], where: str) -> Tier:

@@ -7,11 +7,11 @@ Shapes use these names: T tokens, H KV heads, D head_dim, F frames, L layers, P 
 from __future__ import annotations
 
 import contextlib
-import numbers
 
 import torch
 
 from paged_kv import _library
+from paged_kv.pte import exact_int
 
 _LIB_LOADED = _library._C is not None
 
@@ -157,8 +157,7 @@ def attention(
 
 def new_fault_queue(capacity: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """An empty fault queue for attention: int32 [capacity, 2] entries and an int32 [1] count."""
-    if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral):
-        raise TypeError(f"new_fault_queue: capacity must be an int, got {type(capacity).__name__} {capacity!r}")
+    capacity = exact_int("new_fault_queue: capacity", capacity)
     if capacity < 1:
         raise ValueError(f"new_fault_queue: capacity must be at least 1, got {capacity}")
     return (

@@ -26,7 +26,7 @@ class Tier(enum.IntEnum):
     UNMAPPED = 3
 
 
-def _plain_int(what: str, value) -> int:
+def exact_int(what: str, value) -> int:
     """`value` as an int: Python and NumPy integers pass; bools, floats and tensors, whose int()
     would round or pass silently, are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -36,10 +36,10 @@ def _plain_int(what: str, value) -> int:
 
 def make_pte(tier: Tier | int, index: int) -> int:
     """The int32 PTE (as a Python int in [-2**31, 2**31)) for `index` in `tier`."""
-    index = _plain_int("PTE index", index)
+    index = exact_int("PTE index", index)
     if not 0 <= index <= MAX_INDEX:
         raise ValueError(f"PTE index must be in [0, {MAX_INDEX}], got {index}")
-    tier = _plain_int("PTE tier", tier)
+    tier = exact_int("PTE tier", tier)
     if tier not in set(Tier):
         raise ValueError(f"PTE tier must be one of {[int(t) for t in Tier]} ({', '.join(t.name for t in Tier)}), got {tier}")
     word = (int(tier) << TIER_SHIFT) | index
@@ -47,7 +47,7 @@ def make_pte(tier: Tier | int, index: int) -> int:
 
 
 def _int32_word(pte) -> int:
-    pte = _plain_int("PTE", pte)
+    pte = exact_int("PTE", pte)
     if not -(1 << 31) <= pte < (1 << 31):
         raise ValueError(f"a PTE is an int32, in [-2**31, 2**31), got {pte}")
     return pte
@@ -80,7 +80,7 @@ def new_pool(
         raise ValueError(f"page_size must be one of {PAGE_SIZES}, got {page_size}")
     counts = {"num_frames": num_frames, "num_layers": num_layers, "num_kv_heads": num_kv_heads,
               "head_dim": head_dim}
-    counts = {name: _plain_int(name, value) for name, value in counts.items()}
+    counts = {name: exact_int(name, value) for name, value in counts.items()}
     for name, value in counts.items():
         least = 0 if name == "num_frames" else 1
         if value < least:

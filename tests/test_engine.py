@@ -232,9 +232,9 @@ def test_append_and_attention_errors(device):
         # Indices are taken exactly, never rounded.
         with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\), got 1.7"):
             engine.attention(query[:3], [row], [0, 3], 1.7)
-        with pytest.raises(TypeError, match=r"rows must hold ints, got float 0.9"):
+        with pytest.raises(TypeError, match=r"rows: each entry must be an int, got float 0.9"):
             engine.attention(query[:3], [0.9], [0, 3], 0)
-        with pytest.raises(TypeError, match=r"rows must hold ints, got bool True"):
+        with pytest.raises(TypeError, match=r"rows: each entry must be an int, got bool True"):
             engine.attention(query[:3], [True], [0, 3], 0)
         with pytest.raises(TypeError, match=r"query_starts must hold integers, got a torch.float32 tensor"):
             engine.attention(query[:3], [row], torch.tensor([0.0, 3.0]), 0)
