@@ -73,7 +73,8 @@ def merge_states(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tenso
 
     Returns:
         output [N, H, D] in outputs' dtype (accumulated in float32) and lse float32 [N, H]. A row
-        whose every partial is empty gets output 0 and lse -inf.
+        whose every partial is empty gets output 0 and lse -inf; one with a NaN partial lse
+        gets NaN for both.
     """
     _library.require_library()
     return torch.ops.paged_kv.merge_states.default(outputs, lses)
@@ -145,7 +146,8 @@ def attention(
     Returns:
         output [N, Hq, D] in query's dtype (float32 accumulation), and with return_lse the
         natural-log LSE float32 [N, Hq]. A query that sees no readable key gets output 0 and
-        LSE -inf.
+        LSE -inf. A NaN score (a NaN in a query head or in a key it sees) makes that head's
+        output and LSE NaN, as the softmax is; such a head adds nothing to `telemetry`.
     """
     _library.require_library()
     out, lse = torch.ops.paged_kv.attention.default(

@@ -181,7 +181,8 @@ def paged_attention(
         values[~mask] = 0
         o, l, probs = _attention_float64(query[begin:end], keys, values, scale, first_query, window, sinks, mask)
         out[begin:end], lse[begin:end] = o, l
-        newest = probs[:, -1, :].sum(dim=0)  # [T], summed over query heads
+        # [T], summed over query heads; a head whose softmax is NaN (a NaN score) adds nothing.
+        newest = probs[:, -1, :].nan_to_num(nan=0.0).sum(dim=0)
         for page in pages_read:
             telemetry[row, page] += newest[page * page_size : (page + 1) * page_size].sum()
     return out.to(query.dtype), lse, sorted(faulted), telemetry
@@ -189,8 +190,8 @@ def paged_attention(
 
 def merge_states(outputs, lses):
     """Reference of ops.merge_states in float64: ([N, H, D] in outputs' dtype, float32 [N, H])."""
-    lse = torch.logsumexp(lses.double(), dim=0)  # -inf where every partial is empty
-    weights = torch.exp(lses.double() - lse).nan_to_num(nan=0.0)  # -inf - -inf: empty rows
+    lse = torch.logsumexp(lses.double(), dim=0)  # -inf where every partial is empty, NaN after a NaN
+    weights = torch.where(torch.isneginf(lse), 0.0, torch.exp(lses.double() - lse))
     empty = torch.isneginf(lses)[..., None]
     terms = torch.where(empty, 0.0, weights[..., None] * outputs.double())
     return terms.sum(dim=0).to(outputs.dtype), lse.float()

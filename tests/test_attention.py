@@ -200,6 +200,80 @@ def test_poisoned_memory_is_never_read(device, dtype, prefill_kernel):
     _assert_matches(out, lse, ref_out, ref_lse, dtype)
 
 
+# Where each case puts its NaNs: ("query", entry, query index, head), ("key", entry, position,
+# KV head) or ("keys", entry, KV head) for every key of the entry. Decode entries are long enough
+# for the CUDA kernel to split their keys over many blocks (a NaN in one split, NaN in all).
+NAN_CASES = {
+    "decode": ([(5000, 1), (4000, 1), (3000, 1), (1, 1), (700, 1)],
+               [("query", 0, 0, 1), ("key", 1, 2500, 1), ("keys", 2, 0), ("keys", 3, 1)]),
+    # Queries of entry 0 before position 280 do not see its NaN key (causal): they stay finite.
+    "prefill": ([(300, 40), (700, 64), (90, 90)],
+                [("key", 0, 280, 1), ("query", 1, 5, 0), ("keys", 1, 0)]),
+}
+
+
+def _expected_nan_heads(batch, nans, group):
+    """bool [N, Hq]: the query heads whose softmax sees a NaN score."""
+    expected = torch.zeros(batch.query.shape[:2], dtype=torch.bool)
+    starts = batch.query_starts.tolist()
+    for kind, entry, *where in nans:
+        kv_len, queries = batch.specs[entry]
+        for i in range(queries):
+            n, query_pos = starts[entry] + i, kv_len - queries + i
+            if kind == "query":
+                expected[n, where[1]] |= i == where[0]
+            elif kind == "key":
+                position, kv_head = where
+                expected[n, kv_head * group:(kv_head + 1) * group] |= query_pos >= position
+            else:
+                expected[n, where[0] * group:(where[0] + 1) * group] = True
+    return expected
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(NAN_CASES))
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("heads", [(8, 2), (6, 2)])
+def test_nan_scores_make_nan_heads(device, dtype, case, page_size, heads, prefill_kernel):
+    """A NaN in a query head, or in a key that a head sees, makes that head's output and LSE NaN,
+    as the softmax over its scores is (it is not passed over as a masked key, nor taken for an
+    empty softmax); every other head stays right, and a NaN head adds nothing to the telemetry.
+    Groups of 4 and 3 take both CUDA decode kernels."""
+    _skip_unsupported(device, dtype)
+    if case == "decode" and prefill_kernel == "mma":
+        pytest.skip("decode does not use the prefill kernel")
+    g = _generator("nan scores", dtype, case, page_size, heads)
+    specs, nans = NAN_CASES[case]
+    batch = make_batch(device, dtype, page_size, 128, *heads, specs, g)
+    table = batch.page_table.cpu()
+    starts = batch.query_starts.tolist()
+    for kind, entry, *where in nans:
+        row = batch.rows[entry]
+        if kind == "query":
+            batch.query[starts[entry] + where[0], where[1], 3] = float("nan")
+        elif kind == "key":
+            position, kv_head = where
+            frame = _frame(table, row, position // page_size)
+            batch.pool[frame, batch.layer, 0, kv_head, position % page_size, 7] = float("nan")
+        else:
+            kv_len, kv_head = batch.specs[entry][0], where[0]
+            for page in range((kv_len + page_size - 1) // page_size):
+                batch.pool[_frame(table, row, page), batch.layer, 0, kv_head, :, 0] = float("nan")
+    telemetry = torch.zeros(batch.page_table.shape, device=device)
+
+    out, lse = _attention(batch, telemetry=telemetry)
+    ref_out, ref_lse, _, ref_telemetry = _reference(batch)
+    nan_heads = _expected_nan_heads(batch, nans, heads[0] // heads[1])
+    assert torch.equal(torch.isnan(ref_lse), nan_heads)
+    assert torch.equal(torch.isnan(lse.cpu()), nan_heads), "LSE is NaN exactly where a score is"
+    assert torch.isnan(out.cpu()[nan_heads]).all()
+    _assert_matches(out.cpu()[~nan_heads], lse.cpu()[~nan_heads], ref_out[~nan_heads],
+                    ref_lse[~nan_heads], dtype)
+    assert torch.isfinite(telemetry).all()
+    _assert_telemetry(telemetry, ref_telemetry, dtype)
+
+
 def _mark(table, pages, tier, g):
     """A copy of `table` with each (row, page) of `pages` moved to `tier` (arbitrary index)."""
     table = table.cpu().clone()

@@ -59,6 +59,33 @@ def test_empty_states_are_ignored(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_lse_makes_the_row_nan(device, dtype):
+    """A partial with a NaN LSE (a NaN score in its keys) makes its row's output and LSE NaN,
+    whether it comes first, last, or beside empty partials; the other rows are untouched."""
+    g = torch.Generator().manual_seed(7)
+    outputs = torch.randn(3, 5, 2, 16, generator=g).to(dtype)
+    lses = torch.randn(3, 5, 2, generator=g)
+    lses[0, 0, 0] = float("nan")  # first of three
+    lses[2, 1, 1] = float("nan")  # last of three
+    lses[:, 2, 0] = torch.tensor([float("-inf"), float("nan"), float("-inf")])  # beside empties
+    lses[:, 3, 1] = float("nan")
+    nan_rows = torch.zeros(5, 2, dtype=torch.bool)
+    nan_rows[0, 0] = nan_rows[1, 1] = nan_rows[2, 0] = nan_rows[3, 1] = True
+
+    out, lse = paged_kv.merge_states(outputs.to(device), lses.to(device))
+    out, lse = out.cpu(), lse.cpu()
+    assert torch.equal(torch.isnan(lse), nan_rows)
+    assert torch.isnan(out[nan_rows]).all()
+    ref_out, ref_lse = reference.merge_states(outputs, lses)
+    assert torch.equal(torch.isnan(ref_lse), nan_rows)
+    assert torch.isfinite(out[~nan_rows]).all()
+    torch.testing.assert_close(out[~nan_rows].float(), ref_out[~nan_rows].float(), rtol=0,
+                               atol=TOLERANCE[dtype])
+    torch.testing.assert_close(lse[~nan_rows], ref_lse[~nan_rows])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_merge_states_bad_inputs(device):
     o = torch.randn(2, 3, 4, 8, device=device)
     l = torch.randn(2, 3, 4, device=device)

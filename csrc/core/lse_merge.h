@@ -4,6 +4,8 @@
 // in the subset and the log-sum-exp of its scores. Over the union,
 //   lse = m + log(sum_i exp(lse_i - m)),  o = sum_i exp(lse_i - lse) * o_i,  m = max_i lse_i.
 // A state with lse_i = -inf (no keys) has weight 0; if every state is empty, lse = -inf, o = 0.
+// A NaN lse_i (a NaN score in that part) makes the merged lse and every weight NaN, as the
+// softmax over the union would be.
 #pragma once
 
 #include <cmath>
@@ -19,6 +21,10 @@ struct LseMerge {
 
   PKV_HOST_DEVICE inline void add(float lse) {
     if (lse == -INFINITY) return;
+    if (lse != lse || max_lse != max_lse) {  // NaN, here or before: it stays
+      max_lse = sum = NAN;
+      return;
+    }
     if (lse > max_lse) {
       sum = sum * expf(max_lse - lse) + 1.f;  // exp(-inf) == 0 on the first state
       max_lse = lse;

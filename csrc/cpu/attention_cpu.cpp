@@ -227,6 +227,7 @@ void attend_entry_head(const AttentionArgs& a, const Entry& e, const ReadablePag
       // Two passes: scores and their maximum, then the exponentials, their sum and the
       // weighted sum of values.
       float max_score = -std::numeric_limits<float>::infinity();
+      bool nan_score = false;
       for (int64_t k = 0; k < num_keys; ++k) {
         if (!visible(positions[k], query_pos, a.window, a.sinks)) {
           weights[k] = -std::numeric_limits<float>::infinity();
@@ -236,9 +237,17 @@ void attend_entry_head(const AttentionArgs& a, const Entry& e, const ReadablePag
         float dot = 0.f;
         for (int64_t d = 0; d < dim; ++d) dot += q_row[d] * key[d];
         weights[k] = dot * a.scale;
+        nan_score |= std::isnan(weights[k]);
         max_score = std::max(max_score, weights[k]);
       }
       scalar_t* o = out + (n * num_q_heads + head) * dim;
+      if (nan_score) {
+        // A NaN in the query or in a visible key: the softmax is NaN, and so are the output and
+        // the LSE (std::max would have passed over it). No telemetry from this head.
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(NAN);
+        lse[n * num_q_heads + head] = NAN;
+        continue;
+      }
       if (max_score == -std::numeric_limits<float>::infinity()) {
         for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(0.f);
         lse[n * num_q_heads + head] = -std::numeric_limits<float>::infinity();

@@ -571,9 +571,10 @@ __device__ __forceinline__ void attend_column(const Params& p, int column, unsig
         o0 += o.x * f;
         o1 += o.y * f;
       }
-      const float inv = l_all > 0.f ? 1.f / l_all : 0.f;
+      // 0 when no warp saw a key; NaN (carried by l) when one saw a NaN score.
+      const float inv = l_all != 0.f ? 1.f / l_all : 0.f;
       store_pair<T, Cfg>(p, s, row, d, o0 * inv, o1 * inv);
-      if (d == 0) store_lse<Cfg>(p, s, row, l_all > 0.f ? (m_all + log2f(l_all)) * kLn2 : -INFINITY);
+      if (d == 0) store_lse<Cfg>(p, s, row, l_all != 0.f ? (m_all + log2f(l_all)) * kLn2 : -INFINITY);
     }
   }
 }
@@ -604,6 +605,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 constexpr int kCombineWarps = 4;
 constexpr int kCombineAhead = 8;
 
+// fmaxf passes over NaN, but a split's NaN LSE (a NaN score) must reach the merged one.
+__device__ __forceinline__ float max_keeping_nan(float a, float b) {
+  return (a != a || b != b) ? NAN : fmaxf(a, b);
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kCombineWarps * 32)
     combine_splits_kernel(const float* __restrict__ partial_out,
@@ -629,9 +635,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   }
   const float lane_lse = lane < num_splits ? partial_lse[lane * rows + row] : -INFINITY;
   float m = lane_lse;
-  for (int64_t sp = lane + 32; sp < num_splits; sp += 32) m = fmaxf(m, partial_lse[sp * rows + row]);
+  for (int64_t sp = lane + 32; sp < num_splits; sp += 32) m = max_keeping_nan(m, partial_lse[sp * rows + row]);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  for (int off = 16; off > 0; off >>= 1) m = max_keeping_nan(m, __shfl_xor_sync(0xffffffffu, m, off));
   float sum = 0.f;
   if (m != -INFINITY) {
     sum = __expf(lane_lse - m);
@@ -711,7 +717,7 @@ __global__ void telemetry_kernel(Params p, float* __restrict__ telemetry) {
   float mass = 0.f;
   for (int64_t h = 0; h < pr.num_q_heads; ++h) {
     const float total = p.lse[newest * pr.num_q_heads + h];
-    if (total == -INFINITY) continue;
+    if (!(total > -INFINITY)) continue;  // no key seen, or a NaN softmax: no mass to count
     const float* chunks = p.chunk_lse + (b * pr.num_q_heads + h) * p.max_chunks +
                           static_cast<int64_t>(page) * per_page;
     for (int c = 0; c < per_page; ++c) mass += __expf(chunks[c] - total);

@@ -847,14 +847,16 @@ __device__ inline void store_rows(const Params& p, const BlockScope& s, const Wa
     for (int h = 0; h < 2; ++h) {
       const int row = (warp_m * Cfg::MW + mi) * 16 + g + 8 * h;
       if (pos[mi][h] < 0) continue;
+      // l is 0 exactly when no key was visible, and NaN after a NaN score, which then reaches
+      // the output and the LSE (the running max passes over NaN).
       const float l = st.l[mi][h];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float inv = l != 0.f ? 1.f / l : 0.f;
 #pragma unroll
       for (int dj = 0; dj < Cfg::D / 8; ++dj) {
         store_pair<T, Cfg>(p, s, row, dj * 8 + 2 * t, st.o[mi][dj][2 * h] * inv,
                            st.o[mi][dj][2 * h + 1] * inv);
       }
-      if (t == 0) store_lse<Cfg>(p, s, row, l > 0.f ? (st.m[mi][h] + log2f(l)) * kLn2 : -INFINITY);
+      if (t == 0) store_lse<Cfg>(p, s, row, l != 0.f ? (st.m[mi][h] + log2f(l)) * kLn2 : -INFINITY);
     }
   }
 }
