@@ -120,7 +120,7 @@ def _extension():
 
     use_cuda, reason = _cuda_wanted()
     print(f"paged_kv: building {'CUDA' if use_cuda else 'CPU-only'} extension ({reason})")
-    sources = ["csrc/ops_schema.cpp", "csrc/python_module.cpp"]
+    sources = ["csrc/ops_schema.cpp", "csrc/no_backward.cpp", "csrc/python_module.cpp"]
     for layer in ("cpu", "store", "engine"):  # torch-side C++ of every layer (DESIGN.md)
         sources += sorted(glob.glob(f"csrc/{layer}/*.cpp"))
     cxx_flags = ["-O3", "-Wall", "-Wno-unused-function"]

@@ -36,7 +36,8 @@ def append_kv(
         layer: which layer of the pages to write.
 
     Raises RuntimeError naming the token when a sequence, position or PTE is out of range or
-    the page is not in a GPU frame; no bad PTE is ever dereferenced.
+    the page is not in a GPU frame; no bad PTE is ever dereferenced. It copies values: the pool
+    carries no gradient back to key and value.
     """
     _library.require_library()
     torch.ops.paged_kv.append_kv.default(key, value, pool, page_table, sequences, positions, layer)
@@ -57,6 +58,8 @@ def gather_kv(
     Returns:
         key, value: [N * P, H, D], row i * P + j holding token j of pages[i]. Rows past a
         sequence's end hold whatever the page holds there.
+
+    No backward: when the pool requires grad (grad mode on), backward through the outputs raises.
     """
     _library.require_library()
     return torch.ops.paged_kv.gather_kv.default(pool, page_table, sequence, pages, layer)
@@ -74,7 +77,8 @@ def merge_states(outputs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tenso
     Returns:
         output [N, H, D] in outputs' dtype (accumulated in float32) and lse float32 [N, H]. A row
         whose every partial is empty gets output 0 and lse -inf; one with a NaN partial lse
-        gets NaN for both.
+        gets NaN for both. Differentiable in outputs and lses (an empty partial's gradients
+        are 0).
     """
     _library.require_library()
     return torch.ops.paged_kv.merge_states.default(outputs, lses)
@@ -148,6 +152,10 @@ def attention(
         natural-log LSE float32 [N, Hq]. A query that sees no readable key gets output 0 and
         LSE -inf. A NaN score (a NaN in a query head or in a key it sees) makes that head's
         output and LSE NaN, as the softmax is; such a head adds nothing to `telemetry`.
+
+    No backward: when the query or a pool requires grad (grad mode on), the outputs require grad
+    and backward through them raises, rather than leave a gradient silently lost (the pool,
+    written by append_kv, never carries one back to the keys and values).
     """
     _library.require_library()
     out, lse = torch.ops.paged_kv.attention.default(
@@ -264,6 +272,31 @@ if _LIB_LOADED:
     def _merge_states_fake(outputs, lses):
         _fake_args("merge_states", "outputs", dict(outputs=outputs, lses=lses), dict(outputs=4, lses=3))
         return outputs.new_empty(outputs.shape[1:]), lses.new_empty(lses.shape[1:])
+
+
+    def _merge_states_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+    def _merge_states_backward(ctx, grad_out, grad_lse):
+        """out = sum_i w_i o_i and lse = logsumexp_i lse_i, with w_i = exp(lse_i - lse):
+        d/d o_i = w_i grad_out; d/d lse_i = w_i (<grad_out, o_i - out> + grad_lse). An empty
+        partial (lse_i -inf) gets zero gradients, whatever its output holds. out is summed
+        again in float32: the saved one is rounded to the outputs' dtype."""
+        outputs, lses, lse = ctx.saved_tensors
+        empty = torch.isneginf(lses)
+        weights = torch.where(empty, 0.0, torch.exp(lses - lse))  # float32 [S, N, H]
+        grad_lses = torch.zeros_like(lses) if grad_lse is None else grad_lse.float().expand_as(lses)
+        grad_outputs = None
+        if grad_out is not None:
+            g = grad_out.float()
+            grad_outputs = (weights[..., None] * g).to(outputs.dtype)
+            parts = torch.where(empty[..., None], 0.0, outputs.float())
+            parts = parts - (weights[..., None] * parts).sum(dim=0)
+            grad_lses = grad_lses + (g * parts).sum(dim=-1)
+        return grad_outputs, weights * grad_lses
+
+    torch.library.register_autograd("paged_kv::merge_states", _merge_states_backward,
+                                    setup_context=_merge_states_setup)
 
 
 def _cuda_library():
