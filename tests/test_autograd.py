@@ -142,7 +142,7 @@ def test_append_kv_copies_values_of_keys_requiring_grad(device):
 
 
 # AOTAutograd traces the joint graph in anomaly mode, which warns with the forward's trace.
-@pytest.mark.filterwarnings("ignore:Error detected in torch::autograd::CppNode")
+@pytest.mark.filterwarnings("ignore:Error detected in torch")
 def test_compiled_attention_with_a_query_requiring_grad_raises():
     """Under torch.compile, AOTAutograd traces the backward of a graph whose inputs require
     grad when it compiles: the call raises there, naming the op; under no_grad it compiles
