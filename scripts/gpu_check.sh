@@ -64,7 +64,9 @@ SHARE=""
 pick_share() {  # pick_share [K N]: FILES and SHARE for every test file, or the K-th of N shares
   FILES=(tests) SHARE=""
   [ $# -eq 2 ] || return 0
-  local all=(tests/test_*.py) i
+  local all i
+  # Sorted bytewise: a glob's order follows the locale, which differs between machines.
+  mapfile -t all < <(printf '%s\n' tests/test_*.py | LC_ALL=C sort)
   FILES=()
   for i in "${!all[@]}"; do [ $((i % $2)) -eq $(($1 - 1)) ] && FILES+=("${all[$i]}"); done
   SHARE="_$1_of_$2"
