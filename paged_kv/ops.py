@@ -273,7 +273,6 @@ if _LIB_LOADED:
         _fake_args("merge_states", "outputs", dict(outputs=outputs, lses=lses), dict(outputs=4, lses=3))
         return outputs.new_empty(outputs.shape[1:]), lses.new_empty(lses.shape[1:])
 
-
     def _merge_states_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], inputs[1], output[1])
 
