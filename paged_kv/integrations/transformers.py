@@ -188,6 +188,8 @@ class PagedKVCache(Cache):
     A forward that raises part-way (after some layers wrote its tokens) is taken back by the next
     forward: the cache is then as it was before the failed one. One that raises in its last
     layer's attention, when every layer holds its tokens, leaves the cache unusable (it says so).
+    One that raises after that (in the last MLP or the head) keeps its tokens, as transformers'
+    own caches do: the next forward's positions follow them.
     """
 
     def __init__(self, engine: Engine, batch_size: int = 1, tenant: int = 0):
