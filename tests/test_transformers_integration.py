@@ -168,6 +168,32 @@ def test_a_forward_that_fails_part_way_is_taken_back(tmp_path, monkeypatch):
         paged(ids[:, :1], past_key_values=cache)
 
 
+def test_a_forward_that_fails_in_the_head_keeps_its_tokens_as_dynamic_cache_does(tmp_path, monkeypatch):
+    """A failure after the last layer's attention (here in the LM head) leaves the step's tokens
+    in every layer, in PagedKVCache as in transformers' DynamicCache: the next forward's
+    positions follow them, and its logits are those of sdpa over DynamicCache after the same
+    failure."""
+    ref, paged = _models("llama")
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(3))
+    ref_cache, cache = transformers.DynamicCache(config=ref.config), _cache(paged, tmp_path)
+
+    def failing_head(hidden):
+        raise RuntimeError("injected failure in the head")
+
+    with torch.no_grad():
+        for model, past in ((ref, ref_cache), (paged, cache)):
+            model(ids[:, :12], past_key_values=past)
+            monkeypatch.setattr(model.lm_head, "forward", failing_head)
+            with pytest.raises(RuntimeError, match="injected failure in the head"):
+                model(ids[:, 12:15], past_key_values=past)
+            monkeypatch.undo()
+        assert ref_cache.get_seq_length() == cache.get_seq_length() == 15
+        want = ref(ids[:, 15:], past_key_values=ref_cache).logits
+        got = paged(ids[:, 15:], past_key_values=cache).logits
+    assert [cache.engine.num_tokens(cache.rows[0], layer) for layer in range(2)] == [20, 20]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_cache_arguments_and_a_crop_are_refused(tmp_path):
     _, paged = _models("llama")
     policy = Policy(page_size=PAGE, gpu_budget="1MiB", host_budget="1MiB", disk_path=str(tmp_path))
