@@ -59,7 +59,8 @@ def test_merge_states_backward_matches_float64(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_merge_states_backward_through_lse_alone(device):
-    """Only the LSE used: the outputs get no gradient (None), the LSEs their softmax weights."""
+    """Only the LSE used: the outputs get no gradient (none or zeros), the LSEs their softmax
+    weights."""
     lses = torch.tensor([[[0.0]], [[1.0]]], device=device).requires_grad_()
     outputs = torch.randn(2, 1, 1, 8, device=device).requires_grad_()
     _, lse = paged_kv.merge_states(outputs, lses)
