@@ -2,9 +2,11 @@
 // op whose derivative is not implemented: the forward runs, and when an input the result
 // depends on requires grad (grad mode on), the outputs get a node whose backward raises. torch's
 // fallback for custom ops only warns there and drops the gradient, which would leave a
-// training step silently wrong. append_kv has no output to carry such a node: it copies
-// values, and the pool never carries a gradient (ops.append_kv says so). merge_states has a
-// backward (paged_kv/ops.py).
+// training step silently wrong. Under torch.compile, AOTAutograd traces that backward when it
+// compiles a graph whose inputs require grad, so the compile raises. append_kv has no output
+// to carry such a node: it copies values (ops.append_kv warns when they require grad; a history
+// on the persistent pool would keep every step's graph alive). merge_states has a backward
+// (paged_kv/ops.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
@@ -105,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor> gather_kv_autograd(c10::DispatchKeySet keys,
   return {out[0], out[1]};
 }
 
-// append_kv returns nothing: the call passes straight on below autograd.
+// append_kv returns nothing: the call passes on below autograd (ops.append_kv warns when its key
+// or value requires grad: a C++ warning here would reach stderr, not Python's warnings).
 void append_kv_autograd(c10::DispatchKeySet keys, const at::Tensor& key, const at::Tensor& value,
                         at::Tensor& pool, const at::Tensor& page_table,
                         const at::Tensor& sequences, const at::Tensor& positions,

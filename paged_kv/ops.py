@@ -7,6 +7,7 @@ Shapes use these names: T tokens, H KV heads, D head_dim, F frames, L layers, P 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -37,9 +38,15 @@ def append_kv(
 
     Raises RuntimeError naming the token when a sequence, position or PTE is out of range or
     the page is not in a GPU frame; no bad PTE is ever dereferenced. It copies values: the pool
-    carries no gradient back to key and value.
+    carries no gradient back to key and value (with grad mode on, a key or value that requires
+    grad gets a warning).
     """
     _library.require_library()
+    if torch.is_grad_enabled() and (getattr(key, "requires_grad", False) or getattr(value, "requires_grad", False)):
+        which = "key" if getattr(key, "requires_grad", False) else "value"
+        warnings.warn(f"paged_kv.append_kv: {which} requires grad, but the pool takes values only: no gradient "
+                      f"reaches it through attention over the pool. Run inference under torch.no_grad() or "
+                      f"torch.inference_mode()", stacklevel=2)
     torch.ops.paged_kv.append_kv.default(key, value, pool, page_table, sequences, positions, layer)
 
 
@@ -155,7 +162,9 @@ def attention(
 
     No backward: when the query or a pool requires grad (grad mode on), the outputs require grad
     and backward through them raises, rather than leave a gradient silently lost (the pool,
-    written by append_kv, never carries one back to the keys and values).
+    written by append_kv, never carries one back to the keys and values). Under torch.compile
+    the compile of such a graph raises (AOTAutograd traces the backward): compile inference
+    under torch.no_grad() or torch.inference_mode().
     """
     _library.require_library()
     out, lse = torch.ops.paged_kv.attention.default(

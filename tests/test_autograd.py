@@ -1,6 +1,8 @@
 """Autograd: merge_states' backward against a float64 reference; backward through the ops
 without one raises (instead of a gradient silently lost), and their forward runs as before."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -129,13 +131,21 @@ def test_gather_kv_backward_raises(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_append_kv_copies_values_of_keys_requiring_grad(device):
-    """append_kv returns nothing to backpropagate through: it writes the values, and the pool
-    stays without a gradient history."""
+    """append_kv returns nothing to backpropagate through: it writes the values, warns that no
+    gradient will reach them, and the pool stays without a gradient history (which would keep
+    every step's graph alive). Under no_grad it does not warn."""
     batch = _batch(device, torch.float32 if device == "cpu" else torch.float16)
     key = torch.randn(2, 2, 64, dtype=batch.pool.dtype, device=device).requires_grad_()
     positions = torch.tensor([0, 1], dtype=torch.int32, device=device)
-    paged_kv.append_kv(key, key * 2, batch.pool, batch.page_table, batch.sequences[:1].repeat(2),
-                       positions, batch.layer)
+    args = (batch.pool, batch.page_table, batch.sequences[:1].repeat(2), positions, batch.layer)
+    with pytest.warns(UserWarning, match="append_kv: key requires grad, but the pool takes values only"):
+        paged_kv.append_kv(key, key.detach() * 2, *args)
+    with pytest.warns(UserWarning, match="append_kv: value requires grad"):
+        paged_kv.append_kv(key.detach(), key * 2, *args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            paged_kv.append_kv(key, key * 2, *args)
     assert not batch.pool.requires_grad and batch.pool.grad_fn is None
     frame = paged_kv.pte.pte_index(int(batch.page_table[batch.rows[0], 0]))
     written = batch.pool[frame, batch.layer, :, :, :2].transpose(1, 2)  # [2 (K, V), tokens, H, D]
@@ -146,12 +156,12 @@ def test_append_kv_copies_values_of_keys_requiring_grad(device):
 @pytest.mark.filterwarnings("ignore:Error detected in torch")
 def test_compiled_attention_with_a_query_requiring_grad_raises():
     """Under torch.compile, AOTAutograd traces the backward of a graph whose inputs require
-    grad when it compiles: the call raises there, naming the op; under no_grad it compiles
-    and runs."""
+    grad when it compiles: the compile raises there, naming the op, before any backward is
+    asked for; under no_grad it compiles and runs."""
     batch = _batch("cpu", torch.float32)
     compiled = torch.compile(lambda q: paged_kv.attention(q, *batch.args()[1:]), fullgraph=True)
     with torch.no_grad():
         want = compiled(batch.query.clone().requires_grad_())
     assert same_bits(want, paged_kv.attention(*batch.args()))
     with pytest.raises(Exception, match=f"paged_kv.attention {NO_BACKWARD}"):
-        compiled(batch.query.clone().requires_grad_()).sum().backward()
+        compiled(batch.query.clone().requires_grad_())
