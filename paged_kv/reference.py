@@ -67,7 +67,15 @@ def _attention_float64(query, key, value, scale, causal_offset, window, sinks, k
     lse = torch.logsumexp(scores, dim=-1)  # [Hq, Q], -inf where a query sees no key
     no_key = torch.isneginf(lse)[..., None]
     probs = torch.where(no_key, 0.0, torch.exp(scores - torch.where(no_key, 0.0, lse[..., None])))
-    out = torch.einsum("hqt,thd->qhd", probs, v)
+    if torch.isfinite(v).all():
+        out = torch.einsum("hqt,thd->qhd", probs, v)
+    else:
+        # A NaN or inf value reaches only the queries that see its key: a weight of 0 times NaN
+        # would carry it to every query, so each query sums over the keys it sees.
+        out = q.new_zeros(q.shape)
+        for i in range(q.shape[0]):
+            seen = allowed[i]
+            out[i] = torch.einsum("ht,thd->hd", probs[:, i, seen], v[seen])
     return out, lse.transpose(0, 1), probs
 
 
