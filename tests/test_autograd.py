@@ -88,7 +88,7 @@ NO_BACKWARD = "has no backward: a gradient cannot flow through it"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("argument", ["query", "pool"])
+@pytest.mark.parametrize("argument", ["query", "pool", "host_pool"])
 def test_attention_backward_raises(device, argument):
     """With an input that requires grad the forward runs and gives the same results, which
     require grad; backward through either raises (torch's fallback warned and dropped the
@@ -96,7 +96,11 @@ def test_attention_backward_raises(device, argument):
     dtype = torch.float16 if device == "cuda" else torch.float32
     batch = _batch(device, dtype)
     want_out, want_lse = _attention(batch)
-    leaf = getattr(batch, argument).clone().requires_grad_()
+    if argument == "host_pool":  # host slots (pinned beside a GPU pool) no page maps to here
+        slots = batch.pool.to("cpu", copy=True)
+        leaf = (slots.pin_memory() if device == "cuda" else slots).requires_grad_()
+    else:
+        leaf = getattr(batch, argument).clone().requires_grad_()
     out, lse = _attention(batch, **{argument: leaf})
     assert out.requires_grad and lse.requires_grad
     assert same_bits(out.detach(), want_out) and same_bits(lse.detach(), want_lse)
