@@ -28,9 +28,9 @@ Faults: attention runs paged_kv.attention with a fault queue. The pager's mirror
 table tells on the host whether any page of the batch is out of reach; only then are the faults
 read (a synchronisation). With fault_mode "service" and zero_copy, with room in the host tier,
 they are read into host slots and attended there in place; otherwise they are made GPU-resident
-in batches of at most pager.max_serviceable(); each batch is attended on a page table mapping that batch alone,
-and every partial state is merged with paged_kv.merge_states, which gives exact attention over
-the whole context. With fault_mode "forbid" a fault raises FaultError naming the pages.
+in batches of at most pager.max_serviceable(); each batch is attended on a page table mapping
+that batch alone, and every partial state is merged with paged_kv.merge_states, which gives
+exact attention over the whole context. With fault_mode "forbid" a fault raises FaultError naming the pages.
 """
 
 from __future__ import annotations

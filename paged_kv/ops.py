@@ -42,9 +42,9 @@ def append_kv(
     grad gets a warning).
     """
     _library.require_library()
-    if torch.is_grad_enabled() and (getattr(key, "requires_grad", False) or getattr(value, "requires_grad", False)):
-        which = "key" if getattr(key, "requires_grad", False) else "value"
-        warnings.warn(f"paged_kv.append_kv: {which} requires grad, but the pool takes values only: no gradient "
+    needs_grad = [name for name, t in (("key", key), ("value", value)) if getattr(t, "requires_grad", False)]
+    if needs_grad and torch.is_grad_enabled():
+        warnings.warn(f"paged_kv.append_kv: {needs_grad[0]} requires grad, but the pool takes values only: no gradient "
                       f"reaches it through attention over the pool. Run inference under torch.no_grad() or "
                       f"torch.inference_mode()", stacklevel=2)
     torch.ops.paged_kv.append_kv.default(key, value, pool, page_table, sequences, positions, layer)

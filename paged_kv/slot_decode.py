@@ -17,9 +17,10 @@ tiers cannot make room or FaultError when a page is still out of reach. step() o
 kernels over device tensors: it appends the token's K/V at the slot's length, attends the
 sequence with a fault queue, and after the last layer advances the lengths on the device.
 Nothing in it reads a device value on the host; on CUDA append_kv still waits for its input
-check unless checks are deferred (ops.deferred_checks) or the step is captured in a CUDA graph. A page that became unreachable anyway (moved by other work between reserve and the
-step) is recorded in the fault queue and skipped; commit() reads the queue once, after the steps,
-and raises FaultError naming it: the outputs of those steps are then incomplete. commit() also
+check unless checks are deferred (ops.deferred_checks) or the step is captured in a CUDA graph.
+A page that became unreachable anyway (moved by other work between reserve and the step) is
+recorded in the fault queue and skipped; commit() reads the queue once, after the steps, and
+raises FaultError naming it: the outputs of those steps are then incomplete. commit() also
 catches up the host's bookkeeping (tokens written, full pages sealed). The Engine's policy must
 have fault_mode "forbid".
 
