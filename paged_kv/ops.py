@@ -158,7 +158,11 @@ def attention(
         output [N, Hq, D] in query's dtype (float32 accumulation), and with return_lse the
         natural-log LSE float32 [N, Hq]. A query that sees no readable key gets output 0 and
         LSE -inf. A NaN score (a NaN in a query head or in a key it sees) makes that head's
-        output and LSE NaN, as the softmax is; such a head adds nothing to `telemetry`.
+        output and LSE NaN, as the softmax is; such a head adds nothing to `telemetry`. A NaN
+        or inf value makes NaN (or inf) only the outputs of the queries that see its key; on
+        CUDA that holds for decode steps of one token, while in a prefill chunk it also reaches
+        the queries of the chunk that share the key's tile but do not see the key (P @ V
+        multiplies their zero weights by it).
 
     No backward: when the query or a pool requires grad (grad mode on), the outputs require grad
     and backward through them raises, rather than leave a gradient silently lost (the pool,

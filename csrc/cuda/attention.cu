@@ -57,6 +57,9 @@ struct Config {
   // Whole tiles copied without per-row predicates (copy_tile_part). Decode only: the mma.sync
   // prefill block runs at the register limit, and the second copy path made it spill.
   static constexpr bool kUnpredicatedCopies = WN > 1;
+  // Rows before the window that no query row sees are zero-filled (copy_tile_part). Decode only,
+  // for the same reason.
+  static constexpr bool kZeroFillBeforeWindow = WN > 1;
   static constexpr bool kHoistAddressTerms = WN > 1 && D <= 128;  // see BlockScope
   static constexpr bool kFastDivisions = WN > 1;                  // see quotient()
   // Decode blocks (warps with their own pipelines) may claim the tail (Params::tile_claims).

@@ -4,7 +4,8 @@
 // output stores. A kernel configuration `Cfg` names D (head_dim), KT (keys per tile), kRows
 // (query rows per block), MW (16-row MMA tiles per warp), kChunks (D / 8), kLoaders (threads
 // that copy one tile), tile_offset(row, chunk) (its shared-memory layout), kUnpredicatedCopies
-// (whole tiles copied without per-row predicates) and kHoistAddressTerms (see BlockScope).
+// (whole tiles copied without per-row predicates), kZeroFillBeforeWindow (see copy_tile_part) and
+// kHoistAddressTerms (see BlockScope).
 //
 // Rows. A block owns kRows query rows of one (sequence, KV head): row r is query token
 // (row_base + r) / group and query head kv_head * group + (row_base + r) % group, so all query
@@ -404,10 +405,26 @@ __device__ inline void copy_whole_tile(const T* src, uint32_t dst, int r0, int c
   }
 }
 
+// The mask of bits [0, n) (n may lie outside [0, 32]).
+__device__ inline uint32_t low_bits(int n) {
+  return n <= 0 ? 0u : n >= 32 ? 0xffffffffu : (1u << n) - 1u;
+}
+// Whether no row of tile t0 lies before the window (or Cfg reads those rows anyway).
+template <typename Cfg>
+__device__ inline bool tile_in_window(const BlockScope& s, int t0) {
+  if constexpr (Cfg::kZeroFillBeforeWindow) return t0 >= s.lo;
+  return true;
+}
+
 // Issues the cp.async copies of K (part 0) or V (part 1) of visited tile `k` into shared memory
 // at `dst` (rows laid out by Cfg::tile_offset), by `Cfg::kLoaders` threads (`loader` is this
 // thread's index among them; lanes of one warp always load together). Rows of unread pages and
-// rows past the sequence are zero-filled.
+// rows past the sequence are zero-filled. Where Cfg::kZeroFillBeforeWindow (decode), so are the
+// rows before the window of the block's first row that are not sinks: no row of the block sees
+// them, and a NaN or inf value there would otherwise reach every row through P V (a zero weight
+// times NaN is NaN). A decode block of one query token then keeps such a value from its
+// outputs exactly; prefill rows see different windows, so there a tile's value still reaches
+// the rows of the tile that do not see its key.
 template <typename T, typename Cfg>
 __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int k,
                                       const TilePages<T>& pages, int part, uint32_t dst,
@@ -422,19 +439,34 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
   const int c = loader % C;
   const int r0 = loader / C;
   const int rows_left = s.kv_len - t0;  // rows at or past this are beyond the sequence
+  // Decode: the rows read as a mask (one register in the unrolled loops below): those inside the
+  // sequence, less the rows before the window that are not sinks.
+  uint32_t rows_read = 0;
+  if constexpr (Cfg::kZeroFillBeforeWindow) {
+    static_assert(KT <= 32, "a row mask of 32 bits");
+    rows_read = low_bits(rows_left) &
+                ~(low_bits(s.lo - t0) & ~low_bits(static_cast<int>(p.pr.sinks) - t0));
+  }
+  auto row_read = [&](int r) {
+    if constexpr (Cfg::kZeroFillBeforeWindow) return ((rows_read >> r) & 1u) != 0;
+    return r < rows_left;
+  };
   if (KT <= P) {
     // The tile lies in one page: one base for every row, fixed offsets per loader.
     const uint64_t page_base = __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), 0);
     const T* src_base = reinterpret_cast<const T*>(page_base) + part_offset +
                         static_cast<int64_t>(t0 & (P - 1)) * D + c * 8;
-    if (Cfg::kUnpredicatedCopies && page_base != 0 && rows_left >= KT) {
+    if (Cfg::kUnpredicatedCopies && page_base != 0 && rows_left >= KT && tile_in_window<Cfg>(s, t0)) {
       copy_whole_tile<T, Cfg>(src_base + r0 * D, dst, r0, c);
       return;
     }
-#pragma unroll 8
+    // Decode blocks come here only for a tile that ends the sequence, meets the window's start or
+    // lies in a host slot: rolled, the loop kept their registers as they were without the row mask.
+    constexpr int kUnroll = Cfg::kZeroFillBeforeWindow ? 1 : 8;
+#pragma unroll kUnroll
     for (int i = 0; i < kPerPart; ++i) {
       const int r = r0 + i * kRowStep;
-      const bool valid = page_base != 0 && r < rows_left;
+      const bool valid = page_base != 0 && row_read(r);
       cp_async_16(dst + Cfg::tile_offset(r, c), valid ? src_base + r * D : p.pr.pool, valid);
     }
   } else {
@@ -444,7 +476,7 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
       const int r = r0 + i * kRowStep;
       const uint64_t page_base =
           __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), r >> p.page_shift);
-      const bool valid = page_base != 0 && r < rows_left;
+      const bool valid = page_base != 0 && row_read(r);
       const T* src = reinterpret_cast<const T*>(page_base) + part_offset +
                      static_cast<int64_t>(r & (P - 1)) * D + c * 8;
       cp_async_16(dst + Cfg::tile_offset(r, c), valid ? src : p.pr.pool, valid);
@@ -462,7 +494,7 @@ __device__ inline uint32_t load_tile(const Params& p, const BlockScope& s, int k
     // The common decode tile (one page, every row read): K and V share the address terms.
     const int P = static_cast<int>(p.pr.geometry.page_size);
     const int t0 = tile_start<Cfg::KT>(s, k);
-    if (Cfg::KT <= P && s.kv_len - t0 >= Cfg::KT) {
+    if (Cfg::KT <= P && s.kv_len - t0 >= Cfg::KT && tile_in_window<Cfg>(s, t0)) {
       const uint64_t page_base =
           __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), 0);
       if (page_base != 0) {
@@ -505,7 +537,8 @@ __device__ inline uint32_t load_page_tile(const Params& p, const BlockScope& s, 
   static_assert(Cfg::kUnpredicatedCopies, "decode blocks only");
   const int t0 = tile_start<Cfg::KT>(s, k);
   // Tier 0 is a non-negative PTE whose value is the frame.
-  if (pte >= 0 && pte < p.pr.geometry.num_frames && s.kv_len - t0 >= Cfg::KT) {
+  if (pte >= 0 && pte < p.pr.geometry.num_frames && s.kv_len - t0 >= Cfg::KT &&
+      tile_in_window<Cfg>(s, t0)) {
     const int P = static_cast<int>(p.pr.geometry.page_size);
     const int c = loader % Cfg::kChunks, r0 = loader / Cfg::kChunks;
     const T* src = static_cast<const T*>(p.pr.pool) + frame_offset<Cfg>(p, s, pte) +

@@ -53,6 +53,7 @@ struct WgmmaConfig {
   static_assert(D == 64 || D == 128, "the accumulators of larger heads do not fit in registers");
   static constexpr int kRowBytes = 128;  // within a 64-column block
   static constexpr bool kUnpredicatedCopies = true;
+  static constexpr bool kZeroFillBeforeWindow = false;  // see copy_tile_part
   static constexpr bool kHoistAddressTerms = false;  // see BlockScope
   static constexpr bool kClaimsTail = false;          // see Params::tile_claims
   static constexpr bool kFastDivisions = false;       // see quotient()
