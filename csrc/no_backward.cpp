@@ -50,6 +50,24 @@ bool needs_node(std::initializer_list<at::Tensor> inputs) {
   return false;
 }
 
+// The two outputs of `run()`, under a NoBackward node named `op` over the inputs a, b and c
+// when one of them requires grad (grad mode on); else run() as it is.
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor> outputs_without_backward(const char* op, const Run& run,
+                                                            const at::Tensor& a,
+                                                            const std::optional<at::Tensor>& b,
+                                                            const std::optional<at::Tensor>& c) {
+  if (!needs_node({a, b.value_or(at::Tensor()), c.value_or(at::Tensor())})) return run();
+  const variable_list out = NoBackward::apply(
+      std::string(op),
+      std::function<variable_list()>([&]() {
+        auto [x, y] = run();
+        return variable_list{x, y};
+      }),
+      a, b, c);
+  return {out[0], out[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_autograd(
     c10::DispatchKeySet keys, const at::Tensor& query, const at::Tensor& pool,
     const at::Tensor& page_table, const at::Tensor& sequences, const at::Tensor& query_starts,
@@ -71,15 +89,7 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
                          query_starts, kv_lens, layer, max_query_len, scale, window, sinks,
                          host_pool, fault_queue, fault_count, telemetry);
   };
-  if (!needs_node({query, pool, host_pool.value_or(at::Tensor())})) return run();
-  const variable_list out = NoBackward::apply(
-      std::string("attention"),
-      std::function<variable_list()>([&]() {
-        auto [o, lse] = run();
-        return variable_list{o, lse};
-      }),
-      query, std::optional<at::Tensor>(pool), host_pool);
-  return {out[0], out[1]};
+  return outputs_without_backward("attention", run, query, pool, host_pool);
 }
 
 std::tuple<at::Tensor, at::Tensor> gather_kv_autograd(c10::DispatchKeySet keys,
@@ -96,15 +106,7 @@ std::tuple<at::Tensor, at::Tensor> gather_kv_autograd(c10::DispatchKeySet keys,
     return op.redispatch(keys & c10::after_autograd_keyset, pool, page_table, sequence, pages,
                          layer);
   };
-  if (!needs_node({pool})) return run();
-  const variable_list out = NoBackward::apply(
-      std::string("gather_kv"),
-      std::function<variable_list()>([&]() {
-        auto [k, v] = run();
-        return variable_list{k, v};
-      }),
-      pool, std::nullopt, std::nullopt);
-  return {out[0], out[1]};
+  return outputs_without_backward("gather_kv", run, pool, std::nullopt, std::nullopt);
 }
 
 // append_kv returns nothing: the call passes on below autograd (ops.append_kv warns when its key
