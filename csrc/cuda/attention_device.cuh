@@ -484,6 +484,18 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
   }
 }
 
+// Issues the copies of the whole of tile t0, within the one page (of P tokens) whose K rows start
+// at `page` (its V rows follow H * P * D elements later), into `sk` and `sv`: the common decode tile, for
+// which K and V share the address terms.
+template <typename T, typename Cfg>
+__device__ inline void copy_page_tile(const Params& p, const T* page, int P, int t0, int loader,
+                                      T* sk, T* sv) {
+  const int c = loader % Cfg::kChunks, r0 = loader / Cfg::kChunks;
+  const T* src = page + static_cast<int64_t>((t0 & (P - 1)) + r0) * Cfg::D + c * 8;
+  copy_whole_tile<T, Cfg>(src, smem_u32(sk), r0, c);
+  copy_whole_tile<T, Cfg>(src + p.pr.geometry.num_kv_heads * P * Cfg::D, smem_u32(sv), r0, c);
+}
+
 // Resolves visited tile `k` and issues the copies of its K and V into `sk` and `sv`; returns the
 // mask of the tile's pages that were read. `pte` is read_tile_pte's value for this tile.
 template <typename T, typename Cfg>
@@ -491,18 +503,14 @@ __device__ inline uint32_t load_tile(const Params& p, const BlockScope& s, int k
                                      int loader, bool may_record, int32_t pte) {
   const TilePages<T> pages = resolve_tile<T, Cfg>(p, s, k, may_record, pte);
   if constexpr (Cfg::kUnpredicatedCopies) {
-    // The common decode tile (one page, every row read): K and V share the address terms.
+    // The common decode tile: one page, every row read.
     const int P = static_cast<int>(p.pr.geometry.page_size);
     const int t0 = tile_start<Cfg::KT>(s, k);
     if (Cfg::KT <= P && s.kv_len - t0 >= Cfg::KT && tile_in_window<Cfg>(s, t0)) {
       const uint64_t page_base =
           __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), 0);
       if (page_base != 0) {
-        const int c = loader % Cfg::kChunks, r0 = loader / Cfg::kChunks;
-        const T* src = reinterpret_cast<const T*>(page_base) +
-                       static_cast<int64_t>((t0 & (P - 1)) + r0) * Cfg::D + c * 8;
-        copy_whole_tile<T, Cfg>(src, smem_u32(sk), r0, c);
-        copy_whole_tile<T, Cfg>(src + p.pr.geometry.num_kv_heads * P * Cfg::D, smem_u32(sv), r0, c);
+        copy_page_tile<T, Cfg>(p, reinterpret_cast<const T*>(page_base), P, t0, loader, sk, sv);
         return pages.read_mask;
       }
     }
@@ -540,11 +548,8 @@ __device__ inline uint32_t load_page_tile(const Params& p, const BlockScope& s, 
   if (pte >= 0 && pte < p.pr.geometry.num_frames && s.kv_len - t0 >= Cfg::KT &&
       tile_in_window<Cfg>(s, t0)) {
     const int P = static_cast<int>(p.pr.geometry.page_size);
-    const int c = loader % Cfg::kChunks, r0 = loader / Cfg::kChunks;
-    const T* src = static_cast<const T*>(p.pr.pool) + frame_offset<Cfg>(p, s, pte) +
-                   static_cast<int64_t>((t0 & (P - 1)) + r0) * Cfg::D + c * 8;
-    copy_whole_tile<T, Cfg>(src, smem_u32(sk), r0, c);
-    copy_whole_tile<T, Cfg>(src + p.pr.geometry.num_kv_heads * P * Cfg::D, smem_u32(sv), r0, c);
+    copy_page_tile<T, Cfg>(p, static_cast<const T*>(p.pr.pool) + frame_offset<Cfg>(p, s, pte), P, t0,
+                           loader, sk, sv);
     return 1u;
   }
   return load_tile<T, Cfg>(p, s, k, sk, sv, loader, may_record, pte);
