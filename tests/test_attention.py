@@ -274,8 +274,6 @@ def test_nan_scores_make_nan_heads(device, dtype, case, page_size, heads, prefil
     _assert_telemetry(telemetry, ref_telemetry, dtype)
 
 
-# (specs, window, position of the NaN value): a prefill chunk whose first queries do not see
-# the NaN token (causal), and a decode step whose window starts just after it, in the same tile.
 # (specs, window, sinks, position of the NaN value): a prefill chunk whose earlier queries do
 # not see the key, a decode step whose window ends just after it, and one whose key lies between
 # the sinks and the window in the sinks' tile.

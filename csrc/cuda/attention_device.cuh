@@ -439,7 +439,7 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
   const int c = loader % C;
   const int r0 = loader / C;
   const int rows_left = s.kv_len - t0;  // rows at or past this are beyond the sequence
-  // Decode: the rows read as a mask (one register in the unrolled loops below): those inside the
+  // Decode: the rows read as a mask (one register in the loops below): those inside the
   // sequence, less the rows before the window that are not sinks.
   uint32_t rows_read = 0;
   if constexpr (Cfg::kZeroFillBeforeWindow) {
@@ -456,12 +456,13 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
     const uint64_t page_base = __shfl_sync(0xffffffffu, reinterpret_cast<uint64_t>(pages.base), 0);
     const T* src_base = reinterpret_cast<const T*>(page_base) + part_offset +
                         static_cast<int64_t>(t0 & (P - 1)) * D + c * 8;
-    if (Cfg::kUnpredicatedCopies && page_base != 0 && rows_left >= KT && tile_in_window<Cfg>(s, t0)) {
+    if (Cfg::kUnpredicatedCopies && page_base != 0 && rows_left >= KT &&
+        tile_in_window<Cfg>(s, t0)) {
       copy_whole_tile<T, Cfg>(src_base + r0 * D, dst, r0, c);
       return;
     }
-    // Decode blocks come here only for a tile that ends the sequence, meets the window's start or
-    // lies in a host slot: rolled, the loop kept their registers as they were without the row mask.
+    // Decode blocks come here only for a tile that ends the sequence, holds rows before the
+    // window or is not read: rolled, the loop kept their registers as they were without the mask.
     constexpr int kUnroll = Cfg::kZeroFillBeforeWindow ? 1 : 8;
 #pragma unroll kUnroll
     for (int i = 0; i < kPerPart; ++i) {
@@ -484,9 +485,9 @@ __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int 
   }
 }
 
-// Issues the copies of the whole of tile t0, within the one page (of P tokens) whose K rows start
-// at `page` (its V rows follow H * P * D elements later), into `sk` and `sv`: the common decode tile, for
-// which K and V share the address terms.
+// Issues the copies of the whole of tile t0, within the one page (of P tokens) whose K rows
+// start at `page` (its V rows follow H * P * D elements later), into `sk` and `sv`: the common
+// decode tile, for which K and V share the address terms.
 template <typename T, typename Cfg>
 __device__ inline void copy_page_tile(const Params& p, const T* page, int P, int t0, int loader,
                                       T* sk, T* sv) {
@@ -548,8 +549,8 @@ __device__ inline uint32_t load_page_tile(const Params& p, const BlockScope& s, 
   if (pte >= 0 && pte < p.pr.geometry.num_frames && s.kv_len - t0 >= Cfg::KT &&
       tile_in_window<Cfg>(s, t0)) {
     const int P = static_cast<int>(p.pr.geometry.page_size);
-    copy_page_tile<T, Cfg>(p, static_cast<const T*>(p.pr.pool) + frame_offset<Cfg>(p, s, pte), P, t0,
-                           loader, sk, sv);
+    const T* page = static_cast<const T*>(p.pr.pool) + frame_offset<Cfg>(p, s, pte);
+    copy_page_tile<T, Cfg>(p, page, P, t0, loader, sk, sv);
     return 1u;
   }
   return load_tile<T, Cfg>(p, s, k, sk, sv, loader, may_record, pte);
