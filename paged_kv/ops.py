@@ -159,10 +159,11 @@ def attention(
         natural-log LSE float32 [N, Hq]. A query that sees no readable key gets output 0 and
         LSE -inf. A NaN score (a NaN in a query head or in a key it sees) makes that head's
         output and LSE NaN, as the softmax is; such a head adds nothing to `telemetry`. A NaN
-        or inf value makes NaN (or inf) only the outputs of the queries that see its key; on
-        CUDA that holds for decode steps of one token, while in a prefill chunk it also reaches
-        the queries of the chunk that share the key's tile but do not see the key (P @ V
-        multiplies their zero weights by it).
+        or inf value makes NaN (or inf) only the outputs of the queries that see its key. On
+        CUDA that holds for calls with max_query_len 1 and at most 16 query heads per KV head
+        (the decode kernels); in other calls (prefill chunks, several new tokens, larger
+        groups) it can also reach queries that read the key's tile (16 to 128 keys) without
+        seeing the key (P @ V multiplies their zero weights by it).
 
     No backward: when the query or a pool requires grad (grad mode on), the outputs require grad
     and backward through them raises, rather than leave a gradient silently lost (the pool,

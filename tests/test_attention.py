@@ -275,8 +275,9 @@ def test_nan_scores_make_nan_heads(device, dtype, case, page_size, heads, prefil
 
 
 # (specs, window, sinks, position of the NaN value): a prefill chunk whose earlier queries do
-# not see the key, a decode step whose window ends just after it, and one whose key lies between
-# the sinks and the window in the sinks' tile.
+# not see the key, a decode step whose window starts just after it, and one whose key lies
+# between the sinks and the window in the sinks' tile. At head_dim 64 the CUDA decode tiles hold
+# 32 keys, at 128 they hold 16 (the window's first tile then fills one page of 16 alone).
 NAN_VALUE_CASES = {
     "prefill": ([(300, 40)], 0, 0, 280),
     "decode_window": ([(1000, 1)], 22, 0, 1000 - 22 - 1),
@@ -288,19 +289,21 @@ NAN_VALUE_CASES = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", sorted(NAN_VALUE_CASES))
 @pytest.mark.parametrize("page_size", [16, 256])
-def test_a_nan_value_reaches_only_the_queries_that_see_it(device, dtype, case, page_size, request):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_nan_value_reaches_only_the_queries_that_see_it(device, dtype, case, page_size, head_dim,
+                                                          request):
     """A NaN in a value makes NaN only the outputs of the heads whose queries see its key;
     queries that cannot see it (causal mask, sliding window) stay finite and right, although
     the key shares a tile or page with keys they see (0 * NaN must not reach them)."""
     _skip_unsupported(device, dtype)
     if device == "cuda" and case == "prefill":
         # Known: the CUDA prefill kernels multiply the masked keys' zero weights by their values
-        # in P @ V, so a NaN value reaches every query of its tile (decode zero-fills the rows
-        # no query of the block sees).
+        # in P @ V, so a NaN value reaches every query that reads its tile (the decode kernels
+        # zero-fill the rows no query of the block sees).
         request.applymarker(pytest.mark.xfail(strict=True, reason="CUDA P @ V multiplies masked zeros by NaN"))
-    g = _generator("nan value", dtype, case, page_size)
+    g = _generator("nan value", dtype, case, page_size, head_dim)
     specs, window, sinks, position = NAN_VALUE_CASES[case]
-    batch = make_batch(device, dtype, page_size, 64, 4, 2, specs, g)
+    batch = make_batch(device, dtype, page_size, head_dim, 4, 2, specs, g)
     frame = _frame(batch.page_table.cpu(), batch.rows[0], position // page_size)
     batch.pool[frame, batch.layer, 1, 1, position % page_size, 9] = float("nan")
 

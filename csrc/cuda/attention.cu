@@ -57,8 +57,8 @@ struct Config {
   // Whole tiles copied without per-row predicates (copy_tile_part). Decode only: the mma.sync
   // prefill block runs at the register limit, and the second copy path made it spill.
   static constexpr bool kUnpredicatedCopies = WN > 1;
-  // Rows before the window that no query row sees are zero-filled (copy_tile_part). Decode only,
-  // for the same reason.
+  // Rows before the window that no query row sees are zero-filled (copy_tile_part). Decode only:
+  // exact for a block of one query token, where a prefill block's rows see different keys.
   static constexpr bool kZeroFillBeforeWindow = WN > 1;
   static constexpr bool kHoistAddressTerms = WN > 1 && D <= 128;  // see BlockScope
   static constexpr bool kFastDivisions = WN > 1;                  // see quotient()

@@ -423,8 +423,9 @@ __device__ inline bool tile_in_window(const BlockScope& s, int t0) {
 // rows before the window of the block's first row that are not sinks: no row of the block sees
 // them, and a NaN or inf value there would otherwise reach every row through P V (a zero weight
 // times NaN is NaN). A decode block of one query token then keeps such a value from its
-// outputs exactly; prefill rows see different windows, so there a tile's value still reaches
-// the rows of the tile that do not see its key.
+// outputs exactly. Other blocks (prefill, and decode blocks of several tokens, whose rows see
+// different keys) read rows that some of their rows do not see, and there such a value still
+// reaches those rows.
 template <typename T, typename Cfg>
 __device__ inline void copy_tile_part(const Params& p, const BlockScope& s, int k,
                                       const TilePages<T>& pages, int part, uint32_t dst,
