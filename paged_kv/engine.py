@@ -613,13 +613,14 @@ class Engine:
                 raise ValueError("Engine.attention: rows=None reads the bound batch slots, but none is bound")
         rows = _index_list("Engine.attention: rows", rows)
         starts = _index_list("Engine.attention: query_starts", query_starts)
-        layer = self._layer(layer)
         if torch.compiler.is_compiling():
+            # Checked while tracing too, so that a bad layer fails there and not in the graph's run.
+            layer = self._layer(layer)
             out, lse = torch.ops.paged_kv.engine_attention(
                 query, self.pool, self.page_table, self.op_id, rows, starts, layer, scale, window, sinks)
         else:
             # Eagerly the operator's body runs directly: the custom op's dispatch layers cost
-            # more host time than the rest of a decode step's host work.
+            # more host time than the rest of a decode step's host work. It checks the layer.
             out, lse = self._attend(query, rows, starts, layer, scale, window, sinks)
         return (out, lse) if return_lse else out
 
