@@ -10,9 +10,12 @@ Kernels: `paged_kv` (paged_kv.ops.attention), `sdpa_dense` (scaled_dot_product_a
 contiguous K/V), `copy_then_sdpa` (zero-copy cases: pinned K/V copied to the GPU, then SDPA),
 `flex_paged` (FlexAttention through PagedAttention's block mask, compiled, pages of 128) and
 `flashinfer_*` (FlashInfer paged decode and prefill) where `import flashinfer` works.
-Every row is checked against dense SDPA's output. Run from the repository root:
+Every row is checked against dense SDPA's output. A case's candidates are then timed in
+interleaved rounds (each once per round, the median of its calls; 5 rounds on a GPU): a row's
+time is the median over rounds, and a ratio to a peer the median of the rounds' ratios, with the
+lowest and highest in `time_ratio_range_vs`. Run from the repository root:
 
-    python bench/attention.py [--quick] [--out DIR] [--device auto|cpu|cuda] [--cases REGEX]
+    python bench/attention.py [--quick] [--out DIR] [--device auto|cpu|cuda] [--cases REGEX] [--rounds N]
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import contextlib
 import gc
 import math
 import re
+import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +62,8 @@ FORMULAS = {
     "gbps": "bytes / time, 10^9 bytes per second",
     "tflops": "flops / time, 10^12 FLOPs per second",
     "roofline_us": "max(bytes / memory ceiling, flops / matmul ceiling); bound names the larger term",
-    "time_ratio": "paged_kv time / peer time on the same case (<= 1: paged_kv at least as fast)",
+    "time_ratio": "paged_kv time / peer time on the same case (<= 1: paged_kv at least as fast): the "
+                  "median over rounds of the two times taken in the same round",
 }
 
 
@@ -100,7 +105,8 @@ QUICK_CASES = (
 @dataclass(frozen=True)
 class Timing:
     warmup: int
-    repeat: int
+    repeat: int  # timed calls per candidate and round
+    rounds: int = 1  # interleaved rounds: each of a case's candidates is timed once per round
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,35 +540,67 @@ def base_row(case: Case, kernel: str, page_size: int | None) -> dict:
             "batch": case.batch, "kv_len": case.kv_len, "query_len": case.query_len}
 
 
-def measure(case: Case, make: Callable[[], Candidate], reference: torch.Tensor, device: torch.device,
-            ceilings_: dict, timing: Timing, cold_l2: bool, kernel: str, page_size: int | None) -> dict:
-    """Build, check and time one candidate; failures become an `error` in the row."""
+@dataclass
+class Entry:
+    """One candidate of a case: its row, and its timing in each round."""
+    row: dict
+    candidate: Candidate | None  # None once it failed
+    rounds: list[dict] = field(default_factory=list)
+
+
+def prepare(case: Case, make: Callable[[], Candidate], reference: torch.Tensor, kernel: str,
+            page_size: int | None) -> Entry:
+    """Build one candidate and check its output; a failure becomes an `error` in the row."""
     row = base_row(case, kernel, page_size)
     print(f"  {case.name} {kernel} page {page_size} ...", file=sys.stderr, flush=True)
-    candidate = None
     try:
         candidate = make()
-        tier = candidate.tier
         row.update(kernel=candidate.kernel, page_size=candidate.page_size, **candidate.details)
         row.update(compare(candidate.to_op_layout(candidate.call()), reference))
-        with candidate.context():
-            stats = time_fn(candidate.call, device, warmup=timing.warmup, repeat=timing.repeat,
-                            cold_l2=cold_l2)
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        return row
-    finally:
-        candidate = None
         free_memory()
+        return Entry(row, None)
+    return Entry(row, candidate)
+
+
+def time_rounds(entries: list[Entry], device: torch.device, timing: Timing, cold_l2: bool) -> None:
+    """Time every candidate once per round, in the same order each round: a drift of the machine's
+    speed during the case (clocks, temperature, a neighbour's load) then reaches every candidate
+    alike, and each round gives a ratio of times taken minutes apart at most."""
+    for _ in range(timing.rounds):
+        for entry in entries:
+            if entry.candidate is None:
+                continue
+            try:
+                with entry.candidate.context():
+                    entry.rounds.append(time_fn(entry.candidate.call, device, warmup=timing.warmup,
+                                                repeat=timing.repeat, cold_l2=cold_l2))
+            except Exception as exc:
+                entry.row["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+                entry.candidate = None
+
+
+def finish(entry: Entry, case: Case, device: torch.device, ceilings_: dict, cold_l2: bool) -> dict:
+    """The row of a timed candidate: the median over rounds of each round's median call time, the
+    work, and the fraction of the same-run ceiling."""
+    row = entry.row
+    if entry.candidate is None or not entry.rounds:
+        return row
+    tier = entry.candidate.tier
+    medians = [stats["median_us"] for stats in entry.rounds]
+    time_us = statistics.median(medians)
     bytes_, flops = case_bytes(case), case_flops(case)
     memory_ceiling = memory_ceiling_name(device, tier)
     ceiling = "matmul" if case.kind == "prefill" else memory_ceiling
     rate = ceiling_rate(ceilings_, ceiling)
     row.update(
-        time_us=stats["median_us"], p10_us=stats["p10_us"], p90_us=stats["p90_us"],
-        min_us=stats["min_us"], repeat=stats["repeat"], cold_l2=cold_l2,
-        bytes=bytes_, flops=flops, gbps=gbps(bytes_, stats["median_us"]),
-        tflops=flops / (stats["median_us"] * 1e6), ceiling=ceiling,
+        time_us=time_us, round_times_us=medians, rounds=len(medians),
+        p10_us=statistics.median(stats["p10_us"] for stats in entry.rounds),
+        p90_us=statistics.median(stats["p90_us"] for stats in entry.rounds),
+        min_us=min(stats["min_us"] for stats in entry.rounds), repeat=entry.rounds[0]["repeat"],
+        cold_l2=cold_l2, bytes=bytes_, flops=flops, gbps=gbps(bytes_, time_us),
+        tflops=flops / (time_us * 1e6), ceiling=ceiling,
     )
     achieved = row["tflops"] if ceiling == "matmul" else row["gbps"]
     row["fraction_of_ceiling"] = achieved / rate if rate else None
@@ -572,18 +610,31 @@ def measure(case: Case, make: Callable[[], Candidate], reference: torch.Tensor, 
     return row
 
 
+def time_ratio(row: dict, peer: dict) -> tuple[float, float, float]:
+    """row's time over peer's, with the lowest and highest: from the ratios of the rounds when both
+    were timed in the same rounds (their median), else from the two times."""
+    mine, theirs = row.get("round_times_us"), peer.get("round_times_us")
+    if mine and theirs and len(mine) == len(theirs):
+        ratios = [a / b for a, b in zip(mine, theirs)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+    ratio = row["time_us"] / peer["time_us"]
+    return ratio, ratio, ratio
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Correct paged_kv rows get their time over each correct peer's time on the same case."""
     for row in rows:
         if row["kernel"] != "paged_kv" or "time_us" not in row or not row.get("correct"):
             continue
-        ratios = {}
+        ratios, ranges = {}, {}
         for peer in rows:
             same_pages = peer["kernel"] in PAGE_INDEPENDENT or peer["page_size"] == row["page_size"]
             if (peer["kernel"] != "paged_kv" and peer["case"] == row["case"] and same_pages
                     and "time_us" in peer and peer.get("correct")):
-                ratios[peer["kernel"]] = row["time_us"] / peer["time_us"]
+                ratio, low, high = time_ratio(row, peer)
+                ratios[peer["kernel"]], ranges[peer["kernel"]] = ratio, [low, high]
         row["time_ratio_vs"] = ratios
+        row["time_ratio_range_vs"] = ranges
         if ratios:
             best = max(ratios, key=ratios.get)  # the fastest peer gives the largest ratio
             row["best_peer"], row["time_ratio_vs_best_peer"] = best, ratios[best]
@@ -596,6 +647,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def run_case(case: Case, index: int, device: torch.device, ceilings_: dict, timing: Timing,
              cold_l2: bool, flex: Flex, flashinfer: FlashInfer) -> list[dict]:
+    """Every candidate of the case built and checked, then timed in interleaved rounds."""
     print(f"case {case.name}", file=sys.stderr, flush=True)
     if case.tier == 1 and device.type != "cuda":
         return [{**base_row(case, "paged_kv", page),
@@ -605,50 +657,48 @@ def run_case(case: Case, index: int, device: torch.device, ceilings_: dict, timi
     dense = make_dense(case, device)
     reference = sdpa_to_op_layout(sdpa_candidate(case, dense).call(), case).clone()
     cold = cold_l2 and case.kind != "prefill"
+    entries: list[Entry | dict] = []  # a dict: a row that is not timed
 
-    def run(make, kernel, page_size=None):
-        return measure(case, make, reference, device, ceilings_, timing, cold, kernel, page_size)
+    def add(make, kernel, page_size=None):
+        entries.append(prepare(case, make, reference, kernel, page_size))
 
-    rows = [run(lambda: sdpa_candidate(case, dense), "sdpa_dense")]
+    add(lambda: sdpa_candidate(case, dense), "sdpa_dense")
     if case.tier == 1:
-        rows.append(run(lambda: copy_then_sdpa_candidate(case, dense), "copy_then_sdpa"))
+        add(lambda: copy_then_sdpa_candidate(case, dense), "copy_then_sdpa")
     if case.kind == "decode" and flex.compiled is not None:
-        rows.append(run(lambda: flex.candidate(case, dense, device, seed=index), "flex_paged", FLEX_PAGE_SIZE))
+        add(lambda: flex.candidate(case, dense, device, seed=index), "flex_paged", FLEX_PAGE_SIZE)
     missing = paged_kv_unavailable(device)
     for page_size in case.page_sizes:
         paged = build_paged(case, dense, page_size, device, seed=100 * index + page_size)
         if missing:
-            rows.append({**base_row(case, "paged_kv", page_size), "skipped": missing})
+            entries.append({**base_row(case, "paged_kv", page_size), "skipped": missing})
         else:
-            rows.append(run(lambda: paged_kv_candidate(case, dense, paged, device), "paged_kv", page_size))
+            add(lambda: paged_kv_candidate(case, dense, paged, device), "paged_kv", page_size)
         if flashinfer.reason is None and case.tier == 0:
-            rows += run_flashinfer(case, dense, paged, flashinfer, run)
-        del paged
-        free_memory()
+            add_flashinfer(case, dense, paged, flashinfer, add)
+    timed = [entry for entry in entries if isinstance(entry, Entry)]
+    time_rounds(timed, device, timing, cold)
+    rows = [finish(entry, case, device, ceilings_, cold) if isinstance(entry, Entry) else entry
+            for entry in entries]
     add_ratios(rows)
-    del dense, reference
+    del entries, timed, dense, reference
     free_memory()
     return rows
 
 
-def run_flashinfer(case: Case, dense: Dense, paged: Paged, flashinfer: FlashInfer, run) -> list[dict]:
-    rows = []
+def add_flashinfer(case: Case, dense: Dense, paged: Paged, flashinfer: FlashInfer, add) -> None:
     p = paged.page_size
     for layout in ("HND", "NHD"):
         pool_layer = paged.pool[:, LAYER]  # [F, 2, H, P, D]: FlashInfer's HND layout
         cache = pool_layer if layout == "HND" else pool_layer.transpose(2, 3).contiguous()
         if case.kind == "prefill":
             for backend in ("fa2", "fa3"):
-                rows.append(run(lambda: flashinfer.prefill(case, dense, paged, cache, layout, backend),
-                                f"flashinfer_prefill_{backend}_{layout.lower()}", p))
+                add(lambda: flashinfer.prefill(case, dense, paged, cache, layout, backend),
+                    f"flashinfer_prefill_{backend}_{layout.lower()}", p)
         else:
             for tensor_cores in (False, True):
                 name = f"flashinfer_decode{'_tc' if tensor_cores else ''}_{layout.lower()}"
-                rows.append(run(lambda: flashinfer.decode(case, dense, paged, cache, layout, tensor_cores),
-                                name, p))
-        del cache, pool_layer
-        free_memory()
-    return rows
+                add(lambda: flashinfer.decode(case, dense, paged, cache, layout, tensor_cores), name, p)
 
 
 def failures_of(rows: list[dict]) -> list[str]:
@@ -675,7 +725,8 @@ def display_rows(rows: list[dict]) -> list[dict]:
         elif "error" in row:
             status = f"error: {row['error'][:120]}"
         ratios = row.get("time_ratio_vs", {})
-        shown.append({**row, "vs_sdpa": ratios.get("sdpa_dense"),
+        low, high = row.get("time_ratio_range_vs", {}).get("sdpa_dense", (None, None))
+        shown.append({**row, "vs_sdpa": ratios.get("sdpa_dense"), "vs_sdpa_low": low, "vs_sdpa_high": high,
                       "vs_best_peer": row.get("time_ratio_vs_best_peer"), "status": status})
     return shown
 
@@ -689,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated peers to leave out: flex, flashinfer")
     parser.add_argument("--warm-l2", action="store_true",
                         help="time decode without flushing the L2 before each call")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved timing rounds per case (default: 5 on a GPU, else 1)")
     parser.add_argument("--name", default="attention",
                         help="results file stem (default: attention), e.g. for a run of some --cases")
     args = parser.parse_args(argv)
@@ -703,8 +756,12 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         parser.error(f"--cases {args.cases!r} matches no case")
     on_gpu = device.type == "cuda"
-    timing = Timing(3, 20) if args.quick and on_gpu else Timing(1, 5) if not on_gpu else Timing(10, 100)
-    prefill_timing = Timing(3, 30) if on_gpu and not args.quick else timing
+    rounds = args.rounds if args.rounds is not None else 5 if on_gpu and not args.quick else 1
+    if rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {rounds}")
+    timing = Timing(3, 20, rounds) if args.quick and on_gpu else Timing(1, 5, rounds) if not on_gpu \
+        else Timing(10, 100, rounds)
+    prefill_timing = Timing(3, 30, rounds) if on_gpu and not args.quick else timing
 
     ceilings_ = measure_ceilings(device, args.quick)
     flex = Flex(device)
@@ -720,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(format_table(display_rows(rows), ["case", "kernel", "page_size", "time_us", "gbps", "tflops",
                                             "ceiling", "fraction_of_ceiling", "max_abs_diff", "vs_sdpa",
-                                            "vs_best_peer", "status"]))
+                                            "vs_sdpa_low", "vs_sdpa_high", "vs_best_peer", "status"]))
     failures = failures_of(rows)
     extra = {
         "config": {"num_q_heads": NUM_Q_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM,

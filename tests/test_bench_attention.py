@@ -114,9 +114,25 @@ def test_ratios_compare_same_case_and_page_size():
     assert rows[-1]["best_peer"] == "flashinfer_decode_hnd"
 
 
+def test_ratios_pair_the_times_of_each_round():
+    sdpa = {"case": "c", "kernel": "sdpa_dense", "page_size": None, "time_us": 100.0, "correct": True,
+            "round_times_us": [100.0, 120.0, 90.0]}
+    paged = {"case": "c", "kernel": "paged_kv", "page_size": 16, "time_us": 99.0, "correct": True,
+             "round_times_us": [99.0, 114.0, 94.5]}
+    attention.add_ratios([sdpa, paged])
+    # Per round 0.99, 0.95, 1.05: their median, not 99 / 100 from the medians of the times.
+    assert paged["time_ratio_vs"]["sdpa_dense"] == pytest.approx(0.99)
+    assert paged["time_ratio_range_vs"]["sdpa_dense"] == pytest.approx([0.95, 1.05])
+    # Times from different numbers of rounds are not paired: the ratio of the times.
+    sdpa["round_times_us"] = [100.0]
+    attention.add_ratios([sdpa, paged])
+    assert paged["time_ratio_vs"]["sdpa_dense"] == pytest.approx(0.99)
+    assert paged["time_ratio_range_vs"]["sdpa_dense"] == pytest.approx([0.99, 0.99])
+
+
 def test_quick_run_on_the_cpu(tmp_path):
     done = subprocess.run(
-        [sys.executable, "bench/attention.py", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "bench/attention.py", "--quick", "--rounds", "2", "--out", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -133,6 +149,7 @@ def test_quick_run_on_the_cpu(tmp_path):
     rows = data["rows"]
     sdpa = [row for row in rows if row["kernel"] == "sdpa_dense"]
     assert len(sdpa) == 3 and all(row["time_us"] > 0 and row["correct"] for row in sdpa)
+    assert all(row["rounds"] == 2 and len(row["round_times_us"]) == 2 for row in sdpa)
     paged = [row for row in rows if row["kernel"] == "paged_kv"]
     assert len(paged) == sum(len(case.page_sizes) for case in attention.QUICK_CASES)
     zero_copy = [row for row in paged if row["kind"] == "zero_copy"]
@@ -146,5 +163,7 @@ def test_quick_run_on_the_cpu(tmp_path):
         else:
             assert row["correct"] and row["max_abs_diff"] <= attention.TOL, row
             assert row["time_us"] > 0 and row["time_ratio_vs"]["sdpa_dense"] > 0
+            low, high = row["time_ratio_range_vs"]["sdpa_dense"]
+            assert low <= row["time_ratio_vs"]["sdpa_dense"] <= high
             assert row["ceiling"] in ("host_memcpy", "matmul")
     assert "decode_b1_1000" in done.stdout  # the printed table
