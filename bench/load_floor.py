@@ -12,17 +12,22 @@ before every call:
   load_head_warps the same bytes read by one 8-warp block per SM whose warp w reads KV head w of
                   the block's pages, so the eight heads' runs of a frame are read together
                   (3-stage pipelines per warp, a block per sequence and split)
-and the HBM read ceiling. `--placement extent` places the frames as bench/attention.py's
+and the HBM read ceiling. `--shapes` instead times load_per_warp alone at each block shape of
+SHAPES (warps a block, stages, blocks a multiprocessor, the last capped by padding the dynamic
+shared memory), for pages of 256 and of 16 in random frames, beside SDPA and paged_kv, in
+interleaved rounds; it writes load_floor_shapes.json. `--placement extent` places the frames as bench/attention.py's
 frame_order does (runs of consecutive pages in 2 MiB of consecutive frames) instead of randomly.
 The load-only kernels are compiled with NVRTC through CuPy, so the script needs CuPy and a CUDA
 GPU. Writes bench/results/load_floor.json (pages of 256) or load_floor_page<N>.json, with the
 suffix _extent under --placement extent.
 
     python bench/load_floor.py [--cases REGEX] [--page-size N] [--placement P] [--out DIR]
+    python bench/load_floor.py --shapes [--cases REGEX] [--rounds N] [--out DIR]
 """
 from __future__ import annotations
 
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -43,6 +48,12 @@ CASES = [c for c in A.FULL_CASES if c.kind == "decode" and c.tier == 0]
 PAGE_SIZE = 256  # the default; --page-size picks another
 WIDE_MAX_TOKENS = 128 * 1024  # as kWideDecodeMaxTokens in csrc/cuda/attention.cu
 DECODE_STAGES = 2  # as DecodeKeysAsMConfig and WideDecodeKeysAsMConfig at head_dim 128
+# (warps a block, stages, blocks a multiprocessor) for --shapes; (4, 2, 2) is the decode kernel's
+# pattern at 1M tokens and batch 32, (12, 2, 1) its wide block's.
+SHAPES = ((4, 2, 2), (4, 2, 3), (4, 2, 1), (4, 3, 1), (4, 3, 2), (2, 2, 2), (3, 2, 2), (6, 2, 2),
+          (2, 2, 3), (2, 4, 2), (8, 2, 1), (12, 2, 1))
+SHAPE_PAGE_SIZES = (256, 16)
+BLOCK_RESERVED_SMEM = 1024  # shared memory the GPU reserves for each resident block
 
 
 class LoadKernels:
@@ -57,6 +68,7 @@ class LoadKernels:
         self.names = {("per_warp", 12, 2): "per_warp<12, 2>", ("per_warp", 4, 2): "per_warp<4, 2>",
                       ("block_tiles", 64, 3): "block_tiles<64, 3>",
                       ("head_warps", 8, 3): "head_warps<8, 3>"}
+        self.names.update({("per_warp", w, st): f"per_warp<{w}, {st}>" for w, st, _ in SHAPES})
         self.module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",),
                                      name_expressions=list(self.names.values()))
         self.result = torch.zeros(1, dtype=torch.int32, device="cuda")
@@ -73,15 +85,18 @@ class LoadKernels:
         return self.cupy.cuda.ExternalStream(current.cuda_stream)
 
     def launcher(self, kind: str, a: int, b: int, paged: A.Paged, case: A.Case, splits: int,
-                 per_sm: int):
+                 per_sm: int, smem_floor: int = 0):
+        """The call of one kernel over the case; `smem_floor` pads its dynamic shared memory (so
+        fewer blocks fit on a multiprocessor)."""
         kernel = self.module.get_function(self.names[(kind, a, b)])
         per_warp_rings = kind in ("per_warp", "head_warps")
         threads = a * 32 if per_warp_rings else 128
         tile_bytes = (16 if per_warp_rings else a) * A.HEAD_DIM * 2
-        smem = (a if per_warp_rings else 1) * b * 2 * tile_bytes
+        smem = max(smem_floor, (a if per_warp_rings else 1) * b * 2 * tile_bytes)
         if kind == "head_warps" and a % A.NUM_KV_HEADS:
             raise ValueError(f"head_warps<{a}, {b}> needs a multiple of {A.NUM_KV_HEADS} warps")
-        kernel.max_dynamic_shared_size_bytes = smem
+        # The attribute belongs to the function, which launches of other paddings share.
+        kernel.max_dynamic_shared_size_bytes = max(kernel.max_dynamic_shared_size_bytes, smem)
         pool, frames = paged.pool, paged.page_table
         if pool.shape[1] != 1 or not pool.is_contiguous() or not frames.is_contiguous():
             raise ValueError("load_floor expects a contiguous one-layer pool and page table")
@@ -111,6 +126,26 @@ def decode_grid(case: A.Case, num_sms: int) -> tuple[int, int, int]:
     wave = num_sms * per_sm
     splits = 1 if columns >= wave else wave // columns
     return warps, per_sm, max(1, min(splits, case.kv_len // 512))
+
+
+def shape_launch(case: A.Case, warps: int, stages: int, per_sm: int, num_sms: int,
+                 smem_per_sm: int, smem_per_block: int) -> tuple[int, int] | None:
+    """(splits, dynamic shared memory) for load_per_warp at `per_sm` blocks a multiprocessor:
+    splits as the decode kernel plans them for that many, the shared memory padded so that one
+    block more does not fit; None where `per_sm` blocks of the shape do not fit."""
+    need = warps * stages * 2 * load_tile_bytes()
+    smem = max(need, smem_per_sm // (per_sm + 1) - BLOCK_RESERVED_SMEM + 1)
+    if smem > smem_per_block or per_sm * (smem + BLOCK_RESERVED_SMEM) > smem_per_sm:
+        return None
+    columns = case.batch * A.NUM_KV_HEADS
+    wave = num_sms * per_sm
+    splits = 1 if columns >= wave else wave // columns
+    return max(1, min(splits, case.kv_len // 512)), smem
+
+
+def load_tile_bytes() -> int:
+    """K or V of one 16-token tile, one KV head."""
+    return 16 * A.HEAD_DIM * 2
 
 
 def head_warps_splits(case: A.Case, num_sms: int) -> int:
@@ -157,6 +192,51 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
     return rows
 
 
+def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int) -> list[dict]:
+    """SDPA, paged_kv and load_per_warp at every shape of SHAPES, pages of 256 and 16 in random
+    frames, timed in `rounds` interleaved rounds; a ratio is over SDPA's time in the same round."""
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(0)
+    torch.manual_seed(0)
+    dense = A.make_dense(case, device)
+    found = {("sdpa_dense", None, None): (A.sdpa_candidate(case, dense), {})}
+    keep = []
+    for page_size in SHAPE_PAGE_SIZES:
+        paged = A.build_paged(case, dense, page_size, device, seed=1)
+        keep.append(paged)
+        found[("paged_kv", page_size, None)] = (A.paged_kv_candidate(case, dense, paged, device), {})
+        for warps, stages, per_sm in SHAPES:
+            launch = shape_launch(case, warps, stages, per_sm, props.multi_processor_count,
+                                  props.shared_memory_per_multiprocessor, props.shared_memory_per_block_optin)
+            if launch is None:
+                continue
+            splits, smem = launch
+            call, details = kernels.launcher("per_warp", warps, stages, paged, case, splits, per_sm, smem)
+            call()
+            found[("load_per_warp", page_size, (warps, stages, per_sm))] = (A.Candidate("load_per_warp", call, None), details)
+    torch.cuda.synchronize()
+    times = {key: [] for key in found}
+    for _ in range(rounds):
+        for key, (candidate, _) in found.items():
+            with candidate.context():
+                times[key].append(time_cuda(candidate.call, warmup=10, repeat=100, cold_l2=True)["median_us"])
+    sdpa = times[("sdpa_dense", None, None)]
+    rows = []
+    for (kernel, page_size, shape), samples in times.items():
+        ratios = [t / s for t, s in zip(samples, sdpa)]
+        time_us = statistics.median(samples)
+        row = {"case": case.name, "kernel": kernel, "page_size": page_size, "bytes": A.case_bytes(case),
+               "time_us": time_us, "fraction_of_hbm_read": gbps(A.case_bytes(case), time_us) / hbm_gbps,
+               "vs_sdpa": statistics.median(ratios), "vs_sdpa_low": min(ratios),
+               "vs_sdpa_high": max(ratios), "rounds": rounds, **found[(kernel, page_size, shape)][1]}
+        if shape is not None:
+            row.update(warps=shape[0], stages=shape[1], blocks_per_sm=shape[2])
+        rows.append(row)
+    del keep, found, dense
+    A.free_memory()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench_args(__doc__.splitlines()[0])
     parser.add_argument("--cases", metavar="REGEX", default=None, help="run only matching cases")
@@ -164,7 +244,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per page (default %(default)s)")
     parser.add_argument("--placement", default="random", choices=A.PLACEMENTS,
                         help="frame placement (bench/attention.py frame_order; default %(default)s)")
+    parser.add_argument("--shapes", action="store_true",
+                        help="time load_per_warp at every block shape of SHAPES instead (pages of 256 and 16)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --shapes (default 3)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.shapes and (args.page_size != PAGE_SIZE or args.placement != "random"):
+        parser.error("--shapes times pages of 256 and 16 in random frames: no --page-size or --placement")
     if args.quick or args.device == "cpu":
         parser.error("load_floor times CUDA kernels at full size: it needs a CUDA GPU and no --quick")
     if not torch.cuda.is_available():
@@ -179,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     hbm = ceilings.measure_hbm_read()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
+    if args.shapes:
+        for case in cases:
+            rows += run_shapes(case, kernels, hbm["gbps"], args.rounds)
+        print(format_table(rows, ["case", "kernel", "page_size", "warps", "stages", "blocks_per_sm", "time_us",
+                                  "vs_sdpa", "vs_sdpa_low", "vs_sdpa_high", "splits"]))
+        path = write_results("load_floor_shapes", {"hbm_read": hbm}, rows, args.out,
+                             {"placement": "random", "kernel_source": KERNEL_SOURCE.name,
+                              "shapes": [list(shape) for shape in SHAPES]})
+        print(f"wrote {path}")
+        return 0
     for case in cases:
         rows += run_case(case, kernels, hbm["gbps"], num_sms, args.page_size, args.placement)
     print(format_table(rows, ["case", "kernel", "time_us", "gbps", "fraction_of_hbm_read", "vs_sdpa",

@@ -73,3 +73,39 @@ def test_page_size_must_be_a_supported_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit):  # argparse's error exit
         load_floor.main(["--page-size", "48"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shapes", "--page-size", "16"], "--shapes times pages of 256 and 16 in random frames"),
+    (["--shapes", "--placement", "extent"], "--shapes times pages of 256 and 16 in random frames"),
+    (["--shapes", "--rounds", "0"], "--rounds must be at least 1"),
+])
+def test_shapes_refuses_what_it_would_ignore(monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):  # argparse's error exit
+        load_floor.main(flags)
+    assert message in capsys.readouterr().err
+
+
+H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK = 233472, 232448
+
+
+@pytest.mark.parametrize("warps, stages, per_sm", load_floor.SHAPES)
+def test_shape_launch_fits_exactly_the_blocks_asked_for(warps, stages, per_sm):
+    splits, smem = load_floor.shape_launch(case(1, 1 << 20), warps, stages, per_sm, 132,
+                                           H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK)
+    reserved = load_floor.BLOCK_RESERVED_SMEM
+    assert smem >= warps * stages * 2 * load_floor.load_tile_bytes()
+    assert per_sm * (smem + reserved) <= H200_SMEM_PER_SM < (per_sm + 1) * (smem + reserved)
+    assert splits == 132 * per_sm // 8  # splits as the decode kernel plans them for per_sm
+
+
+def test_shape_launch_plans_splits_and_refuses_what_does_not_fit():
+    # Batch 32 fills a wave of two blocks a multiprocessor without splits; 12 warps of 3 stages
+    # (288 KiB) fit in no multiprocessor.
+    assert load_floor.shape_launch(case(32, 8 * 1024), 4, 2, 2, 132, H200_SMEM_PER_SM,
+                                   H200_SMEM_PER_BLOCK)[0] == 1
+    assert load_floor.shape_launch(case(1, 1 << 20), 12, 3, 1, 132, H200_SMEM_PER_SM,
+                                   H200_SMEM_PER_BLOCK) is None
+    assert load_floor.shape_launch(case(1, 1 << 20), 8, 2, 2, 132, H200_SMEM_PER_SM,
+                                   H200_SMEM_PER_BLOCK) is None
