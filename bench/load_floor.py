@@ -123,9 +123,16 @@ def decode_grid(case: A.Case, num_sms: int) -> tuple[int, int, int]:
     # 12 warps of 2 stages fill one multiprocessor's shared memory; 4-warp blocks fit three, but
     # splits are planned for two (kDecodeBlocksPerSmPlanned).
     warps, per_sm = (12, 1) if wide else (4, 2)
+    return warps, per_sm, planned_splits(case, num_sms, per_sm)
+
+
+def planned_splits(case: A.Case, num_sms: int, per_sm: int) -> int:
+    """Key splits of each sequence, as plan_with plans them for `per_sm` blocks a multiprocessor:
+    enough to fill one wave, none of fewer than 512 tokens."""
+    columns = case.batch * A.NUM_KV_HEADS
     wave = num_sms * per_sm
     splits = 1 if columns >= wave else wave // columns
-    return warps, per_sm, max(1, min(splits, case.kv_len // 512))
+    return max(1, min(splits, case.kv_len // 512))
 
 
 def shape_launch(case: A.Case, warps: int, stages: int, per_sm: int, num_sms: int,
@@ -137,10 +144,7 @@ def shape_launch(case: A.Case, warps: int, stages: int, per_sm: int, num_sms: in
     smem = max(need, smem_per_sm // (per_sm + 1) - BLOCK_RESERVED_SMEM + 1)
     if smem > smem_per_block or per_sm * (smem + BLOCK_RESERVED_SMEM) > smem_per_sm:
         return None
-    columns = case.batch * A.NUM_KV_HEADS
-    wave = num_sms * per_sm
-    splits = 1 if columns >= wave else wave // columns
-    return max(1, min(splits, case.kv_len // 512)), smem
+    return planned_splits(case, num_sms, per_sm), smem
 
 
 def load_tile_bytes() -> int:
