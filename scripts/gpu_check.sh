@@ -4,14 +4,14 @@
 #   usage: scripts/gpu_check.sh OUTDIR [STEP ...]
 #   steps: tests     the whole test suite on the GPU
 #          memcheck  the CUDA tests again under compute-sanitizer memcheck
-#          tests:K/N, memcheck:K/N  the K-th of N shares of either (the test files whose sorted
-#                    index is K-1 modulo N)
+#          tests:K/N, memcheck:K/N  the K-th of N shares of either (every N-th test from the
+#                    K-th, pytest's --share of tests/conftest.py)
 #          bench:N   bench/N.py --out OUTDIR (for example bench:attention)
 #          demo      python -m paged_kv demo
 #   default: tests memcheck bench:ceilings bench:attention demo
 # The build runs first in every call, so the steps can be spread over calls on a machine that
-# limits each command's time. On an H100: the build 1.5 minutes, tests:1/2 3.6 and tests:2/2
-# 6.6, memcheck:1/2 and memcheck:2/2 one minute each; bench:attention about 5 (on an H200).
+# limits each command's time. On an H200: the build 1.2 minutes, the suite about 10 (so a call
+# of at most 10 minutes takes a share of two or three), memcheck about 4, bench:attention 4.
 # FlashInfer, the attention benchmark's peer, is used when its wheel sits in .peers/ (it is
 # installed there with --no-deps and put on PYTHONPATH).
 # Runs with the machine's own python3 (no virtual environment), as on the GPU test machine.
@@ -61,14 +61,12 @@ step info python3 -m paged_kv info
 
 FILES=(tests)
 SHARE=""
-pick_share() {  # pick_share [K N]: FILES and SHARE for every test file, or the K-th of N shares
+pick_share() {  # pick_share [K N]: FILES and SHARE for every test, or the K-th of N shares
   FILES=(tests) SHARE=""
   [ $# -eq 2 ] || return 0
-  local all i
-  # Sorted bytewise: a glob's order follows the locale, which differs between machines.
-  mapfile -t all < <(printf '%s\n' tests/test_*.py | LC_ALL=C sort)
-  FILES=()
-  for i in "${!all[@]}"; do [ $((i % $2)) -eq $(($1 - 1)) ] && FILES+=("${all[$i]}"); done
+  # Every N-th selected test from the K-th (--share, tests/conftest.py): shares of one size,
+  # where shares of whole files were not (test_attention.py alone holds a third of the tests).
+  FILES=(tests --share "$1/$2")
   SHARE="_$1_of_$2"
 }
 run_tests() {

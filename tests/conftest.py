@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -11,6 +13,28 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, re
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 PAGE_SIZES = list(paged_kv.PAGE_SIZES)
 SEEDS = [0, 1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--share", metavar="K/N", default=None,
+                     help="run only the K-th of N shares of the selected tests: every N-th test from "
+                          "the K-th, so the shares of one run take about the same time")
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m, so the shares split what those select
+def pytest_collection_modifyitems(config, items):
+    share = config.getoption("--share")
+    if share is None:
+        return
+    match = re.fullmatch(r"(\d+)/(\d+)", share)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise pytest.UsageError(f"--share {share!r}: expected K/N with 1 <= K <= N")
+    k, n = int(match[1]), int(match[2])
+    kept = [item for i, item in enumerate(items) if i % n == k - 1]
+    dropped = [item for i, item in enumerate(items) if i % n != k - 1]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
 
 
 def engine_dtype(device):

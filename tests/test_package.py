@@ -166,3 +166,24 @@ def test_gpu_check_refuses_a_bad_step_before_building(tmp_path, step, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert not out_dir.exists()  # nothing was built or run
+
+
+def test_test_shares_split_the_selection_evenly():
+    """--share K/N (tests/conftest.py) keeps every N-th selected test from the K-th: the shares
+    are disjoint, together the whole selection, and within one test of each other in size."""
+    def collected(*flags):
+        out = subprocess.run([sys.executable, "-m", "pytest", "tests/test_bench_harness.py", "--collect-only", "-q",
+                              "-p", "no:cacheprovider", *flags], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return [line for line in out.stdout.splitlines() if "::" in line]
+
+    everything = collected()
+    shares = [collected("--share", f"{k}/3") for k in (1, 2, 3)]
+    assert sorted(sum(shares, [])) == sorted(everything) and len(everything) >= 6
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert shares[0] == everything[0::3]
+    # -k first, then the share: a share of what -k selects.
+    assert collected("-k", "ceilings", "--share", "1/2") == collected("-k", "ceilings")[0::2]
+    out = subprocess.run([sys.executable, "-m", "pytest", "tests/test_bench_harness.py", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "--share", "3/2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "--share '3/2': expected K/N with 1 <= K <= N" in out.stdout + out.stderr
