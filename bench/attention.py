@@ -567,7 +567,7 @@ def prepare(case: Case, make: Callable[[], Candidate], reference: torch.Tensor, 
 def time_rounds(entries: list[Entry], device: torch.device, timing: Timing, cold_l2: bool) -> None:
     """Time every candidate once per round, in the same order each round: a drift of the machine's
     speed during the case (clocks, temperature, a neighbour's load) then reaches every candidate
-    alike, and each round gives a ratio of times taken minutes apart at most."""
+    alike, and each round gives a ratio of times taken seconds apart."""
     for _ in range(timing.rounds):
         for entry in entries:
             if entry.candidate is None:
