@@ -182,30 +182,21 @@ def measure_matmul(n: int, device: torch.device, timing: Timing) -> dict:
             "method": f"torch.mm of two {n} x {n} bf16 matrices", "n": n}
 
 
-def _guarded(name: str, measure: Callable[[], dict]) -> dict:
-    print(f"measuring {name} ...", file=sys.stderr, flush=True)
-    try:
-        return measure()
-    except Exception as exc:  # one failed ceiling must not lose the run
-        free_memory()
-        return {"error": f"{type(exc).__name__}: {exc}"}
-
-
 def measure_ceilings(device: torch.device, quick: bool) -> dict[str, dict]:
     sizes = ceilings.QUICK if quick else ceilings.FULL
     on_gpu = device.type == "cuda"
     result: dict[str, dict] = {}
     if on_gpu:
-        result["hbm_read"] = _guarded("hbm_read", lambda: ceilings.measure_hbm_read(sizes.hbm_bytes, sizes.repeat))
-        result["h2d_pinned"] = _guarded("h2d_pinned", lambda: ceilings.measure_h2d_pinned(sizes.copy_bytes, sizes.repeat))
+        result["hbm_read"] = ceilings._guarded("hbm_read", lambda: ceilings.measure_hbm_read(sizes.hbm_bytes, sizes.repeat))
+        result["h2d_pinned"] = ceilings._guarded("h2d_pinned", lambda: ceilings.measure_h2d_pinned(sizes.copy_bytes, sizes.repeat))
     else:
         reason = "no CUDA device visible" if not torch.cuda.is_available() else "run on the CPU"
         result["hbm_read"] = {"skipped": f"needs a GPU ({reason})"}
         result["h2d_pinned"] = {"skipped": f"needs a GPU ({reason})"}
-        result["host_memcpy"] = _guarded(
+        result["host_memcpy"] = ceilings._guarded(
             "host_memcpy", lambda: ceilings.measure_host_memcpy(sizes.host_bytes, sizes.slow_repeat))
     n = (2048 if quick else 8192) if on_gpu else (512 if quick else 2048)
-    result["matmul"] = _guarded("matmul", lambda: measure_matmul(n, device, Timing(3, 20 if on_gpu else 5)))
+    result["matmul"] = ceilings._guarded("matmul", lambda: measure_matmul(n, device, Timing(3, 20 if on_gpu else 5)))
     return result
 
 
