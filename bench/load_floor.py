@@ -15,11 +15,11 @@ before every call:
 and the HBM read ceiling. `--shapes` instead times load_per_warp alone at each block shape of
 SHAPES (warps a block, stages, blocks a multiprocessor, the last capped by padding the dynamic
 shared memory), for pages of 256 and of 16 in random frames, beside SDPA and paged_kv, in
-interleaved rounds; it writes load_floor_shapes.json. `--placement extent` places the frames as bench/attention.py's
-frame_order does (runs of consecutive pages in 2 MiB of consecutive frames) instead of randomly.
-The load-only kernels are compiled with NVRTC through CuPy, so the script needs CuPy and a CUDA
-GPU. Writes bench/results/load_floor.json (pages of 256) or load_floor_page<N>.json, with the
-suffix _extent under --placement extent.
+interleaved rounds; it writes load_floor_shapes.json. `--placement extent` places the frames as
+bench/attention.py's frame_order does (runs of consecutive pages in 2 MiB of consecutive
+frames) instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
+script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
+load_floor_page<N>.json, with the suffix _extent under --placement extent.
 
     python bench/load_floor.py [--cases REGEX] [--page-size N] [--placement P] [--out DIR]
     python bench/load_floor.py --shapes [--cases REGEX] [--rounds N] [--out DIR]
@@ -217,7 +217,8 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
             splits, smem = launch
             call, details = kernels.launcher("per_warp", warps, stages, paged, case, splits, per_sm, smem)
             call()
-            found[("load_per_warp", page_size, (warps, stages, per_sm))] = (A.Candidate("load_per_warp", call, None), details)
+            key = ("load_per_warp", page_size, (warps, stages, per_sm))
+            found[key] = (A.Candidate("load_per_warp", call, None), details)
     torch.cuda.synchronize()
     times = {key: [] for key in found}
     for _ in range(rounds):
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement", default="random", choices=A.PLACEMENTS,
                         help="frame placement (bench/attention.py frame_order; default %(default)s)")
     parser.add_argument("--shapes", action="store_true",
-                        help="time load_per_warp at every block shape of SHAPES instead (pages of 256 and 16)")
+                        help="time load_per_warp at every block shape of SHAPES instead "
+                             "(pages of 256 and 16)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --shapes (default 3)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -273,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.shapes:
         for case in cases:
             rows += run_shapes(case, kernels, hbm["gbps"], args.rounds)
-        print(format_table(rows, ["case", "kernel", "page_size", "warps", "stages", "blocks_per_sm", "time_us",
-                                  "vs_sdpa", "vs_sdpa_low", "vs_sdpa_high", "splits"]))
+        print(format_table(rows, ["case", "kernel", "page_size", "warps", "stages", "blocks_per_sm",
+                                  "time_us", "vs_sdpa", "vs_sdpa_low", "vs_sdpa_high", "splits"]))
         path = write_results("load_floor_shapes", {"hbm_read": hbm}, rows, args.out,
                              {"placement": "random", "kernel_source": KERNEL_SOURCE.name,
                               "shapes": [list(shape) for shape in SHAPES]})

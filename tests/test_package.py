@@ -171,9 +171,13 @@ def test_gpu_check_refuses_a_bad_step_before_building(tmp_path, step, message):
 def test_test_shares_split_the_selection_evenly():
     """--share K/N (tests/conftest.py) keeps every N-th selected test from the K-th: the shares
     are disjoint, together the whole selection, and within one test of each other in size."""
+    def pytest_collect(*flags):
+        return subprocess.run([sys.executable, "-m", "pytest", "tests/test_bench_harness.py", "--collect-only",
+                               "-q", "-p", "no:cacheprovider", *flags],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+
     def collected(*flags):
-        out = subprocess.run([sys.executable, "-m", "pytest", "tests/test_bench_harness.py", "--collect-only", "-q",
-                              "-p", "no:cacheprovider", *flags], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        out = pytest_collect(*flags)
         assert out.returncode == 0, out.stdout + out.stderr
         return [line for line in out.stdout.splitlines() if "::" in line]
 
@@ -184,6 +188,6 @@ def test_test_shares_split_the_selection_evenly():
     assert shares[0] == everything[0::3]
     # -k first, then the share: a share of what -k selects.
     assert collected("-k", "ceilings", "--share", "1/2") == collected("-k", "ceilings")[0::2]
-    out = subprocess.run([sys.executable, "-m", "pytest", "tests/test_bench_harness.py", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", "--share", "3/2"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode != 0 and "--share '3/2': expected K/N with 1 <= K <= N" in out.stdout + out.stderr
+    out = pytest_collect("--share", "3/2")
+    assert out.returncode != 0
+    assert "--share '3/2': expected K/N with 1 <= K <= N" in out.stdout + out.stderr
