@@ -72,6 +72,7 @@ class LoadKernels:
         self.module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",),
                                      name_expressions=list(self.names.values()))
         self.result = torch.zeros(1, dtype=torch.int32, device="cuda")
+        self.smem_limits: dict[str, int] = {}  # the dynamic shared memory each function allows
 
     def torch_stream(self):
         """torch's current stream as a CuPy stream (Stream.from_external where CuPy has it)."""
@@ -95,8 +96,11 @@ class LoadKernels:
         smem = max(smem_floor, (a if per_warp_rings else 1) * b * 2 * tile_bytes)
         if kind == "head_warps" and a % A.NUM_KV_HEADS:
             raise ValueError(f"head_warps<{a}, {b}> needs a multiple of {A.NUM_KV_HEADS} warps")
-        # The attribute belongs to the function, which launches of other paddings share.
-        kernel.max_dynamic_shared_size_bytes = max(kernel.max_dynamic_shared_size_bytes, smem)
+        # The attribute belongs to the function, which launches of other paddings share: it only
+        # grows.
+        name = self.names[(kind, a, b)]
+        self.smem_limits[name] = max(self.smem_limits.get(name, 0), smem)
+        kernel.max_dynamic_shared_size_bytes = self.smem_limits[name]
         pool, frames = paged.pool, paged.page_table
         if pool.shape[1] != 1 or not pool.is_contiguous() or not frames.is_contiguous():
             raise ValueError("load_floor expects a contiguous one-layer pool and page table")
