@@ -64,6 +64,8 @@ FORMULAS = {
     "roofline_us": "max(bytes / memory ceiling, flops / matmul ceiling); bound names the larger term",
     "time_ratio": "paged_kv time / peer time on the same case (<= 1: paged_kv at least as fast): the "
                   "median over rounds of the two times taken in the same round",
+    "time_us": "the median over rounds of each round's median call time; p10_us and p90_us the "
+               "medians over rounds of each round's percentiles, min_us the fastest call of all",
 }
 
 
@@ -559,11 +561,13 @@ def prepare(case: Case, make: Callable[[], Candidate], reference: torch.Tensor, 
 
 
 def time_rounds(entries: list[Entry], device: torch.device, timing: Timing, cold_l2: bool) -> None:
-    """Time every candidate once per round, in the same order each round: a drift of the machine's
-    speed during the case (clocks, temperature, a neighbour's load) then reaches every candidate
-    alike, and each round gives a ratio of times taken seconds apart."""
-    for _ in range(timing.rounds):
-        for entry in entries:
+    """Time every candidate once per round: a drift of the machine's speed during the case
+    (clocks, temperature, a neighbour's load) then reaches every candidate alike, and each round
+    gives a ratio of times taken seconds apart."""
+    for r in range(timing.rounds):
+        # Each round starts one candidate further on, so none always follows the same one.
+        start = r % len(entries) if entries else 0
+        for entry in entries[start:] + entries[:start]:
             if entry.candidate is None:
                 continue
             try:

@@ -225,8 +225,10 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
             found[key] = (A.Candidate("load_per_warp", call, None), details)
     torch.cuda.synchronize()
     times = {key: [] for key in found}
-    for _ in range(rounds):
-        for key, (candidate, _) in found.items():
+    keys = list(found)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # each round starts one further on
+            candidate = found[key][0]
             with candidate.context():
                 times[key].append(time_cuda(candidate.call, warmup=10, repeat=100, cold_l2=True)["median_us"])
     sdpa = times[("sdpa_dense", None, None)]
@@ -256,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", action="store_true",
                         help="time load_per_warp at every block shape of SHAPES instead "
                              "(pages of 256 and 16)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --shapes (default 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds of --shapes (default 3)")
     args = parser.parse_args(argv)
+    if args.rounds is not None and not args.shapes:
+        parser.error("--rounds is for --shapes (the other runs time each kernel once)")
+    args.rounds = 3 if args.rounds is None else args.rounds
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.shapes and (args.page_size != PAGE_SIZE or args.placement != "random"):

@@ -130,6 +130,19 @@ def test_ratios_pair_the_times_of_each_round():
     assert paged["time_ratio_range_vs"]["sdpa_dense"] == pytest.approx([0.99, 0.99])
 
 
+def test_rounds_start_one_candidate_further_on():
+    calls = []
+
+    def entry(name):
+        candidate = attention.Candidate(name, lambda: calls.append(name), lambda out: out)
+        return attention.Entry({"kernel": name}, candidate)
+
+    entries = [entry("a"), entry("b"), entry("c")]
+    attention.time_rounds(entries, CPU, attention.Timing(warmup=0, repeat=1, rounds=4), cold_l2=False)
+    assert "".join(calls) == "abc" "bca" "cab" "abc"
+    assert all(len(e.rounds) == 4 for e in entries)
+
+
 def test_quick_run_on_the_cpu(tmp_path):
     done = subprocess.run(
         [sys.executable, "bench/attention.py", "--quick", "--rounds", "2", "--out", str(tmp_path)],

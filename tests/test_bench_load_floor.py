@@ -79,6 +79,7 @@ def test_page_size_must_be_a_supported_one(monkeypatch):
     (["--shapes", "--page-size", "16"], "--shapes times pages of 256 and 16 in random frames"),
     (["--shapes", "--placement", "extent"], "--shapes times pages of 256 and 16 in random frames"),
     (["--shapes", "--rounds", "0"], "--rounds must be at least 1"),
+    (["--rounds", "5"], "--rounds is for --shapes"),
 ])
 def test_shapes_refuses_what_it_would_ignore(monkeypatch, capsys, flags, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
