@@ -540,7 +540,7 @@ def base_row(case: Case, kernel: str, page_size: int | None) -> dict:
 class Entry:
     """One candidate of a case: its row, and its timing in each round."""
     row: dict
-    candidate: Candidate | None  # None once it failed
+    candidate: Candidate | None  # None when it failed or is skipped
     rounds: list[dict] = field(default_factory=list)
 
 
@@ -655,7 +655,7 @@ def run_case(case: Case, index: int, device: torch.device, ceilings_: dict, timi
     dense = make_dense(case, device)
     reference = sdpa_to_op_layout(sdpa_candidate(case, dense).call(), case).clone()
     cold = cold_l2 and case.kind != "prefill"
-    entries: list[Entry | dict] = []  # a dict: a row that is not timed
+    entries: list[Entry] = []
 
     def add(make, kernel, page_size=None):
         entries.append(prepare(case, make, reference, kernel, page_size))
@@ -669,17 +669,15 @@ def run_case(case: Case, index: int, device: torch.device, ceilings_: dict, timi
     for page_size in case.page_sizes:
         paged = build_paged(case, dense, page_size, device, seed=100 * index + page_size)
         if missing:
-            entries.append({**base_row(case, "paged_kv", page_size), "skipped": missing})
+            entries.append(Entry({**base_row(case, "paged_kv", page_size), "skipped": missing}, None))
         else:
             add(lambda: paged_kv_candidate(case, dense, paged, device), "paged_kv", page_size)
         if flashinfer.reason is None and case.tier == 0:
             add_flashinfer(case, dense, paged, flashinfer, add)
-    timed = [entry for entry in entries if isinstance(entry, Entry)]
-    time_rounds(timed, device, timing, cold)
-    rows = [finish(entry, case, device, ceilings_, cold) if isinstance(entry, Entry) else entry
-            for entry in entries]
+    time_rounds(entries, device, timing, cold)
+    rows = [finish(entry, case, device, ceilings_, cold) for entry in entries]
     add_ratios(rows)
-    del entries, timed, dense, reference
+    del entries, dense, reference
     free_memory()
     return rows
 

@@ -54,6 +54,7 @@ SHAPES = ((4, 2, 2), (4, 2, 3), (4, 2, 1), (4, 3, 1), (4, 3, 2), (2, 2, 2), (3, 
           (2, 2, 3), (2, 4, 2), (8, 2, 1), (12, 2, 1))
 SHAPE_PAGE_SIZES = (256, 16)
 BLOCK_RESERVED_SMEM = 1024  # shared memory the GPU reserves for each resident block
+WARP_TILE_BYTES = 16 * A.HEAD_DIM * 2  # K or V of one KV head's 16-token tile (load_per_warp)
 
 
 class LoadKernels:
@@ -144,16 +145,11 @@ def shape_launch(case: A.Case, warps: int, stages: int, per_sm: int, num_sms: in
     """(splits, dynamic shared memory) for load_per_warp at `per_sm` blocks a multiprocessor:
     splits as the decode kernel plans them for that many, the shared memory padded so that one
     block more does not fit; None where `per_sm` blocks of the shape do not fit."""
-    need = warps * stages * 2 * load_tile_bytes()
+    need = warps * stages * 2 * WARP_TILE_BYTES
     smem = max(need, smem_per_sm // (per_sm + 1) - BLOCK_RESERVED_SMEM + 1)
     if smem > smem_per_block or per_sm * (smem + BLOCK_RESERVED_SMEM) > smem_per_sm:
         return None
     return planned_splits(case, num_sms, per_sm), smem
-
-
-def load_tile_bytes() -> int:
-    """K or V of one 16-token tile, one KV head."""
-    return 16 * A.HEAD_DIM * 2
 
 
 def head_warps_splits(case: A.Case, num_sms: int) -> int:
@@ -224,13 +220,12 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
             key = ("load_per_warp", page_size, (warps, stages, per_sm))
             found[key] = (A.Candidate("load_per_warp", call, None), details)
     torch.cuda.synchronize()
-    times = {key: [] for key in found}
-    keys = list(found)
-    for r in range(rounds):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # each round starts one further on
-            candidate = found[key][0]
-            with candidate.context():
-                times[key].append(time_cuda(candidate.call, warmup=10, repeat=100, cold_l2=True)["median_us"])
+    entries = {key: A.Entry({}, candidate) for key, (candidate, _) in found.items()}
+    A.time_rounds(list(entries.values()), device, A.Timing(10, 100, rounds), cold_l2=True)
+    failed = [f"{key}: {entry.row['error']}" for key, entry in entries.items() if "error" in entry.row]
+    if failed:
+        raise RuntimeError(f"load_floor --shapes: {case.name}: " + "; ".join(failed))
+    times = {key: [stats["median_us"] for stats in entry.rounds] for key, entry in entries.items()}
     sdpa = times[("sdpa_dense", None, None)]
     rows = []
     for (kernel, page_size, shape), samples in times.items():
@@ -243,7 +238,7 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
         if shape is not None:
             row.update(warps=shape[0], stages=shape[1], blocks_per_sm=shape[2])
         rows.append(row)
-    del keep, found, dense
+    del keep, found, entries, dense
     A.free_memory()
     return rows
 

@@ -96,7 +96,7 @@ def test_shape_launch_fits_exactly_the_blocks_asked_for(warps, stages, per_sm):
     splits, smem = load_floor.shape_launch(case(1, 1 << 20), warps, stages, per_sm, 132,
                                            H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK)
     reserved = load_floor.BLOCK_RESERVED_SMEM
-    assert smem >= warps * stages * 2 * load_floor.load_tile_bytes()
+    assert smem >= warps * stages * 2 * load_floor.WARP_TILE_BYTES
     assert per_sm * (smem + reserved) <= H200_SMEM_PER_SM < (per_sm + 1) * (smem + reserved)
     assert splits == 132 * per_sm // 8  # splits as the decode kernel plans them for per_sm
 
