@@ -92,7 +92,10 @@ constexpr int64_t kWideDecodeMaxTokens = 128 * 1024;
 // blocks of 3 stages: 32K 1.077 to 1.043 / 1.089 to 1.055, 128K 1.003 to 0.986 / 1.007 to
 // 0.984, batch 32 at 8K 1.015 to 1.005 / 1.027 to 1.008. A wide block of 14 warps (capped at 128
 // registers, spilling) was slower at 32K (1.090), 5 or 6 warps per 2-stage block no better at
-// batch 32.
+// batch 32. Again with the claimed tail: 6-warp blocks, two per multiprocessor, planned where one
+// wave of them holds the grid (168 registers, as here), built and timed between two builds of
+// these (H200, five interleaved rounds each): batch 32 1.003 / 1.009 against 1.001 and 1.002 /
+// 1.003 and 1.005, 1M 0.979 / 0.986 against 0.977 / 0.985; not kept.
 template <int D>
 using DecodeKeysAsMConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 64 ? 3 : 2), true>;
 template <int D>
