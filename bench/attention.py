@@ -608,13 +608,27 @@ def finish(entry: Entry, case: Case, device: torch.device, ceilings_: dict, cold
     return row
 
 
+def round_times(entries: dict, what: str) -> dict:
+    """Each entry's median call time in every round, by the entries' keys; a failed timing raises,
+    naming every entry that failed (`what` says whose), rather than leave a round out."""
+    failed = [f"{key}: {entry.row['error']}" for key, entry in entries.items() if "error" in entry.row]
+    if failed:
+        raise RuntimeError(f"{what}: " + "; ".join(failed))
+    return {key: [stats["median_us"] for stats in entry.rounds] for key, entry in entries.items()}
+
+
+def paired_ratio(mine: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """The median, lowest and highest over rounds of one time over another taken in the same round."""
+    ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def time_ratio(row: dict, peer: dict) -> tuple[float, float, float]:
     """row's time over peer's, with the lowest and highest: from the ratios of the rounds when both
     were timed in the same rounds (their median), else from the two times."""
     mine, theirs = row.get("round_times_us"), peer.get("round_times_us")
     if mine and theirs and len(mine) == len(theirs):
-        ratios = [a / b for a, b in zip(mine, theirs)]
-        return statistics.median(ratios), min(ratios), max(ratios)
+        return paired_ratio(mine, theirs)
     ratio = row["time_us"] / peer["time_us"]
     return ratio, ratio, ratio
 

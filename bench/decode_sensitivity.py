@@ -9,8 +9,9 @@ one-layer pool, pages of 16 and 256, the L2 flushed before each call):
   batch      batches of 32 to 256 at 1 GiB of K/V or more (random frames), with FlashInfer's
              tensor-core decode over the same frames where `import flashinfer` works
 Each case's candidates are timed in interleaved rounds (every candidate once per round, the
-median of `--repeat` calls); a ratio is paged_kv's time over SDPA's in the same round, and a
-row gives the median, lowest and highest over the rounds. Needs a CUDA GPU. Writes
+median of `--repeat` calls, each round starting one candidate further on); a ratio is paged_kv's
+time over SDPA's in the same round, and a row gives the median, lowest and highest over the
+rounds. Needs a CUDA GPU. Writes
 bench/results/decode_sensitivity.json.
 
     python bench/decode_sensitivity.py [--sweeps placement,batch] [--rounds N] [--out DIR]
@@ -27,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import torch
 
 from bench import attention as A
-from bench.harness import bench_args, format_table, resolve_device, time_cuda, write_results
+from bench.harness import bench_args, format_table, resolve_device, write_results
 
 K = A.K
 PAGE_SIZES = (256, 16)
@@ -65,22 +66,19 @@ def sweep_case(case: A.Case, sweep: str, placements: tuple[str, ...], rounds: in
     dense = A.make_dense(case, device)
     keep: list = []
     found = candidates(case, dense, placements, flashinfer, device, keep)
-    times: dict[str, list[float]] = {name: [] for name in found}
-    for _ in range(rounds):
-        for name, candidate in found.items():
-            with candidate.context():
-                times[name].append(time_cuda(candidate.call, warmup=5, repeat=repeat, cold_l2=True)["median_us"])
+    entries = {name: A.Entry({}, candidate) for name, candidate in found.items()}
+    A.time_rounds(list(entries.values()), device, A.Timing(5, repeat, rounds), cold_l2=True)
+    times = A.round_times(entries, f"decode_sensitivity {sweep}: {case.name}")
     rows = []
     for name, samples in times.items():
         kernel, _, rest = name.partition("/")
         page_size, _, placement = rest.partition("/")
-        ratios = [t / s for t, s in zip(samples, times["sdpa_dense"])]
+        ratio, low, high = A.paired_ratio(samples, times["sdpa_dense"])
         rows.append({"sweep": sweep, "case": case.name, "kernel": kernel,
                      "page_size": int(page_size) if page_size else None, "placement": placement or None,
                      "time_us": statistics.median(samples), "bytes": A.case_bytes(case),
-                     "vs_sdpa": statistics.median(ratios), "vs_sdpa_low": min(ratios),
-                     "vs_sdpa_high": max(ratios), "rounds": rounds})
-    del keep, found, dense
+                     "vs_sdpa": ratio, "vs_sdpa_low": low, "vs_sdpa_high": high, "rounds": rounds})
+    del keep, found, entries, dense
     A.free_memory()
     return rows
 

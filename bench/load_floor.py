@@ -222,19 +222,16 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
     torch.cuda.synchronize()
     entries = {key: A.Entry({}, candidate) for key, (candidate, _) in found.items()}
     A.time_rounds(list(entries.values()), device, A.Timing(10, 100, rounds), cold_l2=True)
-    failed = [f"{key}: {entry.row['error']}" for key, entry in entries.items() if "error" in entry.row]
-    if failed:
-        raise RuntimeError(f"load_floor --shapes: {case.name}: " + "; ".join(failed))
-    times = {key: [stats["median_us"] for stats in entry.rounds] for key, entry in entries.items()}
+    times = A.round_times(entries, f"load_floor --shapes: {case.name}")
     sdpa = times[("sdpa_dense", None, None)]
     rows = []
     for (kernel, page_size, shape), samples in times.items():
-        ratios = [t / s for t, s in zip(samples, sdpa)]
+        ratio, low, high = A.paired_ratio(samples, sdpa)
         time_us = statistics.median(samples)
         row = {"case": case.name, "kernel": kernel, "page_size": page_size, "bytes": A.case_bytes(case),
                "time_us": time_us, "fraction_of_hbm_read": gbps(A.case_bytes(case), time_us) / hbm_gbps,
-               "vs_sdpa": statistics.median(ratios), "vs_sdpa_low": min(ratios),
-               "vs_sdpa_high": max(ratios), "rounds": rounds, **found[(kernel, page_size, shape)][1]}
+               "vs_sdpa": ratio, "vs_sdpa_low": low, "vs_sdpa_high": high, "rounds": rounds,
+               **found[(kernel, page_size, shape)][1]}
         if shape is not None:
             row.update(warps=shape[0], stages=shape[1], blocks_per_sm=shape[2])
         rows.append(row)

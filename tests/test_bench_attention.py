@@ -143,6 +143,30 @@ def test_rounds_start_one_candidate_further_on():
     assert all(len(e.rounds) == 4 for e in entries)
 
 
+def test_round_times_pair_rounds_and_refuse_failed_timings():
+    def entry(name, fail=False):
+        def call():
+            if fail:
+                raise RuntimeError("launch failed")
+        return attention.Entry({"kernel": name}, attention.Candidate(name, call, lambda out: out))
+
+    entries = {"sdpa": entry("sdpa"), "paged": entry("paged")}
+    attention.time_rounds(list(entries.values()), CPU, attention.Timing(warmup=0, repeat=1, rounds=3),
+                          cold_l2=False)
+    times = attention.round_times(entries, "case")
+    assert set(times) == {"sdpa", "paged"} and all(len(t) == 3 for t in times.values())
+    ratio = attention.paired_ratio([99.0, 114.0, 94.5], [100.0, 120.0, 90.0])
+    assert ratio == pytest.approx((0.99, 0.95, 1.05))
+    with pytest.raises(ValueError):  # rounds that do not pair up are not compared
+        attention.paired_ratio([1.0, 2.0], [1.0])
+
+    entries["broken"] = entry("broken", fail=True)
+    attention.time_rounds([entries["broken"]], CPU, attention.Timing(warmup=0, repeat=1, rounds=3),
+                          cold_l2=False)
+    with pytest.raises(RuntimeError, match="case: broken: RuntimeError: launch failed"):
+        attention.round_times(entries, "case")
+
+
 def test_quick_run_on_the_cpu(tmp_path):
     done = subprocess.run(
         [sys.executable, "bench/attention.py", "--quick", "--rounds", "2", "--out", str(tmp_path)],
