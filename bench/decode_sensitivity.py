@@ -11,8 +11,7 @@ one-layer pool, pages of 16 and 256, the L2 flushed before each call):
 Each case's candidates are timed in interleaved rounds (every candidate once per round, the
 median of `--repeat` calls, each round starting one candidate further on); a ratio is paged_kv's
 time over SDPA's in the same round, and a row gives the median, lowest and highest over the
-rounds. Needs a CUDA GPU. Writes
-bench/results/decode_sensitivity.json.
+rounds. Needs a CUDA GPU. Writes bench/results/decode_sensitivity.json.
 
     python bench/decode_sensitivity.py [--sweeps placement,batch] [--rounds N] [--out DIR]
 """

@@ -95,7 +95,7 @@ constexpr int64_t kWideDecodeMaxTokens = 128 * 1024;
 // batch 32. Again with the claimed tail: 6-warp blocks, two per multiprocessor, planned where one
 // wave of them holds the grid (168 registers, as here), built and timed between two builds of
 // these (H200, five interleaved rounds each): batch 32 1.003 / 1.009 against 1.001 and 1.002 /
-// 1.003 and 1.005, 1M 0.979 / 0.986 against 0.977 / 0.985; not kept.
+// 1.003 and 1.005, 1M 0.979 / 0.986 against 0.977 and 0.978 / 0.985; not kept.
 template <int D>
 using DecodeKeysAsMConfig = Config<D, 1, 4, 1, (D == 64 ? 32 : 16), (D == 64 ? 3 : 2), true>;
 template <int D>
