@@ -609,9 +609,10 @@ def finish(entry: Entry, case: Case, device: torch.device, ceilings_: dict, cold
 
 
 def round_times(entries: dict, what: str) -> dict:
-    """Each entry's median call time in every round, by the entries' keys; a failed timing raises,
-    naming every entry that failed (`what` says whose), rather than leave a round out."""
-    failed = [f"{key}: {entry.row['error']}" for key, entry in entries.items() if "error" in entry.row]
+    """Each entry's median call time in every round, by the entries' keys; a failed or skipped
+    timing raises, naming every such entry (`what` says whose), rather than leave a round out."""
+    failed = [f"{key}: {entry.row.get('error', 'not timed')}" for key, entry in entries.items()
+              if "error" in entry.row or entry.candidate is None]
     if failed:
         raise RuntimeError(f"{what}: " + "; ".join(failed))
     return {key: [stats["median_us"] for stats in entry.rounds] for key, entry in entries.items()}

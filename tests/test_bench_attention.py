@@ -155,6 +155,7 @@ def test_round_times_pair_rounds_and_refuse_failed_timings():
                           cold_l2=False)
     times = attention.round_times(entries, "case")
     assert set(times) == {"sdpa", "paged"} and all(len(t) == 3 for t in times.values())
+    assert times["paged"] == [stats["median_us"] for stats in entries["paged"].rounds]
     ratio = attention.paired_ratio([99.0, 114.0, 94.5], [100.0, 120.0, 90.0])
     assert ratio == pytest.approx((0.99, 0.95, 1.05))
     with pytest.raises(ValueError):  # rounds that do not pair up are not compared
@@ -165,6 +166,9 @@ def test_round_times_pair_rounds_and_refuse_failed_timings():
                           cold_l2=False)
     with pytest.raises(RuntimeError, match="case: broken: RuntimeError: launch failed"):
         attention.round_times(entries, "case")
+    skipped = {"sdpa": entries["sdpa"], "flex": attention.Entry({"kernel": "flex"}, None)}
+    with pytest.raises(RuntimeError, match="case: flex: not timed"):
+        attention.round_times(skipped, "case")
 
 
 def test_quick_run_on_the_cpu(tmp_path):

@@ -184,7 +184,7 @@ struct Params {
 // less at 1M, 12 the same; at 32K tokens (16 tiles per warp) claims cost 0.9 to 1.6 us, so
 // sequences with fewer than kMinClaimedTilesPerWarp tiles per warp take no claims. A share of 16,
 // built and timed between two builds of 8 (H200, three interleaved rounds, time over SDPA's,
-// pages of 256 / 16): 1M 1.009 / 1.0145 against 1.003 / 1.010 and 1.011, batch 32 at 8K
+// pages of 256 / 16): 1M 1.009 / 1.014 against 1.003 / 1.010 and 1.011, batch 32 at 8K
 // 1.004 / 1.007 against 1.003 and 1.002 / 1.007; not kept.
 constexpr int kTailShare = 8;
 constexpr int kMinClaimedTilesPerWarp = 32;
