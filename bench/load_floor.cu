@@ -151,3 +151,111 @@ __global__ void __launch_bounds__(WARPS * 32)
   const BlockRange r = block_range(c, kTile, false);
   warp_pipeline<STAGES>(c, r.b, h, r.lo, r.hi - r.lo, phase, phases, smem, result);
 }
+
+// atomicAdd(address, 1) whose result is only waited for where it is used (as the decode
+// kernel's atomic_increment): an increment with wrap-around below the largest limit.
+__device__ inline int atomic_increment(int* address) {
+  unsigned old;
+  asm volatile("atom.global.inc.u32 %0, [%1], 0x7fffffff;\n" : "=r"(old) : "l"(address) : "memory");
+  return static_cast<int>(old);
+}
+
+constexpr int kUnitTiles = 2;  // tiles per claim, as the decode kernel's unsplit columns
+
+// As stream_tiles for one warp, for tiles not known in advance: `next()` hands out the next
+// tile as {column, first token} (column -1 once there is none, after which it is not called).
+template <int STAGES, typename Next>
+__device__ u32 stream_handed_tiles(const Case& c, unsigned char* ring, Next next) {
+  const int lane = threadIdx.x & 31;
+  const int tile_bytes = kTile * c.head_dim * 2;
+  int issued = 0;
+  bool ended = false;
+  auto issue = [&]() {
+    if (!ended) {
+      const int2 tile = next();
+      if (tile.x < 0) {
+        ended = true;
+      } else {
+        unsigned char* dst = ring + (issued % STAGES) * 2 * tile_bytes;
+        for (int part = 0; part < 2; ++part) {
+          const u16* src = row_address(c, tile.x / c.heads, tile.x % c.heads, tile.y, part);
+          for (int x = lane; x < tile_bytes / 16; x += 32) {
+            cp_async_16(smem_u32(dst + part * tile_bytes + x * 16), src + x * 8);
+          }
+        }
+        ++issued;
+      }
+    }
+    commit();
+  };
+  u32 acc = 0;
+  for (int i = 0; i < STAGES - 1; ++i) issue();
+  for (int i = 0; i < issued; ++i) {  // each turn may hand out one tile more
+    issue();
+    wait_groups<STAGES - 1>();
+    __syncwarp();
+    const unsigned char* tile = ring + (i % STAGES) * 2 * tile_bytes;
+    acc ^= reinterpret_cast<const u32*>(tile)[lane] ^
+           reinterpret_cast<const u32*>(tile + tile_bytes)[lane];
+    __syncwarp();
+  }
+  return acc;
+}
+
+// per_warp with a claimed tail: the last tail_share / 64 of each column's tiles are claimed,
+// kUnitTiles at a time, once a warp's static tiles (warp, warp + WARPS, ... of its split of the
+// rest) are done; each claim is issued a unit ahead of its use. Without POOLED a column's tail
+// is claimed by the warps of its own blocks from its own counter (counters[column]), as the
+// decode kernel does; with POOLED every column's tail is one pool (counters[0]) that any warp
+// of the grid claims from, so the multiprocessors that stream fastest read more of it: the
+// floor of keys handed across columns. Every warp ends with one claim past the pool; the claim
+// that returns the last such value sets its counter back to zero for the next launch.
+template <int WARPS, int STAGES, bool POOLED>
+__global__ void __launch_bounds__(WARPS * 32)
+    per_warp_claims(const u16* pool, const int* frames, long long frame_elems, int heads,
+                    int page_size, int head_dim, int tokens, int pages, int splits, int tail_share,
+                    int* counters, u32* result) {
+  const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int column = blockIdx.x / splits, split = blockIdx.x % splits;
+  const int columns = gridDim.x / splits;
+  const int tiles = tokens / kTile;
+  const int pool_n = static_cast<int>(static_cast<long long>(tiles) * tail_share / 64);
+  const int pool_lo = tiles - pool_n;
+  const int lo = static_cast<int>(static_cast<long long>(pool_lo) * split / splits);
+  const int hi = static_cast<int>(static_cast<long long>(pool_lo) * (split + 1) / splits);
+  const int count = turns(hi - lo, warp, WARPS);
+  const int column_units = (pool_n + kUnitTiles - 1) / kUnitTiles;
+  int* const counter = POOLED ? counters : counters + column;
+  const int units = POOLED ? column_units * columns : column_units;
+  const int claimers = (POOLED ? static_cast<int>(gridDim.x) : splits) * WARPS;
+  int claimed = 0;  // lane 0: the claim in flight
+  int x = 0, unit_column = 0, unit_next = 0, unit_left = 0;
+  auto claim = [&]() {
+    if (lane == 0) claimed = atomic_increment(counter);
+  };
+  if (count <= kUnitTiles) claim();
+  auto next = [&]() -> int2 {
+    if (x < count) {
+      if (x == count - 1 - kUnitTiles) claim();
+      return make_int2(column, (lo + warp + (x++) * WARPS) * kTile);
+    }
+    if (unit_left == 0) {
+      const int u = __shfl_sync(0xffffffffu, claimed, 0);
+      if (u >= units) {
+        if (lane == 0 && u == units + claimers - 1) atomicExch(counter, 0);
+        return make_int2(-1, 0);
+      }
+      unit_column = POOLED ? u % columns : column;
+      unit_next = pool_lo + (POOLED ? u / columns : u) * kUnitTiles;
+      unit_left = min(kUnitTiles, tiles - unit_next);
+      claim();
+    }
+    --unit_left;
+    return make_int2(unit_column, (unit_next++) * kTile);
+  };
+  unsigned char* ring = smem + warp * STAGES * 2 * (kTile * c.head_dim * 2);
+  const u32 acc = stream_handed_tiles<STAGES>(c, ring, next);
+  if (acc == 0x9e3779b9u) result[0] = acc;
+}

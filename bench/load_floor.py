@@ -15,7 +15,12 @@ before every call:
 and the HBM read ceiling. `--shapes` instead times load_per_warp alone at each block shape of
 SHAPES (warps a block, stages, blocks a multiprocessor, the last capped by padding the dynamic
 shared memory), for pages of 256 and of 16 in random frames, beside SDPA and paged_kv, in
-interleaved rounds; it writes load_floor_shapes.json. `--placement extent` places the frames as
+interleaved rounds; it writes load_floor_shapes.json. At the decode kernel's two shapes it also
+times load_per_warp with a claimed tail, the last TAIL_SHARE / 64 of each column's tiles claimed
+two at a time once a warp's static tiles are done: by the warps of the column's own blocks
+(load_claimed_tail, as the decode kernel does), or from one pool of every column's tail that any
+warp of the grid claims from (load_pooled_tail: the multiprocessors that stream fastest read
+more of it, which is what handing keys across columns could give, before the merge it needs). `--placement extent` places the frames as
 bench/attention.py's frame_order does (runs of consecutive pages in 2 MiB of consecutive
 frames) instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
 script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
@@ -55,6 +60,10 @@ SHAPES = ((4, 2, 2), (4, 2, 3), (4, 2, 1), (4, 3, 1), (4, 3, 2), (2, 2, 2), (3, 
 SHAPE_PAGE_SIZES = (256, 16)
 BLOCK_RESERVED_SMEM = 1024  # shared memory the GPU reserves for each resident block
 WARP_TILE_BYTES = 16 * A.HEAD_DIM * 2  # K or V of one KV head's 16-token tile (load_per_warp)
+TAIL_SHARE = 8  # as kTailShare in csrc/cuda/attention_device.cuh: 8 / 64 of a column's tiles
+TAIL_SHAPES = ((4, 2, 2), (12, 2, 1))  # the decode kernel's shapes, where --shapes times the tails
+TAIL_KERNELS = {"per_warp_claims": "load_claimed_tail", "per_warp_pooled": "load_pooled_tail"}
+PER_WARP_KINDS = ("per_warp", "head_warps", *TAIL_KERNELS)
 
 
 class LoadKernels:
@@ -70,9 +79,13 @@ class LoadKernels:
                       ("block_tiles", 64, 3): "block_tiles<64, 3>",
                       ("head_warps", 8, 3): "head_warps<8, 3>"}
         self.names.update({("per_warp", w, st): f"per_warp<{w}, {st}>" for w, st, _ in SHAPES})
+        for warps, stages, _ in TAIL_SHAPES:
+            self.names[("per_warp_claims", warps, stages)] = f"per_warp_claims<{warps}, {stages}, false>"
+            self.names[("per_warp_pooled", warps, stages)] = f"per_warp_claims<{warps}, {stages}, true>"
         self.module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",),
                                      name_expressions=list(self.names.values()))
         self.result = torch.zeros(1, dtype=torch.int32, device="cuda")
+        self.claim_counters: list[torch.Tensor] = []
         self.smem_limits: dict[str, int] = {}  # the dynamic shared memory each function allows
 
     def torch_stream(self):
@@ -91,7 +104,7 @@ class LoadKernels:
         """The call of one kernel over the case; `smem_floor` pads its dynamic shared memory (so
         fewer blocks fit on a multiprocessor)."""
         kernel = self.module.get_function(self.names[(kind, a, b)])
-        per_warp_rings = kind in ("per_warp", "head_warps")
+        per_warp_rings = kind in PER_WARP_KINDS
         threads = a * 32 if per_warp_rings else 128
         tile_bytes = (16 if per_warp_rings else a) * A.HEAD_DIM * 2
         smem = max(smem_floor, (a if per_warp_rings else 1) * b * 2 * tile_bytes)
@@ -107,12 +120,19 @@ class LoadKernels:
             raise ValueError("load_floor expects a contiguous one-layer pool and page table")
         args = (np.uint64(pool.data_ptr()), np.uint64(frames.data_ptr()), np.int64(pool.stride(0)),
                 np.int32(A.NUM_KV_HEADS), np.int32(paged.page_size), np.int32(A.HEAD_DIM),
-                np.int32(case.kv_len), np.int32(frames.shape[1]), np.int32(splits),
-                np.uint64(self.result.data_ptr()))
+                np.int32(case.kv_len), np.int32(frames.shape[1]), np.int32(splits))
         grid = case.batch * splits * (1 if kind == "head_warps" else A.NUM_KV_HEADS)
-        stream = self.torch_stream()
         details = {"grid": grid, "threads": threads, "smem_bytes": smem, "splits": splits,
                    "blocks_per_sm_intended": per_sm}
+        if kind in TAIL_KERNELS:
+            # Zeroed claim counters (one per column, or the first for the pool), which every
+            # launch leaves at zero again; kept as long as the kernels.
+            counters = torch.zeros(case.batch * A.NUM_KV_HEADS, dtype=torch.int32, device="cuda")
+            self.claim_counters.append(counters)
+            args += (np.int32(TAIL_SHARE), np.uint64(counters.data_ptr()))
+            details["tail_share"] = TAIL_SHARE
+        args += (np.uint64(self.result.data_ptr()),)
+        stream = self.torch_stream()
 
         def call() -> None:
             with stream:
@@ -197,8 +217,9 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
 
 
 def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int) -> list[dict]:
-    """SDPA, paged_kv and load_per_warp at every shape of SHAPES, pages of 256 and 16 in random
-    frames, timed in `rounds` interleaved rounds; a ratio is over SDPA's time in the same round."""
+    """SDPA, paged_kv and load_per_warp at every shape of SHAPES (and at TAIL_SHAPES with claimed
+    tails too), pages of 256 and 16 in random frames, timed in `rounds` interleaved rounds; a
+    ratio is over SDPA's time in the same round."""
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(0)
     torch.manual_seed(0)
@@ -215,10 +236,12 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
             if launch is None:
                 continue
             splits, smem = launch
-            call, details = kernels.launcher("per_warp", warps, stages, paged, case, splits, per_sm, smem)
-            call()
-            key = ("load_per_warp", page_size, (warps, stages, per_sm))
-            found[key] = (A.Candidate("load_per_warp", call, None), details)
+            kinds = ("per_warp", *TAIL_KERNELS) if (warps, stages, per_sm) in TAIL_SHAPES else ("per_warp",)
+            for kind in kinds:
+                name = TAIL_KERNELS.get(kind, "load_per_warp")
+                call, details = kernels.launcher(kind, warps, stages, paged, case, splits, per_sm, smem)
+                call()
+                found[(name, page_size, (warps, stages, per_sm))] = (A.Candidate(name, call, None), details)
     torch.cuda.synchronize()
     entries = {key: A.Entry({}, candidate) for key, (candidate, _) in found.items()}
     A.time_rounds(list(entries.values()), device, A.Timing(10, 100, rounds), cold_l2=True)

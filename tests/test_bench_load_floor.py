@@ -28,6 +28,17 @@ def test_grid_follows_the_decode_plan():
     assert load_floor.decode_grid(case(1, 2048), 132) == (12, 1, 4)
 
 
+def test_tails_are_timed_at_the_decode_kernels_shapes():
+    # The claimed-tail kernels run at the shapes decode_grid plans (4-warp blocks two a
+    # multiprocessor, 12-warp blocks one), which the shapes sweep holds.
+    planned = {(w, load_floor.DECODE_STAGES, per_sm)
+               for w, per_sm, _ in (load_floor.decode_grid(c, 132) for c in load_floor.CASES)}
+    assert planned == set(load_floor.TAIL_SHAPES)
+    assert set(load_floor.TAIL_SHAPES) <= set(load_floor.SHAPES)
+    source = (REPO_ROOT / "csrc" / "cuda" / "attention_device.cuh").read_text()
+    assert f"constexpr int kTailShare = {load_floor.TAIL_SHARE};" in source
+
+
 def test_cases_are_the_gpu_decode_cases():
     names = [c.name for c in load_floor.CASES]
     assert names == ["decode_b1_32k", "decode_b1_128k", "decode_b1_1m", "decode_b32_8k"]
