@@ -206,7 +206,8 @@ __device__ u32 stream_handed_tiles(const Case& c, unsigned char* ring, Next next
 // kUnitTiles at a time, once a warp's static tiles (warp, warp + WARPS, ... of its split of the
 // rest) are done; each claim is issued a unit ahead of its use. Without POOLED a column's tail
 // is claimed by the warps of its own blocks from its own counter (counters[column]), as the
-// decode kernel does; with POOLED every column's tail is one pool (counters[0]) that any warp
+// decode kernel does (which takes claims only where each warp has 32 tiles or more; here every
+// column claims); with POOLED every column's tail is one pool (counters[0]) that any warp
 // of the grid claims from, so the multiprocessors that stream fastest read more of it: the
 // floor of keys handed across columns. Every warp ends with one claim past the pool; the claim
 // that returns the last such value sets its counter back to zero for the next launch.

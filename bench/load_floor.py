@@ -18,9 +18,10 @@ shared memory), for pages of 256 and of 16 in random frames, beside SDPA and pag
 interleaved rounds; it writes load_floor_shapes.json. At the decode kernel's two shapes it also
 times load_per_warp with a claimed tail, the last TAIL_SHARE / 64 of each column's tiles claimed
 two at a time once a warp's static tiles are done: by the warps of the column's own blocks
-(load_claimed_tail, as the decode kernel does), or from one pool of every column's tail that any
-warp of the grid claims from (load_pooled_tail: the multiprocessors that stream fastest read
-more of it, which is what handing keys across columns could give, before the merge it needs). `--placement extent` places the frames as
+(load_claimed_tail, as the decode kernel does where each warp has 32 tiles or more), or from one
+pool of every column's tail that any warp of the grid claims from (load_pooled_tail: the
+multiprocessors that stream fastest read more of it, which is what handing keys across columns
+could give, before the merge it needs). `--placement extent` places the frames as
 bench/attention.py's frame_order does (runs of consecutive pages in 2 MiB of consecutive
 frames) instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
 script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
