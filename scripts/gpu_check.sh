@@ -10,9 +10,9 @@
 #          demo      python -m paged_kv demo
 #   default: tests memcheck bench:ceilings bench:attention demo
 # The build runs first in every call, so the steps can be spread over calls on a machine that
-# limits each command's time. On an H200: the build 1.2 minutes; the suite more than 10 (in
-# shares of whole files, side by side: 3.1 minutes for one, the other unfinished after 9.7), so
-# a call of at most 10 minutes takes a share of two or three; memcheck about 4; bench:attention 4.
+# limits each command's time. On an H200: the build 1.1 minutes; the suite about 10, so a call of
+# at most 10 minutes takes one of two shares (tests:1/2 and tests:2/2, 5 minutes each); memcheck
+# about 4; bench:attention 4.
 # FlashInfer, the attention benchmark's peer, is used when its wheel sits in .peers/ (it is
 # installed there with --no-deps and put on PYTHONPATH).
 # Runs with the machine's own python3 (no virtual environment), as on the GPU test machine.
