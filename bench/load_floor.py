@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement", default="random", choices=A.PLACEMENTS,
                         help="frame placement (bench/attention.py frame_order; default %(default)s)")
     parser.add_argument("--shapes", action="store_true",
-                        help="time load_per_warp at every block shape of SHAPES instead "
-                             "(pages of 256 and 16)")
+                        help="time load_per_warp at every block shape of SHAPES instead, and with "
+                             "claimed tails at the decode kernel's shapes (pages of 256 and 16)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds of --shapes (default 3)")
     args = parser.parse_args(argv)
     if args.rounds is not None and not args.shapes:
