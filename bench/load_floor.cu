@@ -136,20 +136,23 @@ __global__ void __launch_bounds__(128)
   if (acc == 0x9e3779b9u) result[0] = acc;
 }
 
-// Every KV head of a page read by one block: warp w reads head w % heads of the split's tiles
-// lo + w / heads, lo + w / heads + WARPS / heads, ..., so a block's warps read the heads of the
-// same pages at about the same time (one frame's runs together instead of one run per block).
-// Grid: batch * splits blocks; WARPS must be a multiple of heads (the driver checks).
-template <int WARPS, int STAGES>
+// GROUP KV heads of a page read by one block: warp w reads head g * GROUP + w % GROUP of the
+// split's tiles lo + w / GROUP, lo + w / GROUP + WARPS / GROUP, ..., so a block's warps read
+// those heads of the same pages at about the same time (one frame's runs together instead of
+// one run per block). Grid: batch * (heads / GROUP) * splits blocks, block (sequence b, head
+// group g, split); WARPS must be a multiple of GROUP and GROUP divide heads (the driver checks).
+template <int WARPS, int STAGES, int GROUP>
 __global__ void __launch_bounds__(WARPS * 32)
     head_warps(const u16* pool, const int* frames, long long frame_elems, int heads, int page_size,
                int head_dim, int tokens, int pages, int splits, u32* result) {
   const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5;
-  const int phases = WARPS / heads, h = warp % heads, phase = warp / heads;
-  const BlockRange r = block_range(c, kTile, false);
-  warp_pipeline<STAGES>(c, r.b, h, r.lo, r.hi - r.lo, phase, phases, smem, result);
+  const int phases = WARPS / GROUP, phase = warp / GROUP;
+  const BlockRange r = block_range(c, kTile, false);  // r.b: sequence * groups + group
+  const int groups = heads / GROUP;
+  const int h = (r.b % groups) * GROUP + warp % GROUP;
+  warp_pipeline<STAGES>(c, r.b / groups, h, r.lo, r.hi - r.lo, phase, phases, smem, result);
 }
 
 // atomicAdd(address, 1) whose result is only waited for where it is used (as the decode

@@ -21,9 +21,10 @@ two at a time once a warp's static tiles are done: by the warps of the column's 
 (load_claimed_tail, as the decode kernel does where each warp has 32 tiles or more), or from one
 pool of every column's tail that any warp of the grid claims from (load_pooled_tail: the
 multiprocessors that stream fastest read more of it, which is what handing keys across columns
-could give, before the merge it needs). `--placement extent` places the frames as
-bench/attention.py's frame_order does (runs of consecutive pages in 2 MiB of consecutive
-frames) instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
+could give, before the merge it needs); and load_head_warps at the shapes of HEAD_WARP_SHAPES
+(blocks of eight, four or two KV heads). `--placement extent` places the frames as
+bench/attention.py's frame_order does (runs of consecutive pages in 2 MiB of consecutive frames)
+instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
 script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
 load_floor_page<N>.json, with the suffix _extent under --placement extent.
 
@@ -64,6 +65,12 @@ WARP_TILE_BYTES = 16 * A.HEAD_DIM * 2  # K or V of one KV head's 16-token tile (
 TAIL_SHARE = 8  # as kTailShare in csrc/cuda/attention_device.cuh: 8 / 64 of a column's tiles
 TAIL_SHAPES = ((4, 2, 2), (12, 2, 1))  # the decode kernel's shapes, where --shapes times the tails
 TAIL_KERNELS = {"per_warp_claims": "load_claimed_tail", "per_warp_pooled": "load_pooled_tail"}
+# (warps a block, stages, KV heads a block, blocks a multiprocessor) of load_head_warps in
+# --shapes, splits planned as for the decode kernel's blocks: all eight heads of a page in one
+# block a multiprocessor (as in the default run), or four in 4-warp blocks, three or two a
+# multiprocessor (the decode kernel's warps a multiprocessor), or in a 12-warp block, or two
+# heads in 4-warp blocks.
+HEAD_WARP_SHAPES = ((8, 3, 8, 1), (8, 2, 8, 1), (4, 2, 4, 3), (4, 2, 4, 2), (12, 2, 4, 1), (4, 2, 2, 3))
 PER_WARP_KINDS = ("per_warp", "head_warps", *TAIL_KERNELS)
 
 
@@ -77,8 +84,9 @@ class LoadKernels:
             raise SystemExit(f"load_floor needs CuPy to compile its kernels ({exc})") from exc
         self.cupy = cupy
         self.names = {("per_warp", 12, 2): "per_warp<12, 2>", ("per_warp", 4, 2): "per_warp<4, 2>",
-                      ("block_tiles", 64, 3): "block_tiles<64, 3>",
-                      ("head_warps", 8, 3): "head_warps<8, 3>"}
+                      ("block_tiles", 64, 3): "block_tiles<64, 3>"}
+        self.names.update({("head_warps", w, st, g): f"head_warps<{w}, {st}, {g}>"
+                           for w, st, g, _ in HEAD_WARP_SHAPES})
         self.names.update({("per_warp", w, st): f"per_warp<{w}, {st}>" for w, st, _ in SHAPES})
         for warps, stages, _ in TAIL_SHAPES:
             self.names[("per_warp_claims", warps, stages)] = f"per_warp_claims<{warps}, {stages}, false>"
@@ -101,19 +109,23 @@ class LoadKernels:
         return self.cupy.cuda.ExternalStream(current.cuda_stream)
 
     def launcher(self, kind: str, a: int, b: int, paged: A.Paged, case: A.Case, splits: int,
-                 per_sm: int, smem_floor: int = 0):
+                 per_sm: int, smem_floor: int = 0, group: int = A.NUM_KV_HEADS):
         """The call of one kernel over the case; `smem_floor` pads its dynamic shared memory (so
-        fewer blocks fit on a multiprocessor)."""
-        kernel = self.module.get_function(self.names[(kind, a, b)])
+        fewer blocks fit on a multiprocessor); `group` is head_warps' KV heads a block."""
+        key = (kind, a, b, group) if kind == "head_warps" else (kind, a, b)
+        if key not in self.names:
+            raise ValueError(f"load_floor.cu has no kernel {key} compiled")
+        kernel = self.module.get_function(self.names[key])
         per_warp_rings = kind in PER_WARP_KINDS
         threads = a * 32 if per_warp_rings else 128
         tile_bytes = (16 if per_warp_rings else a) * A.HEAD_DIM * 2
         smem = max(smem_floor, (a if per_warp_rings else 1) * b * 2 * tile_bytes)
-        if kind == "head_warps" and a % A.NUM_KV_HEADS:
-            raise ValueError(f"head_warps<{a}, {b}> needs a multiple of {A.NUM_KV_HEADS} warps")
+        if kind == "head_warps" and (a % group or A.NUM_KV_HEADS % group):
+            raise ValueError(f"head_warps<{a}, {b}, {group}>: the warps must be a multiple of the "
+                             f"group, and the group divide {A.NUM_KV_HEADS} KV heads")
         # The attribute belongs to the function, which launches of other paddings share: it only
         # grows.
-        name = self.names[(kind, a, b)]
+        name = self.names[key]
         self.smem_limits[name] = max(self.smem_limits.get(name, 0), smem)
         kernel.max_dynamic_shared_size_bytes = self.smem_limits[name]
         pool, frames = paged.pool, paged.page_table
@@ -122,7 +134,8 @@ class LoadKernels:
         args = (np.uint64(pool.data_ptr()), np.uint64(frames.data_ptr()), np.int64(pool.stride(0)),
                 np.int32(A.NUM_KV_HEADS), np.int32(paged.page_size), np.int32(A.HEAD_DIM),
                 np.int32(case.kv_len), np.int32(frames.shape[1]), np.int32(splits))
-        grid = case.batch * splits * (1 if kind == "head_warps" else A.NUM_KV_HEADS)
+        heads_per_block = group if kind == "head_warps" else 1
+        grid = case.batch * splits * (A.NUM_KV_HEADS // heads_per_block)
         details = {"grid": grid, "threads": threads, "smem_bytes": smem, "splits": splits,
                    "blocks_per_sm_intended": per_sm}
         if kind in TAIL_KERNELS:
@@ -152,31 +165,33 @@ def decode_grid(case: A.Case, num_sms: int) -> tuple[int, int, int]:
     return warps, per_sm, planned_splits(case, num_sms, per_sm)
 
 
-def planned_splits(case: A.Case, num_sms: int, per_sm: int) -> int:
-    """Key splits of each sequence, as plan_with plans them for `per_sm` blocks a multiprocessor:
-    enough to fill one wave, none of fewer than 512 tokens."""
-    columns = case.batch * A.NUM_KV_HEADS
+def planned_splits(case: A.Case, num_sms: int, per_sm: int, heads_per_block: int = 1) -> int:
+    """Key splits of each sequence, as plan_with plans them for `per_sm` blocks a multiprocessor
+    of `heads_per_block` KV heads: enough to fill one wave, none of fewer than 512 tokens."""
+    columns = case.batch * A.NUM_KV_HEADS // heads_per_block
     wave = num_sms * per_sm
     splits = 1 if columns >= wave else wave // columns
     return max(1, min(splits, case.kv_len // 512))
 
 
 def shape_launch(case: A.Case, warps: int, stages: int, per_sm: int, num_sms: int,
-                 smem_per_sm: int, smem_per_block: int) -> tuple[int, int] | None:
-    """(splits, dynamic shared memory) for load_per_warp at `per_sm` blocks a multiprocessor:
-    splits as the decode kernel plans them for that many, the shared memory padded so that one
-    block more does not fit; None where `per_sm` blocks of the shape do not fit."""
+                 smem_per_sm: int, smem_per_block: int,
+                 heads_per_block: int = 1) -> tuple[int, int] | None:
+    """(splits, dynamic shared memory) for load_per_warp (or load_head_warps, with
+    `heads_per_block`) at `per_sm` blocks a multiprocessor: splits as the decode kernel plans
+    them for that many, the shared memory padded so that one block more does not fit; None where
+    `per_sm` blocks of the shape do not fit."""
     need = warps * stages * 2 * WARP_TILE_BYTES
     smem = max(need, smem_per_sm // (per_sm + 1) - BLOCK_RESERVED_SMEM + 1)
     if smem > smem_per_block or per_sm * (smem + BLOCK_RESERVED_SMEM) > smem_per_sm:
         return None
-    return planned_splits(case, num_sms, per_sm), smem
+    return planned_splits(case, num_sms, per_sm, heads_per_block), smem
 
 
 def head_warps_splits(case: A.Case, num_sms: int) -> int:
-    """Splits of each sequence for load_head_warps: one block per multiprocessor, at least 512
-    tokens a split."""
-    return max(1, min(num_sms // case.batch, case.kv_len // 512))
+    """Splits of each sequence for load_head_warps of every KV head: one block per
+    multiprocessor, at least 512 tokens a split."""
+    return planned_splits(case, num_sms, 1, A.NUM_KV_HEADS)
 
 
 def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
@@ -219,8 +234,8 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
 
 def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int) -> list[dict]:
     """SDPA, paged_kv and load_per_warp at every shape of SHAPES (and at TAIL_SHAPES with claimed
-    tails too), pages of 256 and 16 in random frames, timed in `rounds` interleaved rounds; a
-    ratio is over SDPA's time in the same round."""
+    tails too), and load_head_warps at HEAD_WARP_SHAPES, pages of 256 and 16 in random frames,
+    timed in `rounds` interleaved rounds; a ratio is over SDPA's time in the same round."""
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(0)
     torch.manual_seed(0)
@@ -243,6 +258,19 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
                 call, details = kernels.launcher(kind, warps, stages, paged, case, splits, per_sm, smem)
                 call()
                 found[(name, page_size, (warps, stages, per_sm))] = (A.Candidate(name, call, None), details)
+        for warps, stages, group, per_sm in HEAD_WARP_SHAPES:
+            launch = shape_launch(case, warps, stages, per_sm, props.multi_processor_count,
+                                  props.shared_memory_per_multiprocessor,
+                                  props.shared_memory_per_block_optin, group)
+            if launch is None:
+                continue
+            splits, smem = launch
+            call, details = kernels.launcher("head_warps", warps, stages, paged, case, splits,
+                                             per_sm, smem, group)
+            call()
+            details["heads_per_block"] = group
+            found[("load_head_warps", page_size, (warps, stages, per_sm, group))] = (
+                A.Candidate("load_head_warps", call, None), details)
     torch.cuda.synchronize()
     entries = {key: A.Entry({}, candidate) for key, (candidate, _) in found.items()}
     A.time_rounds(list(entries.values()), device, A.Timing(10, 100, rounds), cold_l2=True)
@@ -272,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placement", default="random", choices=A.PLACEMENTS,
                         help="frame placement (bench/attention.py frame_order; default %(default)s)")
     parser.add_argument("--shapes", action="store_true",
-                        help="time load_per_warp at every block shape of SHAPES instead, and with "
-                             "claimed tails at the decode kernel's shapes (pages of 256 and 16)")
+                        help="time load_per_warp at every block shape of SHAPES instead, with "
+                             "claimed tails at the decode kernel's shapes, and load_head_warps at "
+                             "HEAD_WARP_SHAPES (pages of 256 and 16)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds of --shapes (default 3)")
     args = parser.parse_args(argv)
     if args.rounds is not None and not args.shapes:
@@ -301,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             rows += run_shapes(case, kernels, hbm["gbps"], args.rounds)
         print(format_table(rows, ["case", "kernel", "page_size", "warps", "stages", "blocks_per_sm",
-                                  "time_us", "vs_sdpa", "vs_sdpa_low", "vs_sdpa_high", "splits"]))
+                                  "heads_per_block", "time_us", "vs_sdpa", "vs_sdpa_low", "vs_sdpa_high", "splits"]))
         path = write_results("load_floor_shapes", {"hbm_read": hbm}, rows, args.out,
                              {"placement": "random", "kernel_source": KERNEL_SOURCE.name,
-                              "shapes": [list(shape) for shape in SHAPES]})
+                              "shapes": [list(shape) for shape in SHAPES],
+                              "head_warp_shapes": [list(shape) for shape in HEAD_WARP_SHAPES]})
         print(f"wrote {path}")
         return 0
     for case in cases:

@@ -12,6 +12,9 @@ sys.path.insert(0, str(REPO_ROOT))  # `bench` is a folder of the repository, not
 from bench import attention, load_floor  # noqa: E402
 
 
+H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK = 233472, 232448
+
+
 def case(batch: int, tokens: int) -> attention.Case:
     return attention.Case("d", "decode", batch, tokens, (256,))
 
@@ -51,6 +54,20 @@ def test_head_warps_grid_gives_one_block_per_multiprocessor():
     assert load_floor.head_warps_splits(case(32, 8 * 1024), 132) == 4
     assert load_floor.head_warps_splits(case(1, 2048), 132) == 4
     assert load_floor.head_warps_splits(case(256, 1024), 132) == 1
+
+
+@pytest.mark.parametrize("warps, stages, group, per_sm", load_floor.HEAD_WARP_SHAPES)
+def test_head_warp_shapes_fit_exactly_the_blocks_asked_for(warps, stages, group, per_sm):
+    # Each warp reads one head of its block's group: the warps fill whole groups, the groups
+    # the KV heads; splits are planned for the blocks of that many heads.
+    assert warps % group == 0 and attention.NUM_KV_HEADS % group == 0
+    splits, smem = load_floor.shape_launch(case(32, 8 * 1024), warps, stages, per_sm, 132,
+                                           H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK, group)
+    reserved = load_floor.BLOCK_RESERVED_SMEM
+    assert smem >= warps * stages * 2 * load_floor.WARP_TILE_BYTES
+    assert per_sm * (smem + reserved) <= H200_SMEM_PER_SM < (per_sm + 1) * (smem + reserved)
+    columns = 32 * attention.NUM_KV_HEADS // group
+    assert splits == max(1, 132 * per_sm // columns)
 
 
 @pytest.mark.parametrize("flags", [["--quick"], ["--device", "cpu"]])
@@ -97,9 +114,6 @@ def test_shapes_refuses_what_it_would_ignore(monkeypatch, capsys, flags, message
     with pytest.raises(SystemExit):  # argparse's error exit
         load_floor.main(flags)
     assert message in capsys.readouterr().err
-
-
-H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK = 233472, 232448
 
 
 @pytest.mark.parametrize("warps, stages, per_sm", load_floor.SHAPES)
