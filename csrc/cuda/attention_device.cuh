@@ -185,7 +185,11 @@ struct Params {
 // sequences with fewer than kMinClaimedTilesPerWarp tiles per warp take no claims. A share of 16,
 // built and timed between two builds of 8 (H200, three interleaved rounds, time over SDPA's,
 // pages of 256 / 16): 1M 1.009 / 1.014 against 1.003 / 1.010 and 1.011, batch 32 at 8K
-// 1.004 / 1.007 against 1.003 and 1.002 / 1.007; not kept.
+// 1.004 / 1.007 against 1.003 and 1.002 / 1.007; not kept. Between two builds of 8 on another
+// H200 (three rounds; 8: 1M 0.998 / 1.006 and 1.007, batch 32 0.998 and 0.996 / 1.006 and
+// 1.007): no claims, 1M 1.007 / 1.013 and batch 32 1.003 / 1.015; a share of 4, 1M 0.997 /
+// 1.004 and batch 32 0.997 / 1.006 (32K and 128K within the 0.4% that the two builds of 8
+// differ by): too little to change.
 constexpr int kTailShare = 8;
 constexpr int kMinClaimedTilesPerWarp = 32;
 
