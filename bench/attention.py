@@ -189,18 +189,18 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, dict]:
     on_gpu = device.type == "cuda"
     result: dict[str, dict] = {}
     if on_gpu:
-        result["hbm_read"] = ceilings._guarded(
+        result["hbm_read"] = ceilings.guarded(
             "hbm_read", lambda: ceilings.measure_hbm_read(sizes.hbm_bytes, sizes.repeat))
-        result["h2d_pinned"] = ceilings._guarded(
+        result["h2d_pinned"] = ceilings.guarded(
             "h2d_pinned", lambda: ceilings.measure_h2d_pinned(sizes.copy_bytes, sizes.repeat))
     else:
         reason = "no CUDA device visible" if not torch.cuda.is_available() else "run on the CPU"
         result["hbm_read"] = {"skipped": f"needs a GPU ({reason})"}
         result["h2d_pinned"] = {"skipped": f"needs a GPU ({reason})"}
-        result["host_memcpy"] = ceilings._guarded(
+        result["host_memcpy"] = ceilings.guarded(
             "host_memcpy", lambda: ceilings.measure_host_memcpy(sizes.host_bytes, sizes.slow_repeat))
     n = (2048 if quick else 8192) if on_gpu else (512 if quick else 2048)
-    result["matmul"] = ceilings._guarded(
+    result["matmul"] = ceilings.guarded(
         "matmul", lambda: measure_matmul(n, device, Timing(3, 20 if on_gpu else 5)))
     return result
 

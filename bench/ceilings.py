@@ -326,7 +326,9 @@ def measure_disk_odirect_read(num_bytes: int = 8 * GiB, disk_dir: str | os.PathL
 # ---------------------------------------------------------------------------------------------
 
 
-def _guarded(name: str, measure: Callable[[], dict]) -> dict:
+def guarded(name: str, measure: Callable[[], dict]) -> dict:
+    """`measure()`, announced on stderr; a failure becomes {"error": ...} (the benchmarks' ceilings
+    all go through this, so that one failed item never loses a run)."""
     print(f"measuring {name} ...", file=sys.stderr, flush=True)
     try:
         return measure()
@@ -351,13 +353,13 @@ def measure_all(device: str | torch.device = "cpu", quick: bool = False,
     results: dict[str, dict] = {}
     for name, measure in gpu_items.items():
         if on_gpu:
-            results[name] = _guarded(name, measure)
+            results[name] = guarded(name, measure)
         else:
             reason = "no CUDA device visible" if not torch.cuda.is_available() else "run on the CPU"
             results[name] = {"skipped": f"needs a GPU ({reason})"}
-    results["host_memcpy"] = _guarded(
+    results["host_memcpy"] = guarded(
         "host_memcpy", lambda: measure_host_memcpy(sizes.host_bytes, sizes.slow_repeat))
-    results["disk_odirect_read"] = _guarded(
+    results["disk_odirect_read"] = guarded(
         "disk_odirect_read",
         lambda: measure_disk_odirect_read(disk_bytes or sizes.disk_bytes, disk_dir, passes=sizes.disk_passes))
     assert tuple(results) == CEILING_NAMES

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu" or not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the step is captured as CUDA graphs)")
     sizes = ceilings.QUICK if args.quick else ceilings.FULL
-    pinned = ceilings._guarded("h2d_pinned", lambda: ceilings.measure_h2d_pinned(sizes.copy_bytes, sizes.repeat))
+    pinned = ceilings.guarded("h2d_pinned", lambda: ceilings.measure_h2d_pinned(sizes.copy_bytes, sizes.repeat))
     if "gbps" not in pinned:
         raise SystemExit(f"compiled_decode: the pinned-copy ceiling could not be measured: {pinned}")
     rows = run(args.quick, args.repeats, pinned["gbps"])

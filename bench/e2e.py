@@ -728,8 +728,8 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict:
         reason = "needs a GPU (run on the CPU)"
         return {"hbm_read": {"skipped": reason}, "h2d_pinned": {"skipped": reason}}
     sizes = ceilings.QUICK if quick else ceilings.FULL
-    return {"hbm_read": ceilings._guarded("hbm_read", lambda: ceilings.measure_hbm_read(sizes.hbm_bytes, sizes.repeat)),
-            "h2d_pinned": ceilings._guarded("h2d_pinned",
+    return {"hbm_read": ceilings.guarded("hbm_read", lambda: ceilings.measure_hbm_read(sizes.hbm_bytes, sizes.repeat)),
+            "h2d_pinned": ceilings.guarded("h2d_pinned",
                                             lambda: ceilings.measure_h2d_pinned(sizes.copy_bytes, sizes.repeat))}
 
 

@@ -178,12 +178,12 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, dict]:
     sizes = ceilings.QUICK if quick else ceilings.FULL
     result: dict[str, dict] = {}
     if device.type == "cuda":
-        result["h2d_pinned"] = ceilings._guarded(
+        result["h2d_pinned"] = ceilings.guarded(
             "h2d_pinned", lambda: ceilings.measure_h2d_pinned(sizes.copy_bytes, sizes.repeat))
-        result["d2h_pinned"] = ceilings._guarded(
+        result["d2h_pinned"] = ceilings.guarded(
             "d2h_pinned", lambda: ceilings.measure_d2h_pinned(sizes.copy_bytes, sizes.repeat))
     else:
-        memcpy = ceilings._guarded(
+        memcpy = ceilings.guarded(
             "host_memcpy", lambda: ceilings.measure_host_memcpy(sizes.host_bytes, sizes.slow_repeat))
         result["host_memcpy"] = memcpy
         if "gbps" in memcpy:
