@@ -155,6 +155,216 @@ __global__ void __launch_bounds__(WARPS * 32)
   warp_pipeline<STAGES>(c, r.b / groups, h, r.lo, r.hi - r.lo, phase, phases, smem, result);
 }
 
+// The merge that a split decode grid needs, in two forms. Either way each column's splits store
+// partial states for the ROWS query heads of their KV head (ROWS x kStateDim floats and ROWS
+// LSEs, as the decode kernel stores one), split s's after split s - 1's, the column (b, h) at
+// rows [(b * heads + h) * ROWS, + ROWS) of each. Then either the last block of each (sequence,
+// head group) to finish merges them in the kernel (merge_in_block), or merge_states_kernel runs
+// after the grid, as the decode kernel's merge kernel does. The states' values are arbitrary
+// finite numbers; only their traffic and order matter.
+constexpr int kStateDim = 128;     // head_dim 128, as the cases: a float4 of each row a lane
+constexpr int kMergeMaxSplits = 8;  // the splits merge_in_block holds in one round trip
+
+template <int ROWS>
+__device__ inline void store_state(float* partial_out, float* partial_lse, long long column_rows,
+                                   int split, long long row0, u32 acc) {
+  const int lane = threadIdx.x & 31;
+  const float value = static_cast<float>(acc & 0xffu) * (1.0f / 256.0f);
+#pragma unroll
+  for (int q = 0; q < ROWS; ++q) {
+    float4* dst = reinterpret_cast<float4*>(partial_out + (split * column_rows + row0 + q) * kStateDim) + lane;
+    *dst = make_float4(value, value, value, value);
+  }
+  if (lane < ROWS) partial_lse[split * column_rows + row0 + lane] = value;
+}
+
+__device__ inline void store_bf16x4(u16* dst, float4 v) {
+  dst[0] = static_cast<u16>(__float_as_uint(v.x) >> 16);
+  dst[1] = static_cast<u16>(__float_as_uint(v.y) >> 16);
+  dst[2] = static_cast<u16>(__float_as_uint(v.z) >> 16);
+  dst[3] = static_cast<u16>(__float_as_uint(v.w) >> 16);
+}
+
+// This warp merges the `splits` (at most kMergeMaxSplits) states of rows [row0, + ROWS) in one
+// round trip: every split's LSEs (a lane per (row, split)) and this lane's columns of every
+// split's outputs are loaded at once.
+template <int ROWS>
+__device__ void merge_in_block(const float* partial_out, const float* partial_lse,
+                               long long column_rows, int splits, long long row0, u16* out) {
+  static_assert(ROWS * kMergeMaxSplits == 32, "a lane per (row, split)");
+  const int lane = threadIdx.x & 31;
+  const int lane_row = lane / kMergeMaxSplits, lane_split = lane % kMergeMaxSplits;
+  const float lse = lane_split < splits
+                        ? __ldcg(partial_lse + lane_split * column_rows + row0 + lane_row)
+                        : -__int_as_float(0x7f800000);
+  float4 v[ROWS][kMergeMaxSplits];
+#pragma unroll
+  for (int q = 0; q < ROWS; ++q) {
+#pragma unroll
+    for (int s = 0; s < kMergeMaxSplits; ++s) {
+      if (s < splits) {
+        v[q][s] = __ldcg(reinterpret_cast<const float4*>(partial_out + (s * column_rows + row0 + q) * kStateDim) + lane);
+      }
+    }
+  }
+  // The LSEs of a row sit in kMergeMaxSplits neighbouring lanes.
+  float m = lse;
+#pragma unroll
+  for (int off = kMergeMaxSplits / 2; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  const float e = lane_split < splits ? __expf(lse - m) : 0.f;
+  float total = e;
+#pragma unroll
+  for (int off = kMergeMaxSplits / 2; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+  const float weight = e / total;
+#pragma unroll
+  for (int q = 0; q < ROWS; ++q) {
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int s = 0; s < kMergeMaxSplits; ++s) {
+      const float w = __shfl_sync(0xffffffffu, weight, q * kMergeMaxSplits + s);
+      if (s < splits) {
+        sum.x += w * v[q][s].x;
+        sum.y += w * v[q][s].y;
+        sum.z += w * v[q][s].z;
+        sum.w += w * v[q][s].w;
+      }
+    }
+    store_bf16x4(out + (row0 + q) * kStateDim + lane * 4, sum);
+  }
+}
+
+// head_warps with one warp a head (WARPS == GROUP), each warp storing its head's state; with
+// IN_KERNEL the last block of each (sequence, head group) to finish, found by a counter, merges
+// the splits (merge_in_block: no kernel launch after the grid, no wait on blocks of other
+// columns; at most kMergeMaxSplits splits). `counters` (batch * heads / GROUP, zeroed) are left
+// at zero by the block that merges. Without IN_KERNEL, merge_states_kernel follows.
+template <int WARPS, int STAGES, int GROUP, int ROWS, bool IN_KERNEL>
+__global__ void __launch_bounds__(WARPS * 32)
+    head_warps_merged(const u16* pool, const int* frames, long long frame_elems, int heads,
+                      int page_size, int head_dim, int tokens, int pages, int splits,
+                      float* partial_out, float* partial_lse, int* counters, u16* out, u32* result) {
+  static_assert(WARPS == GROUP, "one warp a KV head");
+  const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int ticket;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const BlockRange r = block_range(c, kTile, false);  // r.b: sequence * groups + group
+  const int groups = heads / GROUP, split = blockIdx.x % splits;
+  const int b = r.b / groups, h = (r.b % groups) * GROUP + warp;
+  unsigned char* ring = smem + warp * STAGES * 2 * (kTile * c.head_dim * 2);
+  const u32 acc = stream_tiles<STAGES>(
+      c, b, h, r.hi - r.lo, kTile, ring, lane, 32, [&](int i) { return (r.lo + i) * kTile; },
+      [] { __syncwarp(); });
+  const long long column_rows = static_cast<long long>(gridDim.x / splits) * GROUP * ROWS;
+  const long long row0 = (static_cast<long long>(b) * heads + h) * ROWS;
+  store_state<ROWS>(partial_out, partial_lse, column_rows, split, row0, acc);
+  if (acc == 0x9e3779b9u) result[0] = acc;
+  if (!IN_KERNEL) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) ticket = atomicAdd(counters + r.b, 1);
+  __syncthreads();
+  if (ticket != splits - 1) return;
+  if (threadIdx.x == 0) counters[r.b] = 0;
+  __threadfence();
+  merge_in_block<ROWS>(partial_out, partial_lse, column_rows, splits, row0, out);
+}
+
+// per_warp, then one state a block (its split of its column), stored by its first warp (the
+// decode kernel merges its warps' states in shared memory first, which is not modelled), for
+// merge_states_kernel to merge.
+template <int WARPS, int STAGES, int ROWS>
+__global__ void __launch_bounds__(WARPS * 32)
+    per_warp_stored(const u16* pool, const int* frames, long long frame_elems, int heads,
+                    int page_size, int head_dim, int tokens, int pages, int splits,
+                    float* partial_out, float* partial_lse, u32* result) {
+  const Case c{pool, frames, frame_elems, heads, page_size, head_dim, tokens, pages, splits};
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const BlockRange r = block_range(c, kTile);
+  unsigned char* ring = smem + warp * STAGES * 2 * (kTile * c.head_dim * 2);
+  const u32 acc = stream_tiles<STAGES>(
+      c, r.b, r.h, turns(r.hi - r.lo, warp, WARPS), kTile, ring, lane, 32,
+      [&](int i) { return (r.lo + warp + i * WARPS) * kTile; }, [] { __syncwarp(); });
+  __syncthreads();
+  if (warp == 0) {
+    const long long column_rows = static_cast<long long>(gridDim.x / splits) * ROWS;
+    store_state<ROWS>(partial_out, partial_lse, column_rows, blockIdx.x % splits,
+                      static_cast<long long>(blockIdx.x / splits) * ROWS, acc);
+  }
+  if (acc == 0x9e3779b9u) result[0] = acc;
+}
+
+// The merge kernel of a split grid, shaped as the decode kernel's (combine_splits_kernel): a
+// block of 4 warps per row; warp w sums splits w, w + 4, ..., the first kAhead of them loaded
+// together with the LSEs (lane s holds split s's), the rest kAhead at a time (where the decode
+// kernel's loads them one by one); the warps' sums meet in shared memory.
+__global__ void __launch_bounds__(128)
+    merge_states_kernel(const float* partial_out, const float* partial_lse, int splits,
+                        long long rows, u16* out) {
+  constexpr int kWarps = 4, kAhead = 8;
+  __shared__ float4 sums[kWarps][32];
+  const long long row = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float4 ahead[kAhead];
+#pragma unroll
+  for (int j = 0; j < kAhead; ++j) {
+    const int s = warp + j * kWarps;
+    if (s < splits) ahead[j] = __ldcg(reinterpret_cast<const float4*>(partial_out + (s * rows + row) * kStateDim) + lane);
+  }
+  const float neg_inf = -__int_as_float(0x7f800000);
+  const float lane_lse = lane < splits ? __ldcg(partial_lse + lane * rows + row) : neg_inf;
+  float m = lane_lse;
+  for (int s = lane + 32; s < splits; s += 32) m = fmaxf(m, __ldcg(partial_lse + s * rows + row));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  float total = __expf(lane_lse - m);
+  for (int s = lane + 32; s < splits; s += 32) total += __expf(__ldcg(partial_lse + s * rows + row) - m);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+  const float lse = m + __logf(total);
+  float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+  auto add = [&](float l, float4 v) {
+    const float w = __expf(l - lse);
+    sum.x += w * v.x;
+    sum.y += w * v.y;
+    sum.z += w * v.z;
+    sum.w += w * v.w;
+  };
+#pragma unroll
+  for (int j = 0; j < kAhead; ++j) {
+    const int s = warp + j * kWarps;
+    if (s < splits) add(__shfl_sync(0xffffffffu, lane_lse, s), ahead[j]);  // s < 32
+  }
+  // The rest in chunks of kAhead splits, each chunk's loads issued together.
+  for (int s0 = warp + kAhead * kWarps; s0 < splits; s0 += kAhead * kWarps) {
+    float l[kAhead];
+#pragma unroll
+    for (int j = 0; j < kAhead; ++j) {
+      const int s = s0 + j * kWarps;
+      if (s < splits) {
+        ahead[j] = __ldcg(reinterpret_cast<const float4*>(partial_out + (s * rows + row) * kStateDim) + lane);
+        l[j] = __ldcg(partial_lse + s * rows + row);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kAhead; ++j) {
+      if (s0 + j * kWarps < splits) add(l[j], ahead[j]);
+    }
+  }
+  sums[warp][lane] = sum;
+  __syncthreads();
+  if (warp == 0) {
+    for (int w = 1; w < kWarps; ++w) {
+      sum.x += sums[w][lane].x;
+      sum.y += sums[w][lane].y;
+      sum.z += sums[w][lane].z;
+      sum.w += sums[w][lane].w;
+    }
+    store_bf16x4(out + row * kStateDim + lane * 4, sum);
+  }
+}
+
 // atomicAdd(address, 1) whose result is only waited for where it is used (as the decode
 // kernel's atomic_increment): an increment with wrap-around below the largest limit.
 __device__ inline int atomic_increment(int* address) {

@@ -22,7 +22,11 @@ two at a time once a warp's static tiles are done: by the warps of the column's 
 pool of every column's tail that any warp of the grid claims from (load_pooled_tail: the
 multiprocessors that stream fastest read more of it, which is what handing keys across columns
 could give, before the merge it needs); and load_head_warps at the shapes of HEAD_WARP_SHAPES
-(blocks of eight, four or two KV heads). `--placement extent` places the frames as
+(blocks of eight, four or two KV heads), at those of a warp a head also with the merge that
+such a split grid needs: partial states stored, then merged by a merge kernel of the decode
+kernel's shape (load_head_warps_merge_kernel; load_per_warp_merge_kernel for the decode kernel's
+own shapes where they split), or by the last block of each column in one round trip where there
+are at most MERGE_MAX_SPLITS splits (load_head_warps_merged). `--placement extent` places the frames as
 bench/attention.py's frame_order does (runs of consecutive pages in 2 MiB of consecutive frames)
 instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
 script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
@@ -71,7 +75,36 @@ TAIL_KERNELS = {"per_warp_claims": "load_claimed_tail", "per_warp_pooled": "load
 # multiprocessor (the decode kernel's warps a multiprocessor), or in a 12-warp block, or two
 # heads in 4-warp blocks.
 HEAD_WARP_SHAPES = ((8, 3, 8, 1), (8, 2, 8, 1), (4, 2, 4, 3), (4, 2, 4, 2), (12, 2, 4, 1), (4, 2, 2, 3))
-PER_WARP_KINDS = ("per_warp", "head_warps", *TAIL_KERNELS)
+# The shapes of HEAD_WARP_SHAPES with a warp a head, which --shapes also times with the split
+# merge (load_head_warps_merged).
+MERGED_SHAPES = tuple(shape for shape in HEAD_WARP_SHAPES if shape[0] == shape[2])
+QUERY_ROWS = A.NUM_Q_HEADS // A.NUM_KV_HEADS  # query heads a KV head: the rows of its state
+MERGE_MAX_SPLITS = 8  # as kMergeMaxSplits in load_floor.cu: the splits one merge round trip holds
+HEAD_KINDS = ("head_warps", "head_warps_merged", "head_warps_stored")
+# Kinds that store split states and merge them: in the kernel (head_warps_merged), or by the
+# merge kernel after the grid (the others).
+MERGE_KINDS = {"head_warps_merged": "load_head_warps_merged",
+               "head_warps_stored": "load_head_warps_merge_kernel",
+               "per_warp_stored": "load_per_warp_merge_kernel"}
+PER_WARP_KINDS = ("per_warp", "per_warp_stored", *HEAD_KINDS, *TAIL_KERNELS)
+
+
+def kernel_names() -> dict[tuple, str]:
+    """The kernels of load_floor.cu that the script launches: (kind, shape...) -> the template
+    instance's name (NVRTC name expression)."""
+    names = {("per_warp", 12, 2): "per_warp<12, 2>", ("per_warp", 4, 2): "per_warp<4, 2>",
+             ("block_tiles", 64, 3): "block_tiles<64, 3>"}
+    names.update({("head_warps", w, st, g): f"head_warps<{w}, {st}, {g}>" for w, st, g, _ in HEAD_WARP_SHAPES})
+    for w, st, g, _ in MERGED_SHAPES:
+        names[("head_warps_merged", w, st, g)] = f"head_warps_merged<{w}, {st}, {g}, {QUERY_ROWS}, true>"
+        names[("head_warps_stored", w, st, g)] = f"head_warps_merged<{w}, {st}, {g}, {QUERY_ROWS}, false>"
+    names.update({("per_warp_stored", w, st): f"per_warp_stored<{w}, {st}, {QUERY_ROWS}>" for w, st, _ in TAIL_SHAPES})
+    names[("merge_states",)] = "merge_states_kernel"
+    names.update({("per_warp", w, st): f"per_warp<{w}, {st}>" for w, st, _ in SHAPES})
+    for warps, stages, _ in TAIL_SHAPES:
+        names[("per_warp_claims", warps, stages)] = f"per_warp_claims<{warps}, {stages}, false>"
+        names[("per_warp_pooled", warps, stages)] = f"per_warp_claims<{warps}, {stages}, true>"
+    return names
 
 
 class LoadKernels:
@@ -83,19 +116,20 @@ class LoadKernels:
         except ImportError as exc:
             raise SystemExit(f"load_floor needs CuPy to compile its kernels ({exc})") from exc
         self.cupy = cupy
-        self.names = {("per_warp", 12, 2): "per_warp<12, 2>", ("per_warp", 4, 2): "per_warp<4, 2>",
-                      ("block_tiles", 64, 3): "block_tiles<64, 3>"}
-        self.names.update({("head_warps", w, st, g): f"head_warps<{w}, {st}, {g}>"
-                           for w, st, g, _ in HEAD_WARP_SHAPES})
-        self.names.update({("per_warp", w, st): f"per_warp<{w}, {st}>" for w, st, _ in SHAPES})
-        for warps, stages, _ in TAIL_SHAPES:
-            self.names[("per_warp_claims", warps, stages)] = f"per_warp_claims<{warps}, {stages}, false>"
-            self.names[("per_warp_pooled", warps, stages)] = f"per_warp_claims<{warps}, {stages}, true>"
+        self.names = kernel_names()
         self.module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=("-std=c++17",),
                                      name_expressions=list(self.names.values()))
         self.result = torch.zeros(1, dtype=torch.int32, device="cuda")
-        self.claim_counters: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []  # claim counters and merge states, kept as the kernels
+        self.merges: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # see check_merges
         self.smem_limits: dict[str, int] = {}  # the dynamic shared memory each function allows
+
+    def check_merges(self) -> None:
+        """Raises unless every head_warps_merged launched so far merged every column (its output,
+        NaN before, finite) and left its counters at zero for the next launch."""
+        for name, out, counters in self.merges:
+            if not torch.isfinite(out).all() or counters.any():
+                raise RuntimeError(f"{name}: a column was not merged, or its counter not reset")
 
     def torch_stream(self):
         """torch's current stream as a CuPy stream (Stream.from_external where CuPy has it)."""
@@ -112,7 +146,7 @@ class LoadKernels:
                  per_sm: int, smem_floor: int = 0, group: int = A.NUM_KV_HEADS):
         """The call of one kernel over the case; `smem_floor` pads its dynamic shared memory (so
         fewer blocks fit on a multiprocessor); `group` is head_warps' KV heads a block."""
-        key = (kind, a, b, group) if kind == "head_warps" else (kind, a, b)
+        key = (kind, a, b, group) if kind in HEAD_KINDS else (kind, a, b)
         if key not in self.names:
             raise ValueError(f"load_floor.cu has no kernel {key} compiled")
         kernel = self.module.get_function(self.names[key])
@@ -120,7 +154,12 @@ class LoadKernels:
         threads = a * 32 if per_warp_rings else 128
         tile_bytes = (16 if per_warp_rings else a) * A.HEAD_DIM * 2
         smem = max(smem_floor, (a if per_warp_rings else 1) * b * 2 * tile_bytes)
-        if kind == "head_warps" and (a % group or A.NUM_KV_HEADS % group):
+        if kind in ("head_warps_merged", "head_warps_stored") and a != group:
+            raise ValueError(f"{kind}<{a}, {b}, {group}>: one warp a KV head")
+        if kind == "head_warps_merged" and splits > MERGE_MAX_SPLITS:
+            raise ValueError(f"head_warps_merged merges at most {MERGE_MAX_SPLITS} splits in the "
+                             f"kernel (got {splits})")
+        if kind in HEAD_KINDS and (a % group or A.NUM_KV_HEADS % group):
             raise ValueError(f"head_warps<{a}, {b}, {group}>: the warps must be a multiple of the "
                              f"group, and the group divide {A.NUM_KV_HEADS} KV heads")
         # The attribute belongs to the function, which launches of other paddings share: it only
@@ -134,7 +173,7 @@ class LoadKernels:
         args = (np.uint64(pool.data_ptr()), np.uint64(frames.data_ptr()), np.int64(pool.stride(0)),
                 np.int32(A.NUM_KV_HEADS), np.int32(paged.page_size), np.int32(A.HEAD_DIM),
                 np.int32(case.kv_len), np.int32(frames.shape[1]), np.int32(splits))
-        heads_per_block = group if kind == "head_warps" else 1
+        heads_per_block = group if kind in HEAD_KINDS else 1
         grid = case.batch * splits * (A.NUM_KV_HEADS // heads_per_block)
         details = {"grid": grid, "threads": threads, "smem_bytes": smem, "splits": splits,
                    "blocks_per_sm_intended": per_sm}
@@ -142,15 +181,38 @@ class LoadKernels:
             # Zeroed claim counters (one per column, or the first for the pool), which every
             # launch leaves at zero again; kept as long as the kernels.
             counters = torch.zeros(case.batch * A.NUM_KV_HEADS, dtype=torch.int32, device="cuda")
-            self.claim_counters.append(counters)
+            self.buffers.append(counters)
             args += (np.int32(TAIL_SHARE), np.uint64(counters.data_ptr()))
             details["tail_share"] = TAIL_SHARE
+        merge = None
+        if kind in MERGE_KINDS:
+            # Each split's states of every query head, the merged bf16 output (NaN until
+            # merged), and a zeroed counter per (sequence, head group), which every launch of
+            # head_warps_merged leaves at zero again (the others do not use it).
+            rows = case.batch * A.NUM_Q_HEADS
+            states = torch.empty(splits * rows * (A.HEAD_DIM + 1), dtype=torch.float32, device="cuda")
+            partial_out, partial_lse = states.data_ptr(), states.data_ptr() + splits * rows * A.HEAD_DIM * 4
+            out = torch.full((rows * A.HEAD_DIM,), float("nan"), dtype=torch.bfloat16, device="cuda")
+            counters = torch.zeros(case.batch * A.NUM_KV_HEADS // group, dtype=torch.int32, device="cuda")
+            self.buffers += [states, out, counters]
+            self.merges.append((f"{self.names[key]} over {case.name}", out, counters))
+            args += (np.uint64(partial_out), np.uint64(partial_lse))
+            if kind == "head_warps_merged":
+                args += (np.uint64(counters.data_ptr()), np.uint64(out.data_ptr()))
+            elif kind == "head_warps_stored":
+                args += (np.uint64(0), np.uint64(0))
+            if kind != "head_warps_merged":
+                merge = (self.module.get_function(self.names[("merge_states",)]), rows,
+                         (np.uint64(partial_out), np.uint64(partial_lse), np.int32(splits),
+                          np.int64(rows), np.uint64(out.data_ptr())))
         args += (np.uint64(self.result.data_ptr()),)
         stream = self.torch_stream()
 
         def call() -> None:
             with stream:
                 kernel((grid,), (threads,), args, shared_mem=smem)
+                if merge is not None:
+                    merge[0]((merge[1],), (128,), merge[2])
 
         return call, details
 
@@ -234,7 +296,9 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
 
 def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int) -> list[dict]:
     """SDPA, paged_kv and load_per_warp at every shape of SHAPES (and at TAIL_SHAPES with claimed
-    tails too), and load_head_warps at HEAD_WARP_SHAPES, pages of 256 and 16 in random frames,
+    tails too, and with their split merge where they split), and load_head_warps at
+    HEAD_WARP_SHAPES (and at MERGED_SHAPES with the split merge too: by the merge kernel, and in
+    the kernel where the splits are at most MERGE_MAX_SPLITS), pages of 256 and 16 in random frames,
     timed in `rounds` interleaved rounds; a ratio is over SDPA's time in the same round."""
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(0)
@@ -252,9 +316,12 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
             if launch is None:
                 continue
             splits, smem = launch
-            kinds = ("per_warp", *TAIL_KERNELS) if (warps, stages, per_sm) in TAIL_SHAPES else ("per_warp",)
+            kinds = ("per_warp",)
+            if (warps, stages, per_sm) in TAIL_SHAPES:
+                # the decode kernel's shapes: its claimed tail, and where it splits, its merge
+                kinds += (*TAIL_KERNELS, *(("per_warp_stored",) if splits > 1 else ()))
             for kind in kinds:
-                name = TAIL_KERNELS.get(kind, "load_per_warp")
+                name = {**TAIL_KERNELS, **MERGE_KINDS}.get(kind, "load_per_warp")
                 call, details = kernels.launcher(kind, warps, stages, paged, case, splits, per_sm, smem)
                 call()
                 found[(name, page_size, (warps, stages, per_sm))] = (A.Candidate(name, call, None), details)
@@ -265,13 +332,19 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
             if launch is None:
                 continue
             splits, smem = launch
-            call, details = kernels.launcher("head_warps", warps, stages, paged, case, splits,
-                                             per_sm, smem, group)
-            call()
-            details["heads_per_block"] = group
-            found[("load_head_warps", page_size, (warps, stages, per_sm, group))] = (
-                A.Candidate("load_head_warps", call, None), details)
+            kinds = ("head_warps",)
+            if (warps, stages, group, per_sm) in MERGED_SHAPES:
+                kinds += ("head_warps_stored",) + (("head_warps_merged",) if splits <= MERGE_MAX_SPLITS else ())
+            for kind in kinds:
+                name = MERGE_KINDS.get(kind, "load_" + kind)
+                call, details = kernels.launcher(kind, warps, stages, paged, case, splits, per_sm,
+                                                 smem, group)
+                call()
+                details["heads_per_block"] = group
+                found[(name, page_size, (warps, stages, per_sm, group))] = (
+                    A.Candidate(name, call, None), details)
     torch.cuda.synchronize()
+    kernels.check_merges()
     entries = {key: A.Entry({}, candidate) for key, (candidate, _) in found.items()}
     A.time_rounds(list(entries.values()), device, A.Timing(10, 100, rounds), cold_l2=True)
     times = A.round_times(entries, f"load_floor --shapes: {case.name}")
@@ -334,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         path = write_results("load_floor_shapes", {"hbm_read": hbm}, rows, args.out,
                              {"placement": "random", "kernel_source": KERNEL_SOURCE.name,
                               "shapes": [list(shape) for shape in SHAPES],
-                              "head_warp_shapes": [list(shape) for shape in HEAD_WARP_SHAPES]})
+                              "head_warp_shapes": [list(shape) for shape in HEAD_WARP_SHAPES],
+                              "merged_shapes": [list(shape) for shape in MERGED_SHAPES]})
         print(f"wrote {path}")
         return 0
     for case in cases:

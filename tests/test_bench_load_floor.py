@@ -135,3 +135,55 @@ def test_shape_launch_plans_splits_and_refuses_what_does_not_fit():
                                    H200_SMEM_PER_BLOCK) is None
     assert load_floor.shape_launch(case(1, 1 << 20), 8, 2, 2, 132, H200_SMEM_PER_SM,
                                    H200_SMEM_PER_BLOCK) is None
+
+
+def _nvrtc():
+    """libnvrtc of the installed nvidia-cuda-nvrtc wheel (no GPU needed to compile), or None."""
+    import ctypes
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for library in sorted(Path(root).glob("cu*/lib/libnvrtc.so*")):
+            if "builtins" not in library.name and ".alt." not in library.name:
+                return ctypes.CDLL(str(library))
+    return None
+
+
+def test_every_kernel_the_script_launches_compiles():
+    # The script compiles load_floor.cu with NVRTC only on a GPU machine: compile it here too,
+    # with every template instance it asks for, so that a broken load kernel never lands.
+    import ctypes
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("no libnvrtc in the installed nvidia wheels")
+    source = load_floor.KERNEL_SOURCE.read_bytes()
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"load_floor.cu", 0, None, None) == 0
+    names = list(load_floor.kernel_names().values())
+    for name in names:
+        assert nvrtc.nvrtcAddNameExpression(program, name.encode()) == 0
+    options = (ctypes.c_char_p * 2)(b"-std=c++17", b"--gpu-architecture=compute_90")
+    status = nvrtc.nvrtcCompileProgram(program, 2, options)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    assert status == 0, log.value.decode()
+    for name in names:
+        lowered = ctypes.c_char_p()
+        assert nvrtc.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)) == 0, name
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def test_merged_shapes_are_the_head_warp_shapes_of_a_warp_a_head():
+    assert load_floor.MERGED_SHAPES == ((8, 3, 8, 1), (8, 2, 8, 1), (4, 2, 4, 3), (4, 2, 4, 2))
+    assert load_floor.QUERY_ROWS == attention.NUM_Q_HEADS // attention.NUM_KV_HEADS == 4
+    source = load_floor.KERNEL_SOURCE.read_text()
+    assert f"constexpr int kMergeMaxSplits = {load_floor.MERGE_MAX_SPLITS};" in source
+    # At batch 32 every merged shape's splits fit one merge round trip.
+    for warps, stages, group, per_sm in load_floor.MERGED_SHAPES:
+        splits, _ = load_floor.shape_launch(case(32, 8 * 1024), warps, stages, per_sm, 132,
+                                            H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK, group)
+        assert splits <= load_floor.MERGE_MAX_SPLITS
