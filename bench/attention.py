@@ -20,7 +20,6 @@ lowest and highest in `time_ratio_range_vs`. Run from the repository root:
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import re
 import statistics
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 import paged_kv
 from bench import ceilings
-from bench.harness import bench_args, bench_device, format_table, gbps, time_fn, write_results
+from bench.harness import bench_args, bench_device, format_table, free_memory, gbps, time_fn, write_results
 
 NUM_Q_HEADS = 32
 NUM_KV_HEADS = 8
@@ -208,12 +207,6 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 # Inputs: contiguous K/V for SDPA, the same K/V in a paged pool for the paged kernels
 # ---------------------------------------------------------------------------------------------
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @dataclass

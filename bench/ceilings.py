@@ -31,6 +31,7 @@ from bench.harness import (
     bench_args,
     bench_device,
     format_table,
+    free_memory,
     gbps,
     summarize_us,
     time_cpu,
@@ -80,12 +81,6 @@ QUICK = Sizes(hbm_bytes=256 * MiB, copy_bytes=64 * MiB, chunked_total_bytes=16 *
 
 def _entry(num_bytes: int, timing: dict, **details) -> dict:
     return {"bytes": num_bytes, **timing, "gbps": gbps(num_bytes, timing["median_us"]), **details}
-
-
-def _release_gpu_memory() -> None:
-    # Cached blocks count as used in mem_get_info; give them back before the next item sizes itself.
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +142,7 @@ def measure_hbm_read(num_bytes: int = 4 * GiB, repeat: int = 30, method: str = "
     elif triton is None:
         details["triton_error"] = "triton is not importable"
     del words, wide_words
-    _release_gpu_memory()
+    free_memory()
     return {**entry, **details}
 
 
@@ -158,7 +153,7 @@ def measure_hbm_copy(num_bytes: int = 4 * GiB, repeat: int = 30) -> dict:
     source, destination = buffer[: size // 2], buffer[size // 2 :]
     timing = time_cuda(lambda: destination.copy_(source), warmup=3, repeat=repeat)
     del buffer, source, destination
-    _release_gpu_memory()
+    free_memory()
     return _entry(size, timing, method="tensor.copy_ on the GPU", note="read + write bytes counted")
 
 
@@ -178,7 +173,7 @@ def measure_h2d_pinned(num_bytes: int = 1 * GiB, repeat: int = 30) -> dict:
     gpu = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
     timing = time_cuda(lambda: gpu.copy_(host, non_blocking=True), warmup=2, repeat=repeat)
     del gpu
-    _release_gpu_memory()
+    free_memory()
     return _entry(num_bytes, timing, method="one copy_ from pinned memory")
 
 
@@ -196,7 +191,7 @@ def measure_h2d_pinned_chunks(total_bytes: int = 256 * MiB, chunk_bytes: int = 5
 
     timing = time_cuda(copy_chunks, warmup=2, repeat=repeat)
     del pairs, gpu
-    _release_gpu_memory()
+    free_memory()
     return _entry(count * chunk_bytes, timing, method=f"{count} copy_ calls of {chunk_bytes} bytes",
                   chunk_bytes=chunk_bytes)
 
@@ -207,7 +202,7 @@ def measure_h2d_pageable(num_bytes: int = 1 * GiB, repeat: int = 8) -> dict:
     gpu = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
     timing = time_cuda(lambda: gpu.copy_(host), warmup=1, repeat=repeat)
     del gpu
-    _release_gpu_memory()
+    free_memory()
     return _entry(num_bytes, timing, method="one copy_ from pageable memory")
 
 
@@ -217,7 +212,7 @@ def measure_d2h_pinned(num_bytes: int = 1 * GiB, repeat: int = 30) -> dict:
     gpu = torch.ones(num_bytes, dtype=torch.uint8, device="cuda")
     timing = time_cuda(lambda: host.copy_(gpu, non_blocking=True), warmup=2, repeat=repeat)
     del gpu
-    _release_gpu_memory()
+    free_memory()
     return _entry(num_bytes, timing, method="one copy_ into pinned memory")
 
 
@@ -333,7 +328,7 @@ def guarded(name: str, measure: Callable[[], dict]) -> dict:
     try:
         return measure()
     except Exception as exc:  # one failed item must not lose the others
-        _release_gpu_memory()
+        free_memory()
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import torch
 
 from bench import attention as A
-from bench.harness import bench_args, format_table, resolve_device, write_results
+from bench.harness import bench_args, format_table, free_memory, resolve_device, write_results
 
 K = A.K
 PAGE_SIZES = (256, 16)
@@ -78,7 +78,7 @@ def sweep_case(case: A.Case, sweep: str, placements: tuple[str, ...], rounds: in
                      "time_us": statistics.median(samples), "bytes": A.case_bytes(case),
                      "vs_sdpa": ratio, "vs_sdpa_low": low, "vs_sdpa_high": high, "rounds": rounds})
     del keep, found, entries, dense
-    A.free_memory()
+    free_memory()
     return rows
 
 

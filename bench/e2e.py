@@ -33,7 +33,6 @@ sdpa reference and sdpa held to another of torch's kernels (sdpa_spread).
 
 from __future__ import annotations
 
-import gc
 import re
 import sys
 import time
@@ -47,7 +46,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 import torch
 
 from bench import ceilings
-from bench.harness import GiB, bench_args, bench_device, format_table, summarize_us, write_results
+from bench.harness import (GiB, bench_args, bench_device, format_table, free_memory, summarize_us,
+                           write_results)
 from paged_kv import Policy, Tier
 from paged_kv.pte import TIER_SHIFT
 
@@ -144,17 +144,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def release_paged(cache, device: torch.device) -> None:
     """Closes a PagedKVCache's engine (its pools go with it) and hands the memory back."""
     if cache is not None:
         cache.engine.close()
-    free_memory(device)
+    free_memory()
 
 
 def reset_peak(device: torch.device) -> None:
@@ -382,7 +376,7 @@ def sdpa_spread(rerun: Callable[[], dict], reference: dict, device: torch.device
             passed_over[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             continue
         finally:
-            free_memory(device)
+            free_memory()
         diffs = decode_diffs(run, reference)
         if run.get("prefill_logits") is not None:
             diffs.append(logits_rel_diff(run["prefill_logits"], reference["prefill_logits"]))
@@ -504,7 +498,7 @@ def run_fits(model, case: Case, setup: Setup) -> list[dict]:
         failed(sdpa_row, error, "sdpa")
     finally:
         del cache
-        free_memory(device)
+        free_memory()
     if reference is not None:
         short = replace(setup, steps=min(CHECK_STEPS, setup.steps))
         reference["spread"] = sdpa_spread(
@@ -675,7 +669,7 @@ def beyond_reference(model, case: Case, setup: Setup, run: dict) -> dict:
             return decode(model, cache, run["first"], min(CHECK_STEPS, setup.steps), setup.device, run["greedy"])
         finally:
             del cache
-            free_memory(setup.device)
+            free_memory()
 
     use_attention(model, "sdpa")
     try:
@@ -715,7 +709,7 @@ def warm_up(model, setup: Setup) -> None:
             if attention == "paged_kv" and cache is not None:
                 cache.engine.close()
             del cache
-            free_memory(setup.device)
+            free_memory()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -60,6 +61,14 @@ def gbps(num_bytes: float, time_us: float) -> float:
 
 
 _cuda_flush_buffers: dict[int, torch.Tensor] = {}
+
+
+def free_memory() -> None:
+    """Collects garbage and hands cached CUDA blocks back, so that the next case sizes itself
+    against free memory (cached blocks count as used in mem_get_info)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def l2_cache_bytes(device_index: int | None = None) -> int:

@@ -52,7 +52,7 @@ import paged_kv
 
 from bench import attention as A
 from bench import ceilings
-from bench.harness import bench_args, format_table, gbps, time_cuda, write_results
+from bench.harness import bench_args, format_table, free_memory, gbps, time_cuda, write_results
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "load_floor.cu"
 CASES = [c for c in A.FULL_CASES if c.kind == "decode" and c.tier == 0]
@@ -290,7 +290,7 @@ def run_case(case: A.Case, kernels: LoadKernels, hbm_gbps: float, num_sms: int,
                      "p90_us": timing["p90_us"], "gbps": rate, "fraction_of_hbm_read": rate / hbm_gbps,
                      "vs_sdpa": timing["median_us"] / sdpa_us, **details})
     del paged, dense, candidates
-    A.free_memory()
+    free_memory()
     return rows
 
 
@@ -361,7 +361,7 @@ def run_shapes(case: A.Case, kernels: LoadKernels, hbm_gbps: float, rounds: int)
             row.update(warps=shape[0], stages=shape[1], blocks_per_sm=shape[2])
         rows.append(row)
     del keep, found, entries, dense
-    A.free_memory()
+    free_memory()
     return rows
 
 

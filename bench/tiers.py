@@ -15,7 +15,6 @@ Run from the repository root:
 """
 from __future__ import annotations
 
-import gc
 import mmap
 import os
 import shutil
@@ -34,8 +33,8 @@ import torch
 
 import paged_kv
 from bench import ceilings
-from bench.harness import (GiB, MiB, bench_args, bench_device, format_table, gbps, summarize_us,
-                           time_fn, write_results)
+from bench.harness import (GiB, MiB, bench_args, bench_device, format_table, free_memory, gbps,
+                           summarize_us, time_fn, write_results)
 from paged_kv import Engine, Policy, Tier
 
 NUM_LAYERS, NUM_KV_HEADS, NUM_Q_HEADS, HEAD_DIM, PAGE_SIZE = 1, 8, 32, 128, 256
@@ -82,12 +81,6 @@ FULL = Sizes(move_pages=1024, disk_pages=1024, decode_tokens=1 << 20, repeat=10,
              decode_repeat=10)
 QUICK = Sizes(move_pages=32, disk_pages=16, decode_tokens=16 * PAGE_SIZE, repeat=5, disk_repeat=3,
               decode_repeat=5)
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def sync(device: torch.device) -> None:
@@ -421,12 +414,8 @@ def run_decode(device: torch.device, tokens: int, zero_copy: bool, repeat: int,
 
 
 def guarded(name: str, fn: Callable[[], dict]) -> dict:
-    print(f"measuring {name} ...", file=sys.stderr, flush=True)
-    try:
-        return fn()
-    except Exception as exc:  # one failed row must not lose the others
-        free_memory()
-        return {"name": name, "error": f"{type(exc).__name__}: {exc}"}
+    """ceilings.guarded for a row, which keeps its name when it fails."""
+    return {"name": name, **ceilings.guarded(name, fn)}
 
 
 def main(argv: list[str] | None = None) -> int:
