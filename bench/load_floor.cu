@@ -295,67 +295,64 @@ __global__ void __launch_bounds__(WARPS * 32)
   if (acc == 0x9e3779b9u) result[0] = acc;
 }
 
-// The merge kernel of a split grid, shaped as the decode kernel's (combine_splits_kernel): a
-// block of 4 warps per row; warp w sums splits w, w + 4, ..., the first kAhead of them loaded
-// together with the LSEs (lane s holds split s's), the rest kAhead at a time (where the decode
-// kernel's loads them one by one); the warps' sums meet in shared memory.
-__global__ void __launch_bounds__(128)
+// The merge kernel of a split grid, in one round trip: a block of kMergeWarps warps per row;
+// lane s of each warp loads the LSEs of splits s, s + 32, ..., and warp w this lane's columns of
+// splits w, w + kMergeWarps, ..., all at once (up to PER_WARP splits a warp, so that the
+// registers, and with them the blocks a multiprocessor holds, follow the splits); weights and
+// sums follow from registers, and the warps' sums meet in shared memory. Cheaper than the decode
+// kernel's merge, which loads 8 splits a warp ahead and the rest one by one, where a row has
+// many splits; it is the cheapest merge kernel known, so the rows it ends are floors.
+constexpr int kMergeWarps = 8;
+
+template <int PER_WARP>
+__global__ void __launch_bounds__(kMergeWarps * 32)
     merge_states_kernel(const float* partial_out, const float* partial_lse, int splits,
                         long long rows, u16* out) {
-  constexpr int kWarps = 4, kAhead = 8;
-  __shared__ float4 sums[kWarps][32];
+  constexpr int kLse = (PER_WARP * kMergeWarps + 31) / 32, kPerWarp = PER_WARP;
+  static_assert(32 % kMergeWarps == 0, "split w + kMergeWarps j sits in lse[j * kMergeWarps / 32]");
+  __shared__ float4 sums[kMergeWarps][32];
   const long long row = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float4 ahead[kAhead];
-#pragma unroll
-  for (int j = 0; j < kAhead; ++j) {
-    const int s = warp + j * kWarps;
-    if (s < splits) ahead[j] = __ldcg(reinterpret_cast<const float4*>(partial_out + (s * rows + row) * kStateDim) + lane);
-  }
   const float neg_inf = -__int_as_float(0x7f800000);
-  const float lane_lse = lane < splits ? __ldcg(partial_lse + lane * rows + row) : neg_inf;
-  float m = lane_lse;
-  for (int s = lane + 32; s < splits; s += 32) m = fmaxf(m, __ldcg(partial_lse + s * rows + row));
+  float lse[kLse];
+#pragma unroll
+  for (int j = 0; j < kLse; ++j) {
+    const int s = lane + 32 * j;
+    lse[j] = s < splits ? __ldcg(partial_lse + s * rows + row) : neg_inf;
+  }
+  float4 v[kPerWarp];
+#pragma unroll
+  for (int j = 0; j < kPerWarp; ++j) {
+    const int s = warp + kMergeWarps * j;
+    if (s < splits) v[j] = __ldcg(reinterpret_cast<const float4*>(partial_out + (s * rows + row) * kStateDim) + lane);
+  }
+  float m = neg_inf;
+#pragma unroll
+  for (int j = 0; j < kLse; ++j) m = fmaxf(m, lse[j]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  float total = __expf(lane_lse - m);
-  for (int s = lane + 32; s < splits; s += 32) total += __expf(__ldcg(partial_lse + s * rows + row) - m);
+  float total = 0.f;
+#pragma unroll
+  for (int j = 0; j < kLse; ++j) total += __expf(lse[j] - m);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
-  const float lse = m + __logf(total);
+  const float merged = m + __logf(total);
   float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-  auto add = [&](float l, float4 v) {
-    const float w = __expf(l - lse);
-    sum.x += w * v.x;
-    sum.y += w * v.y;
-    sum.z += w * v.z;
-    sum.w += w * v.w;
-  };
 #pragma unroll
-  for (int j = 0; j < kAhead; ++j) {
-    const int s = warp + j * kWarps;
-    if (s < splits) add(__shfl_sync(0xffffffffu, lane_lse, s), ahead[j]);  // s < 32
-  }
-  // The rest in chunks of kAhead splits, each chunk's loads issued together.
-  for (int s0 = warp + kAhead * kWarps; s0 < splits; s0 += kAhead * kWarps) {
-    float l[kAhead];
-#pragma unroll
-    for (int j = 0; j < kAhead; ++j) {
-      const int s = s0 + j * kWarps;
-      if (s < splits) {
-        ahead[j] = __ldcg(reinterpret_cast<const float4*>(partial_out + (s * rows + row) * kStateDim) + lane);
-        l[j] = __ldcg(partial_lse + s * rows + row);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kAhead; ++j) {
-      if (s0 + j * kWarps < splits) add(l[j], ahead[j]);
+  for (int j = 0; j < kPerWarp; ++j) {
+    const int s = warp + kMergeWarps * j;  // the same in every lane
+    if (s < splits) {
+      const float w = __expf(__shfl_sync(0xffffffffu, lse[j * kMergeWarps / 32], s % 32) - merged);
+      sum.x += w * v[j].x;
+      sum.y += w * v[j].y;
+      sum.z += w * v[j].z;
+      sum.w += w * v[j].w;
     }
   }
   sums[warp][lane] = sum;
   __syncthreads();
   if (warp == 0) {
-    for (int w = 1; w < kWarps; ++w) {
+    for (int w = 1; w < kMergeWarps; ++w) {
       sum.x += sums[w][lane].x;
       sum.y += sums[w][lane].y;
       sum.z += sums[w][lane].z;

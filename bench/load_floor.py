@@ -23,10 +23,11 @@ pool of every column's tail that any warp of the grid claims from (load_pooled_t
 multiprocessors that stream fastest read more of it, which is what handing keys across columns
 could give, before the merge it needs); and load_head_warps at the shapes of HEAD_WARP_SHAPES
 (blocks of eight, four or two KV heads), at those of a warp a head also with the merge that
-such a split grid needs: partial states stored, then merged by a merge kernel of the decode
-kernel's shape (load_head_warps_merge_kernel; load_per_warp_merge_kernel for the decode kernel's
-own shapes where they split), or by the last block of each column in one round trip where there
-are at most MERGE_MAX_SPLITS splits (load_head_warps_merged). `--placement extent` places the frames as
+such a split grid needs: partial states stored, then merged in one round trip by a merge
+kernel after the grid (load_head_warps_merge_kernel; load_per_warp_merge_kernel for the decode
+kernel's own shapes where they split; launched plainly, so the gap between two kernels is in
+it, where the decode kernel's merge starts early), or by the last block of each column where
+there are at most MERGE_MAX_SPLITS splits (load_head_warps_merged). `--placement extent` places the frames as
 bench/attention.py's frame_order does (runs of consecutive pages in 2 MiB of consecutive frames)
 instead of randomly. The load-only kernels are compiled with NVRTC through CuPy, so the
 script needs CuPy and a CUDA GPU. Writes bench/results/load_floor.json (pages of 256) or
@@ -80,6 +81,11 @@ HEAD_WARP_SHAPES = ((8, 3, 8, 1), (8, 2, 8, 1), (4, 2, 4, 3), (4, 2, 4, 2), (12,
 MERGED_SHAPES = tuple(shape for shape in HEAD_WARP_SHAPES if shape[0] == shape[2])
 QUERY_ROWS = A.NUM_Q_HEADS // A.NUM_KV_HEADS  # query heads a KV head: the rows of its state
 MERGE_MAX_SPLITS = 8  # as kMergeMaxSplits in load_floor.cu: the splits one merge round trip holds
+MERGE_KERNEL_WARPS = 8  # as kMergeWarps in load_floor.cu: merge_states_kernel's warps a row
+# merge_states_kernel's instances, by the splits a warp holds: a launch takes the smallest that
+# holds its splits (at most 8 x 32).
+MERGE_KERNEL_PER_WARP = (1, 8, 32)
+MERGE_KERNEL_MAX_SPLITS = MERGE_KERNEL_WARPS * MERGE_KERNEL_PER_WARP[-1]
 HEAD_KINDS = ("head_warps", "head_warps_merged", "head_warps_stored")
 # Kinds that store split states and merge them: in the kernel (head_warps_merged), or by the
 # merge kernel after the grid (the others).
@@ -99,7 +105,7 @@ def kernel_names() -> dict[tuple, str]:
         names[("head_warps_merged", w, st, g)] = f"head_warps_merged<{w}, {st}, {g}, {QUERY_ROWS}, true>"
         names[("head_warps_stored", w, st, g)] = f"head_warps_merged<{w}, {st}, {g}, {QUERY_ROWS}, false>"
     names.update({("per_warp_stored", w, st): f"per_warp_stored<{w}, {st}, {QUERY_ROWS}>" for w, st, _ in TAIL_SHAPES})
-    names[("merge_states",)] = "merge_states_kernel"
+    names.update({("merge_states", n): f"merge_states_kernel<{n}>" for n in MERGE_KERNEL_PER_WARP})
     names.update({("per_warp", w, st): f"per_warp<{w}, {st}>" for w, st, _ in SHAPES})
     for warps, stages, _ in TAIL_SHAPES:
         names[("per_warp_claims", warps, stages)] = f"per_warp_claims<{warps}, {stages}, false>"
@@ -156,6 +162,9 @@ class LoadKernels:
         smem = max(smem_floor, (a if per_warp_rings else 1) * b * 2 * tile_bytes)
         if kind in ("head_warps_merged", "head_warps_stored") and a != group:
             raise ValueError(f"{kind}<{a}, {b}, {group}>: one warp a KV head")
+        if kind in MERGE_KINDS and kind != "head_warps_merged" and splits > MERGE_KERNEL_MAX_SPLITS:
+            raise ValueError(f"merge_states_kernel merges at most {MERGE_KERNEL_MAX_SPLITS} splits "
+                             f"(got {splits})")
         if kind == "head_warps_merged" and splits > MERGE_MAX_SPLITS:
             raise ValueError(f"head_warps_merged merges at most {MERGE_MAX_SPLITS} splits in the "
                              f"kernel (got {splits})")
@@ -202,7 +211,8 @@ class LoadKernels:
             elif kind == "head_warps_stored":
                 args += (np.uint64(0), np.uint64(0))
             if kind != "head_warps_merged":
-                merge = (self.module.get_function(self.names[("merge_states",)]), rows,
+                per_warp = next(n for n in MERGE_KERNEL_PER_WARP if n * MERGE_KERNEL_WARPS >= splits)
+                merge = (self.module.get_function(self.names[("merge_states", per_warp)]), rows,
                          (np.uint64(partial_out), np.uint64(partial_lse), np.int32(splits),
                           np.int64(rows), np.uint64(out.data_ptr())))
         args += (np.uint64(self.result.data_ptr()),)
@@ -212,7 +222,7 @@ class LoadKernels:
             with stream:
                 kernel((grid,), (threads,), args, shared_mem=smem)
                 if merge is not None:
-                    merge[0]((merge[1],), (128,), merge[2])
+                    merge[0]((merge[1],), (MERGE_KERNEL_WARPS * 32,), merge[2])
 
         return call, details
 

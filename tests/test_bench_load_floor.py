@@ -182,6 +182,12 @@ def test_merged_shapes_are_the_head_warp_shapes_of_a_warp_a_head():
     assert load_floor.QUERY_ROWS == attention.NUM_Q_HEADS // attention.NUM_KV_HEADS == 4
     source = load_floor.KERNEL_SOURCE.read_text()
     assert f"constexpr int kMergeMaxSplits = {load_floor.MERGE_MAX_SPLITS};" in source
+    assert f"constexpr int kMergeWarps = {load_floor.MERGE_KERNEL_WARPS};" in source
+    # The merge kernel holds the splits of every merged shape at 1M (132 and 198).
+    for warps, stages, group, per_sm in load_floor.MERGED_SHAPES:
+        splits, _ = load_floor.shape_launch(case(1, 1 << 20), warps, stages, per_sm, 132,
+                                            H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK, group)
+        assert splits <= load_floor.MERGE_KERNEL_MAX_SPLITS
     # At batch 32 every merged shape's splits fit one merge round trip.
     for warps, stages, group, per_sm in load_floor.MERGED_SHAPES:
         splits, _ = load_floor.shape_launch(case(32, 8 * 1024), warps, stages, per_sm, 132,
