@@ -77,7 +77,7 @@ TAIL_KERNELS = {"per_warp_claims": "load_claimed_tail", "per_warp_pooled": "load
 # heads in 4-warp blocks.
 HEAD_WARP_SHAPES = ((8, 3, 8, 1), (8, 2, 8, 1), (4, 2, 4, 3), (4, 2, 4, 2), (12, 2, 4, 1), (4, 2, 2, 3))
 # The shapes of HEAD_WARP_SHAPES with a warp a head, which --shapes also times with the split
-# merge (load_head_warps_merged).
+# merge (MERGE_KINDS).
 MERGED_SHAPES = tuple(shape for shape in HEAD_WARP_SHAPES if shape[0] == shape[2])
 QUERY_ROWS = A.NUM_Q_HEADS // A.NUM_KV_HEADS  # query heads a KV head: the rows of its state
 MERGE_MAX_SPLITS = 8  # as kMergeMaxSplits in load_floor.cu: the splits one merge round trip holds
