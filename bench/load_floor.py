@@ -127,14 +127,15 @@ class LoadKernels:
                                      name_expressions=list(self.names.values()))
         self.result = torch.zeros(1, dtype=torch.int32, device="cuda")
         self.buffers: list[torch.Tensor] = []  # claim counters and merge states, kept as the kernels
-        self.merges: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # see check_merges
+        self.merges: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []  # see check_merges
         self.smem_limits: dict[str, int] = {}  # the dynamic shared memory each function allows
 
     def check_merges(self) -> None:
-        """Raises unless every head_warps_merged launched so far merged every column (its output,
-        NaN before, finite) and left its counters at zero for the next launch."""
+        """Raises unless every merging kernel launched so far merged every column (its output,
+        NaN before, finite) and, merging in the kernel, left its counters at zero for the next
+        launch."""
         for name, out, counters in self.merges:
-            if not torch.isfinite(out).all() or counters.any():
+            if not torch.isfinite(out).all() or (counters is not None and counters.any()):
                 raise RuntimeError(f"{name}: a column was not merged, or its counter not reset")
 
     def torch_stream(self):
@@ -195,21 +196,22 @@ class LoadKernels:
             details["tail_share"] = TAIL_SHARE
         merge = None
         if kind in MERGE_KINDS:
-            # Each split's states of every query head, the merged bf16 output (NaN until
-            # merged), and a zeroed counter per (sequence, head group), which every launch of
-            # head_warps_merged leaves at zero again (the others do not use it).
+            # Each split's states of every query head and the merged bf16 output (NaN until
+            # merged); head_warps_merged also takes a zeroed counter per (sequence, head group),
+            # which every launch leaves at zero again.
             rows = case.batch * A.NUM_Q_HEADS
             states = torch.empty(splits * rows * (A.HEAD_DIM + 1), dtype=torch.float32, device="cuda")
             partial_out, partial_lse = states.data_ptr(), states.data_ptr() + splits * rows * A.HEAD_DIM * 4
             out = torch.full((rows * A.HEAD_DIM,), float("nan"), dtype=torch.bfloat16, device="cuda")
-            counters = torch.zeros(case.batch * A.NUM_KV_HEADS // group, dtype=torch.int32, device="cuda")
-            self.buffers += [states, out, counters]
-            self.merges.append((f"{self.names[key]} over {case.name}", out, counters))
+            counters = None
             args += (np.uint64(partial_out), np.uint64(partial_lse))
             if kind == "head_warps_merged":
+                counters = torch.zeros(case.batch * A.NUM_KV_HEADS // group, dtype=torch.int32, device="cuda")
                 args += (np.uint64(counters.data_ptr()), np.uint64(out.data_ptr()))
             elif kind == "head_warps_stored":
-                args += (np.uint64(0), np.uint64(0))
+                args += (np.uint64(0), np.uint64(0))  # the in-kernel merge's, unused
+            self.buffers += [states, out] + ([counters] if counters is not None else [])
+            self.merges.append((f"{self.names[key]} over {case.name}", out, counters))
             if kind != "head_warps_merged":
                 per_warp = next(n for n in MERGE_KERNEL_PER_WARP if n * MERGE_KERNEL_WARPS >= splits)
                 merge = (self.module.get_function(self.names[("merge_states", per_warp)]), rows,

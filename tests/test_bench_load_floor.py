@@ -193,3 +193,18 @@ def test_merged_shapes_are_the_head_warp_shapes_of_a_warp_a_head():
         splits, _ = load_floor.shape_launch(case(32, 8 * 1024), warps, stages, per_sm, 132,
                                             H200_SMEM_PER_SM, H200_SMEM_PER_BLOCK, group)
         assert splits <= load_floor.MERGE_MAX_SPLITS
+
+
+def test_check_merges_refuses_an_unmerged_column_or_a_counter_left_set():
+    # The merged rows are floors only if every column was merged: an output still NaN, or an
+    # in-kernel merge's counter not reset, must fail the run rather than time less work.
+    kernels = object.__new__(load_floor.LoadKernels)
+    done = torch.zeros(8, dtype=torch.bfloat16)
+    kernels.merges = [("merge kernel", done, None), ("in-kernel", done, torch.zeros(2, dtype=torch.int32))]
+    kernels.check_merges()
+    kernels.merges.append(("unmerged", torch.full((8,), float("nan"), dtype=torch.bfloat16), None))
+    with pytest.raises(RuntimeError, match="unmerged: a column was not merged"):
+        kernels.check_merges()
+    kernels.merges[-1] = ("counter", done, torch.tensor([0, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="counter: a column was not merged, or its counter not reset"):
+        kernels.check_merges()
